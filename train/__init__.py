@@ -1,0 +1,1 @@
+"""moeforge training package: models, data, trainer."""

@@ -1,0 +1,151 @@
+"""Typed model configuration: one dataclass per concern, registered with Hydra.
+
+Every field a published architecture needs is here; `configs/model/*.yaml` fill them in. Values that are
+derived from others (expert width after fine-grained segmentation, the number of active routed experts, the
+attention head size) are computed in exactly one place: the properties below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE context extension. Only YaRN is used by the published configs (DeepSeek-V2/V3)."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    # Whether the rotary pairs are adjacent channels (2i, 2i+1) as in DeepSeek's checkpoints, rather than
+    # the two halves of the head (i, i + d/2) as in Llama-style checkpoints (Mixtral, DBRX).
+    interleaved: bool = False
+    scaling: Optional[RopeScalingConfig] = None
+
+
+@dataclass
+class AttentionConfig:
+    """Grouped-query attention (`kind=gqa`) or DeepSeek's multi-head latent attention (`kind=mla`)."""
+
+    kind: str = "gqa"
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: Optional[int] = None  # gqa: defaults to d_model // num_heads
+    bias: bool = False
+    clip_qkv: Optional[float] = None  # DBRX clamps q, k, v to [-clip, clip]
+    sliding_window: Optional[int] = None  # Mixtral-style local attention; null = full causal
+    # MLA (DeepSeek-V2/V3). q_lora_rank null = queries are not compressed (V2-Lite).
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward settings.
+
+    The config states a base shape: `num_experts` routed experts of width `expert_hidden`, `top_k` of them
+    active, plus `num_shared_experts` always-active experts of the same width. Fine-grained segmentation
+    with `granularity` = m follows DeepSeekMoE: the m·(N + Ks) segments of width F/m keep Ks shared experts
+    (now of width F/m each) and route among the other m·(N + Ks) − Ks, choosing m·(K + Ks) − Ks of them, so
+    total and active expert parameters stay constant across a sweep over m. At m = 1 the shapes are exactly
+    the configured ones, which is how full-size configs state published architectures directly.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 1024
+    granularity: int = 1
+    num_shared_experts: int = 0
+    # Scoring rule: softmax_topk (softmax over all experts, then top-k: DeepSeekMoE, V2),
+    # topk_softmax (top-k logits, then softmax over them: Mixtral, DBRX), sigmoid (V3).
+    scoring: str = "softmax_topk"
+    norm_topk_prob: bool = False  # renormalise the k gate weights to sum to one
+    routed_scaling_factor: float = 1.0
+    # Group-limited routing: pick `topk_groups` of `num_groups` expert groups per token first
+    # (V2's device-limited greedy, V3's node-limited routing). 1 group = unlimited.
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"  # max (V2) or top2_sum (V3)
+    # Top-M device-limited routing over the expert-parallel devices; null = unlimited.
+    device_limit: Optional[int] = None
+    # Token capacity per expert as a multiple of the even share; null = dropless.
+    capacity_factor: Optional[float] = None
+    # Balance terms (each logged separately; their sum is `aux_loss`).
+    expert_balance_coef: float = 0.0  # alpha_1, expert-level (Switch f.P)
+    device_balance_coef: float = 0.0  # alpha_2, DeepSeek-V2 device-level
+    comm_balance_coef: float = 0.0  # alpha_3, DeepSeek-V2 communication
+    seq_balance_coef: float = 0.0  # alpha, DeepSeek-V3 sequence-wise
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    # Auxiliary-loss-free balancing (V3): per-expert selection bias updated by +-rate after each step.
+    bias_update_rate: float = 0.0  # gamma; 0 disables the bias
+    # Layer placement: layer i is MoE when i >= first_k_dense and i % layer_freq == 0 (DeepSeek's rule).
+    first_k_dense: int = 0
+    layer_freq: int = 1
+    router_dtype: str = "float32"
+
+    # ---- derived values (the only place they are computed) ----
+    @property
+    def num_routed_experts(self) -> int:
+        m, n, s = self.granularity, self.num_experts, self.num_shared_experts
+        return m * (n + s) - s
+
+    @property
+    def num_active_routed(self) -> int:
+        m, k, s = self.granularity, self.top_k, self.num_shared_experts
+        return m * (k + s) - s
+
+    @property
+    def routed_hidden(self) -> int:
+        return self.expert_hidden // self.granularity
+
+    @property
+    def shared_hidden(self) -> int:
+        """Width of all shared experts fused into one SwiGLU MLP (a sum of SwiGLUs is one wider SwiGLU)."""
+        return self.num_shared_experts * self.routed_hidden
+
+    @property
+    def uses_expert_bias(self) -> bool:
+        return self.bias_update_rate > 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_mixtral"
+    # mixtral | dbrx | deepseek_moe | deepseek_v2 | deepseek_v3: selects conversion and defaults, not code paths
+    family: str = "mixtral"
+    vocab_size: int = 8192
+    d_model: int = 256
+    num_layers: int = 4
+    max_seq_len: int = 4096
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (LayerNorm without bias, DBRX)
+    norm_eps: float = 1e-5
+    dense_hidden: int = 1024  # width of dense SwiGLU layers (DeepSeek's first_k_dense layers)
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Multi-token prediction (V3): D sequential modules sharing embedding and head; loss weight lambda.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        m = self.moe
+        return layer_idx >= m.first_k_dense and layer_idx % m.layer_freq == 0
+
+    @property
+    def head_dim(self) -> int:
+        a = self.attention
+        return a.head_dim if a.head_dim is not None else self.d_model // a.num_heads

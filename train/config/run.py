@@ -1,0 +1,95 @@
+"""Typed configuration of everything around the model: parallelism, precision, data, optimizer,
+trainer and logging. `TrainConfig` is the root that `configs/train.yaml` fills in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from train.config.model import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1  # expert-parallel degree; world / ep_size ranks form each expert-data-parallel group
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = plain data parallel)
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # fp32 | bf16 | fp8
+    # Parameters and optimizer state always stay fp32 (master weights); this is the autocast dtype.
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # stdlib: the Python standard library sources shipped with the running interpreter (offline default)
+    # hf: a Hugging Face dataset by name; files: local text/json/jsonl/parquet files
+    source: str = "stdlib"
+    name: Optional[str] = None  # hf dataset name
+    config_name: Optional[str] = None
+    split: str = "train"
+    paths: List[str] = field(default_factory=list)  # files source: files or globs
+    text_field: str = "text"
+    streaming: bool = False
+    # "builtin": a byte-level BPE trained on the corpus with `tokenizers` and cached; else an HF name or path
+    tokenizer: str = "builtin"
+    tokenizer_vocab_size: int = 8192
+    max_corpus_mb: float = 24.0  # stdlib source: how much of it to use (deterministic file order)
+    val_fraction: float = 0.01
+    cache_dir: str = "${oc.env:MOEFORGE_CACHE,.cache/moeforge}"
+    num_proc: int = 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: Optional[str] = None  # null: Hydra's output directory
+    max_steps: int = 200
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_len: int = 128
+    seed: int = 1234
+    save_every: int = 100
+    resume: str = "auto"  # auto | never | a checkpoint path
+    init_from: Optional[str] = None
+    eval_every: int = 50
+    eval_batches: int = 4
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    peak_flops: float = 1.0e12  # per-device peak FLOP/s used for MFU (H100 bf16 dense: 989e12)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "moeforge"
+    entity: Optional[str] = None
+    log_every: int = 10  # plain log line every N steps (batch systems)
+    progress: bool = True  # progress bar when attached to a terminal
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
