@@ -1,0 +1,153 @@
+"""Process groups for expert parallelism (EP) × expert-data parallelism (EDP).
+
+Rank layout. The world of W = ep_size × edp_size ranks is a 2-D grid whose expert-parallel axis is the
+fast one, so the ranks that exchange tokens every MoE layer are adjacent (on one node when ep_size ≤ GPUs
+per node, where the all-to-all runs over NVLink):
+
+    EP group g   = ranks [g·ep, (g+1)·ep)            (g = 0 .. edp_size-1)  — exchange tokens (all-to-all)
+    EDP group j  = ranks {j, j+ep, j+2·ep, ...}       (j = 0 .. ep_size-1)   — hold the same experts
+    rank r: ep_rank = r % ep, edp_rank = r // ep; it owns routed experts [ep_rank·E/ep, (ep_rank+1)·E/ep)
+
+    W=4, ep=2:   EP groups {0,1} {2,3}    EDP groups {0,2} {1,3}
+
+Every rank reads its own slice of the global batch (`dp_size == world_size`): expert parallelism splits the
+experts, never the data. Dense parameters are replicated on all W ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Mesh:
+    """What this rank needs to know about the parallel layout. The defaults are the single-process mesh."""
+
+    rank: int = 0
+    world_size: int = 1
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Optional[dist.ProcessGroup] = None  # the ep_size ranks this rank exchanges tokens with
+    edp_group: Optional[dist.ProcessGroup] = None  # the edp_size ranks that hold the same experts
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel degree for data loading: every rank reads its own slice of the global batch."""
+        return self.world_size
+
+    @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // self.ep_size
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def ep_group_ranks(self) -> list[int]:
+        """World ranks of this rank's EP group, in EP-rank order."""
+        g = self.edp_rank
+        return list(range(g * self.ep_size, (g + 1) * self.ep_size))
+
+
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ
+
+
+def _pick_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def validate_parallel_config(cfg, world_size: int) -> None:
+    """Raise a ValueError naming the offending field (and how to fix it) for an impossible layout."""
+    ep = cfg.parallel.ep_size
+    if ep < 1:
+        raise ValueError(f"parallel.ep_size={ep} must be >= 1")
+    if world_size % ep != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.ep_size={ep}: choose an ep_size that divides "
+            f"the number of ranks (e.g. parallel.ep_size={_largest_divisor(world_size, ep)})"
+        )
+    moe = cfg.model.moe
+    num_experts = moe.num_routed_experts
+    if num_experts % ep != 0:
+        raise ValueError(
+            f"model.moe.num_routed_experts={num_experts} (after granularity={moe.granularity}) is not divisible "
+            f"by parallel.ep_size={ep}: pick an ep_size that divides it or change model.moe.num_experts/granularity"
+        )
+    if moe.device_limit is not None and moe.device_limit > ep:
+        raise ValueError(
+            f"model.moe.device_limit={moe.device_limit} exceeds parallel.ep_size={ep}: a token cannot reach more "
+            f"devices than exist; set model.moe.device_limit<={ep} or null"
+        )
+    if moe.device_limit is not None and moe.device_limit < 1:
+        raise ValueError(f"model.moe.device_limit={moe.device_limit} must be >= 1 or null")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _resolve_device(cfg, local_rank: int) -> torch.device:
+    want = cfg.trainer.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(want)
+
+
+def build_mesh(rank: int, world_size: int, ep_size: int, device: torch.device) -> Mesh:
+    """Create the EP and EDP groups (collective: every rank calls it with the same `world_size`/`ep_size`).
+
+    `dist.new_group` must be entered by all ranks for every group in the same order, so each rank creates all
+    groups and keeps its own.
+    """
+    edp_size = world_size // ep_size
+    ep_group = edp_group = None
+    for g in range(edp_size):
+        grp = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+        if rank // ep_size == g:
+            ep_group = grp
+    for j in range(ep_size):
+        grp = dist.new_group(list(range(j, world_size, ep_size)))
+        if rank % ep_size == j:
+            edp_group = grp
+    return Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=rank % ep_size,
+                ep_group=ep_group, edp_group=edp_group, device=device)
+
+
+def init_distributed(cfg) -> Mesh:
+    """Start the default process group when launched by torchrun and build the EP × EDP mesh.
+
+    Before: torchrun has set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or nothing, for a
+    single process). After: the default group spans all ranks (backend `parallel.backend`; auto = nccl on
+    CUDA, gloo on CPU), this rank's device is selected, and the returned `Mesh` holds its EP and EDP groups.
+    A single process gets the trivial mesh and no process group. An already-initialised default group (tests,
+    notebooks) is reused.
+    """
+    if not (_launched_by_torchrun() or dist.is_initialized()):
+        validate_parallel_config(cfg, 1)
+        return Mesh(device=_resolve_device(cfg, 0))
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=_pick_backend(cfg.parallel.backend, device))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    validate_parallel_config(cfg, world_size)
+    if world_size == 1:
+        return Mesh(device=device)
+    return build_mesh(rank, world_size, cfg.parallel.ep_size, device)

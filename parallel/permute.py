@@ -1,0 +1,91 @@
+"""Pure index bookkeeping for the deduplicated expert-parallel all-to-all (no communication here).
+
+Shape legend: T tokens on this rank, K routed experts per token, D model dim, R = ep_size ranks of the EP
+group, C token copies this rank sends (at most one per (token, destination rank)), Q token copies this rank
+receives, N expert rows on this rank (one per (received copy, local expert)), E_loc experts per rank.
+
+Experts live in contiguous blocks: global expert e is owned by EP rank e // E_loc and is local expert
+e % E_loc there. Expert id -1 means "dropped" (capacity) and goes nowhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SendPlan:
+    """Which copies a rank sends. Copies are ordered by (destination rank, token index), which is the order
+    `all_to_all_single` wants: the first `send_counts_R[0]` rows go to EP rank 0, and so on."""
+
+    copy_token_C: torch.Tensor  # int64 [C]: source token of each copy
+    copy_rank_C: torch.Tensor  # int64 [C]: destination EP rank of each copy
+    local_ids_CK: torch.Tensor  # int64 [C, K]: local expert id on the destination, -1 if slot k is not there
+    send_counts_R: torch.Tensor  # int64 [R]: copies per destination rank
+    devices_per_token_T: torch.Tensor  # int64 [T]: distinct destination ranks per token (0 if all dropped)
+
+
+def expert_owner(topk_ids_TK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """EP rank that owns each selected expert; -1 where the slot is dropped."""
+    return torch.where(topk_ids_TK >= 0, topk_ids_TK // num_local_experts, torch.full_like(topk_ids_TK, -1))
+
+
+def plan_send(topk_ids_TK: torch.Tensor, num_local_experts: int, ep_size: int) -> SendPlan:
+    """Deduplicate a token's top-k into one copy per destination rank.
+
+    Example (E_loc=2, R=2): token 0 picks experts [3, 0] → one copy to rank 1 with local ids [1, -1] and one
+    copy to rank 0 with local ids [-1, 0]; token 1 picks [2, 3] → a single copy to rank 1 with ids [0, 1].
+    """
+    T, K = topk_ids_TK.shape
+    owner_TK = expert_owner(topk_ids_TK, num_local_experts)
+    hit_TR = torch.zeros(T, ep_size + 1, dtype=torch.bool, device=topk_ids_TK.device)
+    # column ep_size collects dropped slots (owner -1) so that a single scatter handles every slot
+    hit_TR.scatter_(1, torch.where(owner_TK >= 0, owner_TK, ep_size), True)
+    hit_TR = hit_TR[:, :ep_size]
+    copy_rank_C, copy_token_C = hit_TR.t().nonzero(as_tuple=True)  # row-major over (rank, token)
+    on_dest_CK = owner_TK[copy_token_C] == copy_rank_C[:, None]
+    local_ids_CK = torch.where(
+        on_dest_CK, topk_ids_TK[copy_token_C] - copy_rank_C[:, None] * num_local_experts,
+        torch.full_like(on_dest_CK, -1, dtype=topk_ids_TK.dtype),
+    )
+    return SendPlan(copy_token_C, copy_rank_C, local_ids_CK, hit_TR.sum(0), hit_TR.sum(1))
+
+
+def copy_weights(topk_weights_TK: torch.Tensor, plan: SendPlan) -> torch.Tensor:
+    """Gate weights that travel with each copy: the weights of the slots on its destination, 0 elsewhere.
+    Differentiable with respect to `topk_weights_TK`."""
+    w_CK = topk_weights_TK[plan.copy_token_C]
+    return w_CK * (plan.local_ids_CK >= 0).to(w_CK.dtype)
+
+
+@dataclass
+class FanOut:
+    """How received copies become expert rows: row n is copy `row_copy_N[n]` for its slot `row_slot_N[n]`;
+    rows are sorted by local expert (stable, so by copy within an expert), as `GroupedExperts` expects."""
+
+    row_copy_N: torch.Tensor  # int64 [N]
+    row_slot_N: torch.Tensor  # int64 [N]
+    num_tokens_per_local_expert_E: torch.Tensor  # int64 [E_loc]
+
+
+def plan_fan_out(local_ids_QK: torch.Tensor, num_local_experts: int) -> FanOut:
+    """Fan each received copy out to its local experts and group the rows by expert.
+
+    Example (E_loc=2): received ids [[1, -1], [0, 1]] → rows (copy, slot) sorted by expert:
+    expert 0: (1, 0); expert 1: (0, 0), (1, 1) → row_copy [1, 0, 1], row_slot [0, 0, 1], counts [1, 2].
+    """
+    K = local_ids_QK.shape[1]
+    flat_ids = local_ids_QK.reshape(-1)
+    valid_idx = (flat_ids >= 0).nonzero().squeeze(1)
+    valid_ids = flat_ids[valid_idx]
+    order = torch.argsort(valid_ids, stable=True)
+    flat_rows = valid_idx[order]
+    counts = torch.bincount(valid_ids, minlength=num_local_experts)
+    return FanOut(flat_rows // K, flat_rows % K, counts)
+
+
+def sum_rows_into(rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
+    """out[i] = Σ rows[m] over m with index[m] == i (differentiable; rows left out of `index` give zeros)."""
+    out = rows_MD.new_zeros((num_out,) + tuple(rows_MD.shape[1:]))
+    return out.index_add(0, index_M, rows_MD)

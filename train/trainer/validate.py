@@ -1,0 +1,153 @@
+"""Config validation, run first thing, before any process group, file or tensor exists.
+
+Every check raises a `ConfigError` that names the offending field, its value and how to fix it, so a bad
+sweep point fails in a second instead of after minutes of tokenizer training or on rank 7 of 64. Unknown
+keys and wrong types never get here: the structured (typed) config already rejects them at composition.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from train.config import TrainConfig
+
+SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+NORMS = ("rmsnorm", "layernorm")
+ATTENTION_KINDS = ("gqa", "mla")
+PRECISIONS = ("fp32", "bf16", "fp8")
+SCHEDULES = ("cosine", "wsd", "constant")
+WANDB_MODES = ("disabled", "offline", "online")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_SOURCES = ("stdlib", "hf", "files")
+
+
+class ConfigError(ValueError):
+    """An impossible or unsupported configuration; the message says which field and what to do."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(field: str, value, allowed) -> None:
+    _check(value in allowed, f"{field}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun will give us, known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_config(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Raise `ConfigError` for the first problem found in `cfg` for a run on `world_size` ranks."""
+    world = world_size_from_env() if world_size is None else world_size
+    _validate_model(cfg)
+    _validate_parallel(cfg, world)
+    _validate_trainer(cfg, world)
+    _validate_data(cfg)
+    _validate_optim_logging(cfg)
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    m, moe = cfg.model, cfg.model.moe
+    _one_of("model.norm", m.norm, NORMS)
+    _one_of("model.attention.kind", m.attention.kind, ATTENTION_KINDS)
+    _one_of("model.moe.scoring", moe.scoring, SCORINGS)
+    _one_of("model.moe.group_score", moe.group_score, GROUP_SCORES)
+    if m.attention.kind == "gqa":
+        a = m.attention
+        _check(a.num_kv_heads >= 1 and a.num_heads % a.num_kv_heads == 0,
+               f"model.attention.num_heads={a.num_heads} must be a multiple of model.attention.num_kv_heads="
+               f"{a.num_kv_heads}: set num_kv_heads to a divisor of num_heads")
+    _check(moe.granularity >= 1, f"model.moe.granularity={moe.granularity} must be >= 1")
+    _check(moe.expert_hidden % moe.granularity == 0,
+           f"model.moe.granularity={moe.granularity} does not divide model.moe.expert_hidden={moe.expert_hidden}: "
+           f"pick a granularity that divides it (expert width would be {moe.expert_hidden / moe.granularity:g})")
+    n, k = moe.num_routed_experts, moe.num_active_routed
+    _check(n >= 1, f"model.moe.num_experts={moe.num_experts} gives {n} routed experts: need at least 1")
+    _check(1 <= k <= n,
+           f"model.moe.top_k={moe.top_k} gives {k} active routed experts (granularity={moe.granularity}) but there "
+           f"are {n} routed experts: set model.moe.top_k between 1 and {moe.num_experts}")
+    _check(moe.num_groups >= 1 and n % moe.num_groups == 0,
+           f"model.moe.num_groups={moe.num_groups} must divide the {n} routed experts: pick a divisor of {n}")
+    _check(1 <= moe.topk_groups <= moe.num_groups,
+           f"model.moe.topk_groups={moe.topk_groups} must be between 1 and model.moe.num_groups={moe.num_groups}")
+    if moe.num_groups > 1:
+        per_group = n // moe.num_groups
+        _check(moe.topk_groups * per_group >= k,
+               f"model.moe.topk_groups={moe.topk_groups} groups of {per_group} experts cannot hold top_k={k} "
+               f"experts: raise model.moe.topk_groups or lower model.moe.top_k")
+    _check(moe.capacity_factor is None or moe.capacity_factor > 0,
+           f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 or null (dropless)")
+    _check(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
+
+
+def _validate_parallel(cfg: TrainConfig, world: int) -> None:
+    ep, moe = cfg.parallel.ep_size, cfg.model.moe
+    _check(ep >= 1, f"parallel.ep_size={ep} must be >= 1")
+    _check(world % ep == 0,
+           f"parallel.ep_size={ep} does not divide the world size {world}: pick an ep_size that divides it")
+    n = moe.num_routed_experts
+    _check(n % ep == 0,
+           f"model.moe.num_routed_experts={n} (num_experts={moe.num_experts}, granularity={moe.granularity}) is not "
+           f"divisible by parallel.ep_size={ep}: choose an ep_size that divides {n}")
+    if moe.device_limit is not None:
+        _check(1 <= moe.device_limit <= ep,
+               f"model.moe.device_limit={moe.device_limit} must be between 1 and parallel.ep_size={ep} "
+               f"(or null for unlimited)")
+    _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0..3")
+
+
+def _validate_trainer(cfg: TrainConfig, world: int) -> None:
+    t = cfg.trainer
+    _check(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _check(t.micro_batch_size >= 1, f"trainer.micro_batch_size={t.micro_batch_size} must be >= 1")
+    per_step = t.micro_batch_size * world
+    _check(t.global_batch_size >= per_step and t.global_batch_size % per_step == 0,
+           f"trainer.global_batch_size={t.global_batch_size} must be a multiple of trainer.micro_batch_size="
+           f"{t.micro_batch_size} x {world} ranks = {per_step}: e.g. trainer.global_batch_size="
+           f"{max(1, round(t.global_batch_size / per_step)) * per_step}")
+    _check(1 <= t.seq_len <= cfg.model.max_seq_len,
+           f"trainer.seq_len={t.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}")
+    _check(t.save_every >= 1, f"trainer.save_every={t.save_every} must be >= 1")
+    _check(t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 disables validation)")
+    _check(t.eval_batches >= 1, f"trainer.eval_batches={t.eval_batches} must be >= 1")
+    _one_of("trainer.device", t.device, DEVICES)
+    if t.resume not in ("auto", "never"):
+        _check(Path(t.resume).expanduser().exists(),
+               f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint or run dir")
+    if t.init_from is not None:
+        _check(Path(t.init_from).expanduser().exists(),
+               f"trainer.init_from={t.init_from!r} does not exist: pass a checkpoint dir or a run dir")
+    _one_of("precision.name", cfg.precision.name, PRECISIONS)
+    _check(cfg.precision.name != "fp8",
+           "precision=fp8 is not implemented yet: use precision=bf16 (or fp32)")
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    d = cfg.data
+    _one_of("data.source", d.source, DATA_SOURCES)
+    if d.source == "files":
+        _check(len(d.paths) > 0, "data.source=files needs data.paths='[/path/a.jsonl,/path/dir/*.txt]'")
+        missing = [p for p in d.paths if not glob.glob(os.path.expanduser(p))]
+        _check(not missing, f"data.paths: nothing matches {missing}: fix the path(s) or the glob(s)")
+    if d.tokenizer == "builtin":
+        _check(d.tokenizer_vocab_size <= cfg.model.vocab_size,
+               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: "
+               f"token ids would not fit the embedding; lower data.tokenizer_vocab_size or raise model.vocab_size")
+    _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+
+
+def _validate_optim_logging(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    _check(o.name == "adamw", f"optim.name={o.name!r} is not valid: only adamw is implemented")
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0.0 <= o.decay_frac <= 1.0, f"optim.decay_frac={o.decay_frac} must be in [0, 1]")
+    _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    _check(cfg.logging.log_every >= 1, f"logging.log_every={cfg.logging.log_every} must be >= 1")
