@@ -1,0 +1,62 @@
+"""Normalisation layers: RMSNorm (Mixtral, DeepSeek) and LayerNorm without bias (DBRX).
+
+Both normalise in fp32 whatever the activation dtype, because the mean of squares over thousands of channels
+loses most of its precision in bf16; the weight is applied after casting back, exactly as the Hugging Face
+reference implementations do, so fp32 runs match them bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = weight · x / sqrt(mean(x²) + eps), the statistics taken in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a scale and no bias (DBRX), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+NORMS = (RMSNorm, LayerNorm)
+
+
+def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """`kind` is `ModelConfig.norm`: `rmsnorm` or `layernorm` (without bias)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps)
+    raise ValueError(f"unknown norm kind {kind!r} (expected 'rmsnorm' or 'layernorm')")
