@@ -1,8 +1,10 @@
 """Pure index bookkeeping for the deduplicated expert-parallel all-to-all (no communication here).
 
 Shape legend: T tokens on this rank, K routed experts per token, D model dim, R = ep_size ranks of the EP
-group, C token copies this rank sends (at most one per (token, destination rank)), Q token copies this rank
-receives, N expert rows on this rank (one per (received copy, local expert)), E_loc experts per rank.
+group, C token copies this rank sends (at most one per (token, destination rank)), E_loc experts per rank.
+
+The receiving side needs no helper of its own: received copies with their local expert ids are exactly the
+input of `train.model.moe.dispatch.sort_by_expert` / `combine_rows` (K slots per copy, -1 = elsewhere).
 
 Experts live in contiguous blocks: global expert e is owned by EP rank e // E_loc and is local expert
 e % E_loc there. Expert id -1 means "dropped" (capacity) and goes nowhere.
@@ -59,33 +61,9 @@ def copy_weights(topk_weights_TK: torch.Tensor, plan: SendPlan) -> torch.Tensor:
     return w_CK * (plan.local_ids_CK >= 0).to(w_CK.dtype)
 
 
-@dataclass
-class FanOut:
-    """How received copies become expert rows: row n is copy `row_copy_N[n]` for its slot `row_slot_N[n]`;
-    rows are sorted by local expert (stable, so by copy within an expert), as `GroupedExperts` expects."""
-
-    row_copy_N: torch.Tensor  # int64 [N]
-    row_slot_N: torch.Tensor  # int64 [N]
-    num_tokens_per_local_expert_E: torch.Tensor  # int64 [E_loc]
-
-
-def plan_fan_out(local_ids_QK: torch.Tensor, num_local_experts: int) -> FanOut:
-    """Fan each received copy out to its local experts and group the rows by expert.
-
-    Example (E_loc=2): received ids [[1, -1], [0, 1]] → rows (copy, slot) sorted by expert:
-    expert 0: (1, 0); expert 1: (0, 0), (1, 1) → row_copy [1, 0, 1], row_slot [0, 0, 1], counts [1, 2].
-    """
-    K = local_ids_QK.shape[1]
-    flat_ids = local_ids_QK.reshape(-1)
-    valid_idx = (flat_ids >= 0).nonzero().squeeze(1)
-    valid_ids = flat_ids[valid_idx]
-    order = torch.argsort(valid_ids, stable=True)
-    flat_rows = valid_idx[order]
-    counts = torch.bincount(valid_ids, minlength=num_local_experts)
-    return FanOut(flat_rows // K, flat_rows % K, counts)
-
-
 def sum_rows_into(rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
-    """out[i] = Σ rows[m] over m with index[m] == i (differentiable; rows left out of `index` give zeros)."""
-    out = rows_MD.new_zeros((num_out,) + tuple(rows_MD.shape[1:]))
-    return out.index_add(0, index_M, rows_MD)
+    """out[i] = Σ rows[m] over m with index[m] == i, accumulated in fp32 and returned in the rows' dtype
+    (a token's copies from several ranks are summed, as `combine_rows` sums its K slots). Differentiable;
+    indices that no row names get zeros."""
+    out = torch.zeros((num_out,) + tuple(rows_MD.shape[1:]), dtype=torch.float32, device=rows_MD.device)
+    return out.index_add(0, index_M, rows_MD.float()).to(rows_MD.dtype)

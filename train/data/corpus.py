@@ -41,6 +41,15 @@ class Corpus:
     streaming: bool
 
 
+def cache_root(cfg: DataConfig) -> Path:
+    """`data.cache_dir`, resolving the `${oc.env:...}` default when the config was built in Python."""
+    value = cfg.cache_dir
+    if "${" in value:
+        from omegaconf import OmegaConf
+        value = OmegaConf.create({"v": value}).v
+    return Path(os.path.expanduser(value))
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -136,7 +145,7 @@ def _load_files(cfg: DataConfig) -> Corpus:
     files = expand_paths(cfg.paths)
     stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     fingerprint = _sha({"source": "files", "files": stamps, "text_field": cfg.text_field})
-    cache = os.path.join(cfg.cache_dir, "hf_datasets")
+    cache = str(cache_root(cfg) / "hf_datasets")
     parts = []
     # Consecutive files with the same builder are read together; order is preserved.
     groups: List[Tuple[str, List[str]]] = []

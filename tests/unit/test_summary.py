@@ -1,0 +1,63 @@
+"""train.summary: analytic counts equal the built (meta-device) model for every config, and published totals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import CONFIG_DIR, load_train_config
+from train.summary import summarize
+
+MODELS = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
+
+# Published totals in billions (model cards / papers); ours must land within 1.5%.
+PUBLISHED_TOTAL_B = {
+    "mixtral_8x7b": 46.7, "mixtral_8x22b": 140.6, "dbrx": 132.0, "deepseek_moe_16b": 16.4,
+    "deepseek_v2": 236.0, "deepseek_v2_lite": 15.7,
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_analytic_count_matches_built_model(name):
+    cfg = load_train_config([f"model={name}"])
+    out = summarize(cfg.model, seq_len=4096)  # raises if the analytic and built counts differ
+    assert out["active_params"] < out["total_params"]
+    assert out["flops_per_token"] > 6 * (out["active_params"] - cfg.model.vocab_size * cfg.model.d_model)
+
+
+@pytest.mark.parametrize("name,billions", sorted(PUBLISHED_TOTAL_B.items()))
+def test_published_totals(name, billions):
+    out = summarize(load_train_config([f"model={name}"]).model, seq_len=4096)
+    assert abs(out["total_params"] / 1e9 - billions) / billions < 0.015
+
+
+def test_v3_total_and_active():
+    # 671B main model + one MTP module (its block; embedding and head are shared), 37B activated.
+    out = summarize(load_train_config(["model=deepseek_v3"]).model, seq_len=4096)
+    mtp = {key: sum(v[key] for k, v in out["breakdown"].items() if k == "mtp" or k.startswith("mtp/"))
+           for key in ("total", "active")}
+    assert abs((out["total_params"] - mtp["total"]) / 1e9 - 671) < 5
+    assert 36.5 < (out["active_params"] - mtp["active"]) / 1e9 < 38
+
+
+def _expert_params(out, key):
+    return sum(out["breakdown"][part][key] for part in ("routed_experts", "shared_experts"))
+
+
+def test_granularity_keeps_total_and_active_expert_params():
+    # Shared experts keep their count and shrink to width F/m; the routed top-k grows to fill the budget.
+    base = summarize(load_train_config(["model=tiny_deepseek_moe"]).model, seq_len=128)
+    for m in (2, 4):
+        fine = summarize(load_train_config(["model=tiny_deepseek_moe", f"model.moe.granularity={m}"]).model, 128)
+        for key in ("total", "active"):
+            assert _expert_params(fine, key) == _expert_params(base, key)
+        # only the router grows (D x E), so FLOPs stay within a fraction of a percent
+        assert abs(fine["flops_per_token"] / base["flops_per_token"] - 1) < 0.01
+
+
+def test_cli_last_line_is_json():
+    out = subprocess.run([sys.executable, "-m", "train.summary", "model=deepseek_v3"], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    row = json.loads(out)
+    assert {"total_params", "active_params", "flops_per_token"} <= row.keys()

@@ -1,0 +1,127 @@
+"""Tokenizers: a byte-level BPE trained on the corpus (`data.tokenizer=builtin`), or any Hugging Face
+tokenizer by name or path. Either way the result is a `PreTrainedTokenizerFast` plus a directory in Hugging
+Face format (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that checkpoints copy and
+`transformers.AutoTokenizer.from_pretrained(dir)` loads offline.
+
+The builtin tokenizer is cached under `cache_dir/tokenizers/<key>/`, key = hash of the corpus fingerprint,
+vocabulary size and training budget. It is written to a temporary directory and renamed into place, so
+concurrent builders cannot leave a half-written cache: the first rename wins, the others discard theirs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from train.config.run import DataConfig
+from train.data.corpus import Corpus, cache_root, iter_texts, load_corpus
+
+EOS_TOKEN = "<|endoftext|>"  # separates documents (EOS of one = BOS of the next)
+PAD_TOKEN = "<|pad|>"
+_BUILTIN_VERSION = 1  # bump when the training recipe changes, to invalidate caches
+
+
+def builtin_tokenizer_key(corpus_fingerprint: str, cfg: DataConfig) -> str:
+    spec = {"v": _BUILTIN_VERSION, "corpus": corpus_fingerprint, "vocab": cfg.tokenizer_vocab_size,
+            "max_mb": cfg.max_corpus_mb}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _training_texts(corpus: Corpus, max_mb: float) -> Iterator[str]:
+    """The first `max_mb` MB of corpus text, in corpus order (a stream is read unshuffled)."""
+    budget = int(max_mb * 1e6)
+    for text in iter_texts(corpus.documents):
+        if budget <= 0:
+            return
+        budget -= len(text.encode("utf-8", "replace"))
+        yield text
+
+
+def train_byte_bpe(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE of `vocab_size` entries (special tokens and the 256 byte symbols
+    included), with `<|endoftext|>` as BOS/EOS and `<|pad|>` as padding."""
+    if vocab_size < 256 + 2:
+        raise ValueError(f"data.tokenizer_vocab_size={vocab_size} must be at least 258 "
+                         "(256 byte symbols and 2 special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
+
+
+def save_atomic(tokenizer: PreTrainedTokenizerFast, final_dir: Path) -> None:
+    """`save_pretrained` into a temporary sibling directory, then rename it to `final_dir`. If another
+    process got there first, its copy is kept and ours is removed."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=final_dir.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, final_dir)
+        except OSError:
+            if not (final_dir / "tokenizer.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _builtin_dir(cfg: DataConfig, corpus: Corpus) -> Path:
+    return cache_root(cfg) / "tokenizers" / builtin_tokenizer_key(corpus.fingerprint, cfg)
+
+
+def ensure_tokenizer(cfg: DataConfig, corpus: Optional[Corpus] = None) -> Path:
+    """The tokenizer directory for `cfg`, building (builtin) or exporting (hub name) it if missing.
+    Safe to call from several processes at once."""
+    if cfg.tokenizer == "builtin":
+        corpus = corpus or load_corpus(cfg)
+        out = _builtin_dir(cfg, corpus)
+        if not (out / "tokenizer.json").exists():
+            save_atomic(train_byte_bpe(_training_texts(corpus, cfg.max_corpus_mb), cfg.tokenizer_vocab_size),
+                        out)
+        return out
+    if os.path.isdir(os.path.expanduser(cfg.tokenizer)):
+        return Path(os.path.expanduser(cfg.tokenizer))
+    # A hub name: resolved by `from_pretrained` (its cache, or the network if the user is online), then
+    # exported once so checkpoints have a local copy.
+    out = cache_root(cfg) / "tokenizers" / ("hf--" + cfg.tokenizer.replace("/", "--"))
+    if not (out / "tokenizer_config.json").exists():
+        save_atomic(AutoTokenizer.from_pretrained(cfg.tokenizer), out)
+    return out
+
+
+def open_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory offline and check it can separate documents."""
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {tokenizer_dir} has no eos_token; documents need a separator "
+                         "(set data.tokenizer to one with an EOS token, or builtin)")
+    return tok
+
+
+def load_tokenizer(cfg: DataConfig, is_main: bool = True, barrier: Optional[Callable[[], None]] = None,
+                   corpus: Optional[Corpus] = None) -> Tuple[PreTrainedTokenizerFast, Path]:
+    """(tokenizer, its directory) for `cfg`. Distributed: every rank calls this with `is_main` true on one
+    rank and the same `barrier`; the main rank builds the cache, the others wait at the barrier and then
+    load it. Without a barrier every caller builds if needed (atomic, so still safe)."""
+    if is_main or barrier is None:
+        out = ensure_tokenizer(cfg, corpus)
+        if barrier is not None:
+            barrier()
+    else:
+        barrier()
+        out = ensure_tokenizer(cfg, corpus)  # now only a lookup
+    return open_tokenizer(out), out

@@ -1,0 +1,127 @@
+"""Grouped-query attention (Mixtral, DBRX, DeepSeekMoE) and the pieces MLA shares with it: the per-layer KV
+cache and the masked scaled-dot-product call.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, Hkv key/value heads, Dh head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config.model import ModelConfig
+from train.model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class KVCache:
+    """One layer's keys and values for incremental decoding, (B, heads, S, dim) each, positions 0..S-1 in
+    order. Keys are stored after RoPE. A fresh cache is empty; every forward appends its T new tokens."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' k/v along the sequence dim; returns everything cached so far."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+def attention_mask(num_queries: int, num_keys: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """Boolean (T, S) mask, True = attend. The queries are the last T of the S keys; query i (key index
+    q = S - T + i) sees key j when q - window < j <= q, as Mixtral's sliding-window mask does."""
+    q_T1 = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    k_1S = torch.arange(num_keys, device=device)[None, :]
+    mask_TS = k_1S <= q_T1
+    if sliding_window is not None:
+        mask_TS = mask_TS & (k_1S > q_T1 - sliding_window)
+    return mask_TS
+
+
+def attend(
+    q_BHTD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int],
+) -> torch.Tensor:
+    """Causal (optionally windowed) softmax attention of the T newest positions over all S keys.
+
+    The mask is materialised only when `is_causal` cannot express it: a sliding window, or several new
+    tokens after a non-empty cache (SDPA's `is_causal` aligns the triangle top-left, not bottom-right).
+    """
+    num_queries, num_keys = q_BHTD.shape[2], k_BHSD.shape[2]
+    mask, is_causal = None, False
+    if sliding_window is not None or num_queries not in (1, num_keys):
+        mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
+    elif num_queries == num_keys:
+        is_causal = num_queries > 1
+    return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def repeat_kv(x_BHSD: torch.Tensor, num_rep: int) -> torch.Tensor:
+    """Repeat each key/value head `num_rep` times, adjacent (head h serves query heads h·rep .. h·rep+rep-1)."""
+    if num_rep == 1:
+        return x_BHSD
+    b, h, s, d = x_BHSD.shape
+    return x_BHSD[:, :, None].expand(b, h, num_rep, s, d).reshape(b, h * num_rep, s, d)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with `num_kv_heads` ≤ `num_heads` shared key/value heads and RoPE.
+
+    `clip_qkv` (DBRX) clamps the projected q, k, v to [-clip, clip] before RoPE; `sliding_window` (Mixtral)
+    restricts token i to keys j with i - window < j <= i.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.attention
+        if a.num_heads % a.num_kv_heads:
+            raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
+        self.clip_qkv, self.sliding_window = a.clip_qkv, a.sliding_window
+        self.interleaved = cfg.rope.interleaved
+        self.scale = self.head_dim**-0.5
+        d, hd = cfg.d_model, self.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=a.bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=a.bias)
+        self.rope = RotaryEmbedding(hd, cfg.rope)
+
+    def qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected (and clipped) q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""
+        b, t, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.clip_qkv is not None:
+            q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
+        b, t, _ = x_BTD.shape
+        q, k, v = self.qkv(x_BTD)
+        cos_TR, sin_TR = self.rope(positions_T)
+        q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
+        k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        rep = self.num_heads // self.num_kv_heads
+        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window)
+        return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

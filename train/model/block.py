@@ -1,0 +1,55 @@
+"""One pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from train.config.model import ModelConfig
+from train.model.attention import GroupedQueryAttention, KVCache
+from train.model.mla import MultiHeadLatentAttention
+from train.model.mlp import SwiGLU
+from train.model.moe.layer import MoELayer, MoELayerOutput
+from train.model.norms import build_norm
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    """`cfg.attention.kind`: `gqa` (GroupedQueryAttention) or `mla` (MultiHeadLatentAttention)."""
+    kind = cfg.attention.kind
+    if kind == "gqa":
+        return GroupedQueryAttention(cfg)
+    if kind == "mla":
+        return MultiHeadLatentAttention(cfg)
+    raise ValueError(f"unknown attention kind {kind!r} (expected 'gqa' or 'mla')")
+
+
+class Block(nn.Module):
+    """Attention and feed-forward sublayers, each behind its own norm with a residual connection.
+
+    The feed-forward is an `MoELayer` when `cfg.is_moe_layer(layer_idx)` (DeepSeek's first_k_dense and
+    layer_freq rule), else a dense `SwiGLU` of width `cfg.dense_hidden`. MTP modules build their block with
+    `layer_idx` = num_layers + k - 1, continuing the numbering.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if self.is_moe:
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.init_std)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden)
+
+    def forward(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, kv_cache)
+        if self.is_moe:
+            y_BTD, moe_out = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            y_BTD, moe_out = self.ffn(self.ffn_norm(x_BTD)), None
+        return x_BTD + y_BTD, moe_out

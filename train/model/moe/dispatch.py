@@ -1,0 +1,91 @@
+"""Token dispatchers: move token copies to their experts and bring the results back.
+
+Shape legend: T tokens, D model dim, K active routed experts per token, E experts (local to this rank),
+N routed rows (kept token copies, grouped by expert ascending).
+
+The permutation helpers are pure functions so other dispatchers (`parallel/`'s all-to-all) reuse them and
+they can be tested on hand-worked indices. A flat assignment index is `t * K + k` (token t, slot k).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the kept assignments by expert.
+
+    Returns `perm_N`, the flat assignment indices `t * K + k` whose id is not -1, sorted by expert ascending
+    and, within an expert, by flat index (token order; the sort is stable), and `num_tokens_per_expert_E`.
+    """
+    ids_A = topk_ids_TK.reshape(-1)
+    keys_A = torch.where(ids_A >= 0, ids_A, num_experts)  # dropped assignments sort last, then are cut
+    perm_A = torch.sort(keys_A, stable=True).indices
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_A.device)
+    counts_E1.scatter_add_(0, keys_A, torch.ones_like(keys_A))
+    num_kept = ids_A.numel() - int(counts_E1[num_experts])  # host sync: row count of the expert input
+    return perm_A[:num_kept], counts_E1[:num_experts]
+
+
+def gather_rows(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token copies `x_ND[n] = x_TD[perm_N[n] // K]` in expert order."""
+    return x_TD[perm_N // top_k]
+
+
+def combine_rows(y_ND: torch.Tensor, perm_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Inverse of `gather_rows`: `y_TD[t] = sum_k w[t, k] * y_ND[row of (t, k)]`, in y's dtype.
+
+    Dropped assignments have no row and so contribute zero. Accumulates in fp32 because the K copies of a
+    token are summed.
+    """
+    T, K = topk_weights_TK.shape
+    w_N = topk_weights_TK.reshape(-1)[perm_N]
+    y_TD = torch.zeros(T, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
+    y_TD.index_add_(0, perm_N // K, y_ND.float() * w_N.unsqueeze(-1))
+    return y_TD.to(y_ND.dtype)
+
+
+class TokenDispatcher(Protocol):
+    """Contract shared by all dispatchers (see docs/ARCHITECTURE.md).
+
+    `dispatch` receives this rank's tokens and routing and returns the rows this rank's experts must
+    process, grouped by local expert ascending, with their counts. `combine` receives the expert outputs for
+    exactly those rows and returns, for this rank's tokens, the gate-weighted sum over the K copies.
+    `stats` holds detached statistics of the last call (at least `a2a_tokens_sent`).
+    """
+
+    stats: dict[str, Any]
+
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def combine(self, y_ND: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Single-device dispatcher: all experts are local, so dispatch is a permutation and nothing is sent."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.stats: dict[str, Any] = {}
+        self._perm_N: torch.Tensor | None = None
+        self._topk_weights_TK: torch.Tensor | None = None
+
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(x_ND, num_tokens_per_local_expert_E)`; ids of -1 are dropped assignments."""
+        perm_N, num_tokens_per_expert_E = sort_by_expert(topk_ids_TK, self.num_experts)
+        self._perm_N, self._topk_weights_TK = perm_N, topk_weights_TK
+        self.stats = {"a2a_tokens_sent": 0}
+        return gather_rows(x_TD, perm_N, topk_ids_TK.shape[1]), num_tokens_per_expert_E
+
+    def combine(self, y_ND: torch.Tensor) -> torch.Tensor:
+        """Gate-weighted sum of each token's expert outputs, `y_TD`, for the tokens of the last dispatch."""
+        if self._perm_N is None:
+            raise RuntimeError("combine() called before dispatch()")
+        y_TD = combine_rows(y_ND, self._perm_N, self._topk_weights_TK)
+        self._perm_N = self._topk_weights_TK = None  # free the routing state; one combine per dispatch
+        return y_TD

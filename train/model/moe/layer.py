@@ -1,0 +1,153 @@
+"""The MoE feed-forward layer: route, dispatch, run experts, combine, add shared experts; balance terms.
+
+Shape legend: B batch, T tokens (B*S after flattening), S sequence length, D model dim, E routed experts,
+K active routed experts, N routed rows, G devices.
+
+Routing and expert computation are separate steps with `self.dispatcher` as the seam: `parallel/` replaces
+the dispatcher, slices `self.experts` to the local experts, and sets `num_devices` and `count_reducer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from train.config.model import MoEConfig
+from train.model.mlp import SwiGLU
+from train.model.moe import losses
+from train.model.moe.capacity import drop_over_capacity, expert_capacity
+from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher
+from train.model.moe.experts import GroupedExperts
+from train.model.moe.router import Router
+
+AUX_TERMS = ("expert_balance", "device_balance", "comm_balance", "seq_balance", "z_loss")
+
+
+@dataclass
+class MoELayerOutput:
+    """Coefficient-weighted balance terms (all of `AUX_TERMS`, 0.0 when a coefficient is 0) and detached stats."""
+
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class MoELayer(nn.Module):
+    """Routed experts (E = `moe.num_routed_experts` of width `moe.routed_hidden`, K = `moe.num_active_routed`
+    per token) plus optional always-active shared experts fused into one SwiGLU of width `moe.shared_hidden`.
+
+    `count_reducer(t) -> t` is applied to the packed, non-differentiable count statistics (identity here;
+    `parallel/` installs an all-reduce sum over data-parallel ranks so f terms and stats cover the whole batch).
+    """
+
+    def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.moe = moe
+        self.num_experts, self.top_k = moe.num_routed_experts, moe.num_active_routed
+        self.init_std = init_std
+        self.router = Router(d_model, moe)
+        self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden)
+        self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
+        self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
+        self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
+        if moe.uses_expert_bias:
+            # Selections since the last bias update; not checkpointed (the update happens every step).
+            self.register_buffer("expert_load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        else:
+            self.expert_load_E = None
+        self.reset_parameters()
+
+    @property
+    def num_devices(self) -> int:
+        """Expert-parallel devices; experts live on them in contiguous blocks of E / num_devices."""
+        return self.router.num_devices
+
+    @num_devices.setter
+    def num_devices(self, value: int) -> None:
+        if self.num_experts % value != 0:
+            raise ValueError(f"num_devices={value} must divide the number of routed experts {self.num_experts}")
+        self.router.num_devices = value
+
+    def reset_parameters(self, init_std: float | None = None) -> None:
+        """normal(0, init_std) for the gate, the routed and the shared experts."""
+        std = self.init_std if init_std is None else init_std
+        nn.init.normal_(self.router.gate.weight, mean=0.0, std=std)
+        self.experts.reset_parameters(std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoELayerOutput]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        route = self.router(x_TD)
+        topk_ids_TK = route.topk_ids_TK
+        if self.moe.capacity_factor is not None:
+            capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.moe.capacity_factor)
+            topk_ids_TK = drop_over_capacity(topk_ids_TK, self.num_experts, capacity)
+
+        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_TD, topk_ids_TK, route.topk_weights_TK)
+        y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
+        y_TD = self.dispatcher.combine(y_ND)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+
+        aux_terms, stats = self._balance(route, topk_ids_TK, B)
+        return y_TD.view(B, S, D), MoELayerOutput(aux_terms, stats)
+
+    def _balance(self, route, kept_ids_TK: torch.Tensor, B: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Balance terms from the router's selection (before capacity drops: they steer the router's choice)."""
+        moe, E, K, G = self.moe, self.num_experts, self.top_k, self.num_devices
+        ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
+        with torch.no_grad():
+            selected_E = losses.expert_counts(ids_TK, E)
+            device_mask_TG = losses.token_device_mask(ids_TK, E, G)
+            num_dropped = (kept_ids_TK < 0).sum()
+            if self.training and self.expert_load_E is not None:
+                self.expert_load_E += selected_E.long()
+            # One reduction for all counts (a single all-reduce under data parallelism). fp64 keeps counts
+            # of large global batches exact.
+            packed = torch.cat([selected_E, device_mask_TG.sum(0), torch.stack([torch.tensor(T), num_dropped.cpu()]).to(selected_E)])
+            packed = self.count_reducer(packed.double())
+            num_tokens_per_expert_E, num_tokens_sent_G = packed[:E], packed[E : E + G]
+            num_tokens, num_dropped = packed[E + G], packed[E + G + 1]
+
+        probs_TE = losses.balance_probs(route.scores_TE, moe.scoring)
+        zero = torch.zeros((), dtype=torch.float32, device=probs_TE.device)
+        aux = dict.fromkeys(AUX_TERMS, zero)
+        counts_E, n_tok = num_tokens_per_expert_E.float(), num_tokens.float()
+        if moe.expert_balance_coef:
+            aux["expert_balance"] = moe.expert_balance_coef * losses.expert_balance_loss(counts_E, probs_TE, n_tok, K)
+        if moe.device_balance_coef:
+            aux["device_balance"] = moe.device_balance_coef * losses.device_balance_loss(
+                counts_E, probs_TE, n_tok, K, G
+            )
+        if moe.comm_balance_coef:
+            limit = moe.device_limit if moe.device_limit is not None else G
+            aux["comm_balance"] = moe.comm_balance_coef * losses.comm_balance_loss(
+                num_tokens_sent_G.float(), probs_TE, n_tok, min(limit, G)
+            )
+        if moe.seq_balance_coef:
+            aux["seq_balance"] = moe.seq_balance_coef * losses.seq_balance_loss(
+                ids_TK.view(B, T // B, K), probs_TE.view(B, T // B, E), K
+            )
+        if moe.z_loss_coef:
+            aux["z_loss"] = moe.z_loss_coef * losses.z_loss(route.logits_TE)
+
+        load_E = num_tokens_per_expert_E.float()
+        devices_per_token_T = device_mask_TG.sum(-1).float()
+        stats = {
+            "tokens_per_expert_E": load_E,
+            "load_min": load_E.min(),
+            "load_max": load_E.max(),
+            "load_cv": load_E.std(unbiased=False) / load_E.mean().clamp_min(1e-9),
+            "dropped_frac": (num_dropped / (num_tokens * K)).float(),
+            "devices_per_token_max": devices_per_token_T.max(),
+            "devices_per_token_mean": devices_per_token_T.mean(),
+            "a2a_tokens_sent": self.dispatcher.stats.get("a2a_tokens_sent", 0),
+        }
+        return aux, stats

@@ -1,0 +1,36 @@
+"""AdamW with weight decay on weight matrices only.
+
+Decay is applied to parameters with two or more dimensions (linear weights, stacked expert weights, router
+gates) and not to norm gains, biases or embeddings: decaying a gain or bias pulls it toward 0 rather than
+toward a "simple" function, and decaying the embedding shrinks rare tokens' rows that receive few gradient
+updates (the choice of OLMo-2, torchtitan's llama recipe differs only on embeddings). Expert-balance
+biases are buffers, never optimized.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed group (matrices) and a non-decayed one (the rest)."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim >= 2 and id(p) not in embedding_params:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters (fp32 master weights: parameters are never cast)."""
+    if cfg.name != "adamw":
+        raise ValueError(f"optim.name={cfg.name!r}: only adamw is implemented")
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
