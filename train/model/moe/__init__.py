@@ -1,0 +1,26 @@
+"""Mixture-of-Experts feed-forward layer: router, grouped experts, dispatchers, capacity, balance terms."""
+from train.model.moe.bias import update_expert_bias, update_expert_biases
+from train.model.moe.capacity import drop_over_capacity, expert_capacity
+from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher, combine_rows, gather_rows, sort_by_expert
+from train.model.moe.experts import GroupedExperts, grouped_mm
+from train.model.moe.layer import AUX_TERMS, MoELayer, MoELayerOutput
+from train.model.moe.router import Router, RouterOutput
+
+__all__ = [
+    "AUX_TERMS",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "MoELayer",
+    "MoELayerOutput",
+    "Router",
+    "RouterOutput",
+    "TokenDispatcher",
+    "combine_rows",
+    "drop_over_capacity",
+    "expert_capacity",
+    "gather_rows",
+    "grouped_mm",
+    "sort_by_expert",
+    "update_expert_bias",
+    "update_expert_biases",
+]

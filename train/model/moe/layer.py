@@ -20,7 +20,7 @@ from train.model.moe import losses
 from train.model.moe.capacity import drop_over_capacity, expert_capacity
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher
 from train.model.moe.experts import GroupedExperts
-from train.model.moe.router import Router
+from train.model.moe.router import Router, RouterOutput
 
 AUX_TERMS = ("expert_balance", "device_balance", "comm_balance", "seq_balance", "z_loss")
 
@@ -99,8 +99,11 @@ class MoELayer(nn.Module):
         aux_terms, stats = self._balance(route, topk_ids_TK, B)
         return y_TD.view(B, S, D), MoELayerOutput(aux_terms, stats)
 
-    def _balance(self, route, kept_ids_TK: torch.Tensor, B: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Balance terms from the router's selection (before capacity drops: they steer the router's choice)."""
+    def _balance(
+        self, route: RouterOutput, kept_ids_TK: torch.Tensor, B: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Balance terms, the bias load and stats, all from the router's selection before capacity drops:
+        they are meant to steer what the router chooses. `kept_ids_TK` only feeds `dropped_frac`."""
         moe, E, K, G = self.moe, self.num_experts, self.top_k, self.num_devices
         ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
         with torch.no_grad():
@@ -111,8 +114,10 @@ class MoELayer(nn.Module):
                 self.expert_load_E += selected_E.long()
             # One reduction for all counts (a single all-reduce under data parallelism). fp64 keeps counts
             # of large global batches exact.
-            packed = torch.cat([selected_E, device_mask_TG.sum(0), torch.stack([torch.tensor(T), num_dropped.cpu()]).to(selected_E)])
-            packed = self.count_reducer(packed.double())
+            packed = torch.cat(
+                [selected_E, device_mask_TG.sum(0), selected_E.new_tensor([T]), num_dropped.view(1)]
+            ).double()
+            packed = self.count_reducer(packed)
             num_tokens_per_expert_E, num_tokens_sent_G = packed[:E], packed[E : E + G]
             num_tokens, num_dropped = packed[E + G], packed[E + G + 1]
 

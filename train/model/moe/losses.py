@@ -25,7 +25,8 @@ def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Number of tokens that select each expert (fp32, `_E`); ids of -1 are ignored."""
     ids_A = topk_ids_TK.reshape(-1)
     counts_E1 = torch.zeros(num_experts + 1, dtype=torch.float32, device=ids_A.device)
-    counts_E1.scatter_add_(0, torch.where(ids_A >= 0, ids_A, num_experts), torch.ones_like(ids_A, dtype=torch.float32))
+    ones_A = torch.ones_like(ids_A, dtype=torch.float32)
+    counts_E1.scatter_add_(0, torch.where(ids_A >= 0, ids_A, num_experts), ones_A)
     return counts_E1[:num_experts]
 
 
@@ -80,7 +81,8 @@ def seq_balance_loss(topk_ids_BTK: torch.Tensor, probs_BTE: torch.Tensor, top_k:
     B, T, E = probs_BTE.shape
     ids_BA = topk_ids_BTK.reshape(B, -1)
     counts_BE1 = torch.zeros(B, E + 1, dtype=torch.float32, device=ids_BA.device)
-    counts_BE1.scatter_add_(1, torch.where(ids_BA >= 0, ids_BA, E), torch.ones_like(ids_BA, dtype=torch.float32))
+    ones_BA = torch.ones_like(ids_BA, dtype=torch.float32)
+    counts_BE1.scatter_add_(1, torch.where(ids_BA >= 0, ids_BA, E), ones_BA)
     f_BE = counts_BE1[:, :E] * (E / (top_k * T))
     return (f_BE * probs_BTE.mean(dim=1)).sum(dim=-1).mean()
 

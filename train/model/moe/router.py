@@ -70,11 +70,6 @@ class Router(nn.Module):
         E, K = moe.num_routed_experts, moe.num_active_routed
         if moe.scoring not in SCORINGS:
             raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {moe.scoring!r}")
-        if moe.num_groups > 1 and moe.device_limit is not None:
-            raise ValueError(
-                "moe.num_groups > 1 and moe.device_limit are both set; device-limited routing reuses the "
-                "group-limited mechanism, so choose one of them"
-            )
         if moe.num_groups > 1:
             _check_groups(E, K, moe.num_groups, moe.topk_groups, "moe.num_groups", "moe.topk_groups")
             if moe.group_score == "top2_sum" and E // moe.num_groups < 2:
@@ -93,9 +88,12 @@ class Router(nn.Module):
             self.expert_bias_E: Optional[torch.Tensor] = None
 
     def _selection_groups(self) -> Optional[tuple[int, int, str]]:
-        """(G, M, group score) of the active group restriction, or None when selection is unrestricted."""
-        if self.num_groups > 1:
-            return self.num_groups, self.topk_groups, self.group_score
+        """(G, M, group score) of the active group restriction, or None when selection is unrestricted.
+
+        When `moe.device_limit` is set and the experts really live on several devices, the device limit takes
+        the place of the config's node groups (V3's n_group/topk_group): both are the same mechanism, and under
+        expert parallelism the devices are the unit whose traffic is being bounded.
+        """
         if self.device_limit is not None and self.num_devices > 1 and self.device_limit < self.num_devices:
             _check_groups(
                 self.num_experts, self.top_k, self.num_devices, self.device_limit, "num_devices", "moe.device_limit"
@@ -103,6 +101,8 @@ class Router(nn.Module):
             # A device scores as its best expert (V2's device-limited routing): a device holding one strongly
             # matching expert wins over one with several mediocre ones, keeping the top experts reachable.
             return self.num_devices, self.device_limit, "max"
+        if self.num_groups > 1:
+            return self.num_groups, self.topk_groups, self.group_score
         return None
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:

@@ -1,0 +1,152 @@
+"""MoELayer against a naive per-token loop; capacity, granularity and the aux-loss-free bias.
+
+Shape legend: B batch, S sequence, T tokens, D model dim, E experts, K active experts.
+"""
+import pytest
+import torch
+
+from train.config.model import MoEConfig
+from train.model.mlp import SwiGLU
+from train.model.moe import MoELayer, drop_over_capacity, expert_capacity, update_expert_bias, update_expert_biases
+
+D = 16
+
+
+def _layer(seed=0, **kw) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, "expert_hidden": 8, **kw})
+    layer = MoELayer(D, cfg, init_std=0.3)
+    return layer
+
+
+def _expert(layer, e, x_D):
+    ex = layer.experts
+    return (torch.nn.functional.silu(x_D @ ex.w_gate_EDF[e]) * (x_D @ ex.w_up_EDF[e])) @ ex.w_down_EFD[e]
+
+
+def _naive(layer, x_BSD, ids_TK=None):
+    x_TD = x_BSD.reshape(-1, D)
+    r = layer.router(x_TD)
+    ids_TK = r.topk_ids_TK if ids_TK is None else ids_TK
+    out = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros(D)
+        for k in range(ids_TK.shape[1]):
+            e = int(ids_TK[t, k])
+            if e >= 0:
+                y = y + r.topk_weights_TK[t, k] * _expert(layer, e, x_TD[t])
+        if layer.shared is not None:
+            y = y + layer.shared(x_TD[t])
+        out.append(y)
+    return torch.stack(out).view_as(x_BSD)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(scoring="topk_softmax"),
+        dict(scoring="softmax_topk", num_shared_experts=2, routed_scaling_factor=16.0),
+        dict(scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1,
+             num_groups=4, topk_groups=2, group_score="top2_sum", bias_update_rate=1e-3),
+        dict(scoring="softmax_topk", granularity=2),
+    ],
+)
+@torch.no_grad()
+def test_layer_matches_naive_loop(kw):
+    layer = _layer(**kw)
+    x = torch.randn(2, 5, D)
+    y, out = layer(x)
+    assert torch.allclose(y, _naive(layer, x), atol=1e-5)
+    assert out.stats["dropped_frac"] == 0.0
+    assert out.stats["tokens_per_expert_E"].sum() == 10 * layer.top_k
+
+
+@torch.no_grad()
+def test_capacity_drops_pass_through_as_zero():
+    layer = _layer(capacity_factor=0.5)
+    x = torch.randn(2, 8, D)
+    y, out = layer(x)
+    r = layer.router(x.view(-1, D))
+    kept = drop_over_capacity(r.topk_ids_TK, 8, expert_capacity(16, 2, 8, 0.5))
+    assert (kept < 0).any()
+    assert torch.allclose(y, _naive(layer, x, kept), atol=1e-5)
+    assert out.stats["dropped_frac"].item() == pytest.approx((kept < 0).float().mean().item())
+    fully_dropped = (kept < 0).all(-1)
+    assert torch.equal(y.view(-1, D)[fully_dropped], torch.zeros(int(fully_dropped.sum()), D))
+
+
+def test_gradients_reach_all_parts():
+    layer = _layer(num_shared_experts=1, expert_balance_coef=0.01)
+    y, out = layer(torch.randn(2, 5, D))
+    (y.square().sum() + out.aux_terms["expert_balance"]).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("shared", [0, 1, 2])
+def test_granularity_keeps_total_and_active_params(shared):
+    def counts(m):
+        moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=64, num_shared_experts=shared, granularity=m)
+        layer = MoELayer(D, moe)
+        assert layer.experts.num_experts == moe.num_routed_experts
+        assert layer.experts.w_gate_EDF.shape == (moe.num_routed_experts, D, moe.routed_hidden)
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        shared_n = sum(p.numel() for p in layer.shared.parameters()) if layer.shared is not None else 0
+        return routed + shared_n, routed * moe.num_active_routed // moe.num_routed_experts + shared_n
+
+    assert counts(1) == counts(2) == counts(4)
+    assert counts(1)[0] == 3 * D * 64 * (8 + shared)
+
+
+def test_update_expert_bias_direction():
+    bias = torch.zeros(4)
+    update_expert_bias(bias, torch.tensor([10, 2, 4, 0]), 0.1)  # mean 4
+    assert torch.allclose(bias, torch.tensor([-0.1, 0.1, 0.0, 0.1]))
+
+
+def test_bias_accumulation_and_update():
+    layer = _layer(scoring="sigmoid", bias_update_rate=0.5)
+    assert "router.expert_bias_E" in layer.state_dict() and "expert_load_E" not in layer.state_dict()
+    x = torch.randn(2, 5, D)
+    layer.eval()
+    layer(x)
+    assert layer.expert_load_E.sum() == 0  # eval forwards do not count
+    layer.train()
+    layer(x)
+    layer(x)
+    load = layer.expert_load_E.clone()
+    assert load.sum() == 2 * 10 * 2
+    seen = []
+    update_expert_biases(torch.nn.Sequential(layer), reduce=lambda t: seen.append(t.clone()) or t * 3)
+    assert torch.equal(seen[0], load) and layer.expert_load_E.sum() == 0
+    expected = 0.5 * torch.sign(load.double().mean() - load.double()).float()
+    assert torch.allclose(layer.router.expert_bias_E, expected)
+
+
+@torch.no_grad()
+def test_bias_changes_selection_not_weights():
+    layer = _layer(scoring="sigmoid", norm_topk_prob=True, bias_update_rate=1e-3)
+    x = torch.randn(1, 6, D)
+    before = layer.router(x.view(-1, D))
+    layer.router.expert_bias_E[3] = 10.0
+    after = layer.router(x.view(-1, D))
+    assert (after.topk_ids_TK == 3).any(-1).all()
+    assert not torch.equal(before.topk_ids_TK.sort(-1).values, after.topk_ids_TK.sort(-1).values)
+    s = after.scores_TE.gather(1, after.topk_ids_TK)
+    assert torch.allclose(after.topk_weights_TK, s / s.sum(-1, keepdim=True))
+    assert torch.equal(before.scores_TE, after.scores_TE)
+
+
+def test_swiglu():
+    torch.manual_seed(0)
+    mlp = SwiGLU(D, 12)
+    x = torch.randn(3, D)
+    ref = mlp.w_down.weight @ (torch.nn.functional.silu(mlp.w_gate.weight @ x.T) * (mlp.w_up.weight @ x.T))
+    assert torch.allclose(mlp(x), ref.T, atol=1e-6)
+    assert all(lin.bias is None for lin in (mlp.w_gate, mlp.w_up, mlp.w_down))
+
+
+def test_bf16_forward_dtype():
+    layer = _layer(num_shared_experts=1).to(torch.bfloat16)
+    y, out = layer(torch.randn(2, 4, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and out.stats["tokens_per_expert_E"].sum() == 16
