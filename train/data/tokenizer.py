@@ -69,6 +69,9 @@ def save_atomic(tokenizer: PreTrainedTokenizerFast, final_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=final_dir.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
+        special_map = tmp / "special_tokens_map.json"
+        if not special_map.exists():  # transformers 5 stopped writing it; older readers and our layout want it
+            special_map.write_text(json.dumps(tokenizer.special_tokens_map, indent=2, ensure_ascii=False) + "\n")
         try:
             os.rename(tmp, final_dir)
         except OSError:
