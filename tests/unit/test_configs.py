@@ -1,0 +1,64 @@
+"""Every config in configs/ composes, every tiny model trains a step, every full-size model builds on meta."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from train.config import CONFIG_DIR, compose, load_train_config
+from train.model import build_model
+
+GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONFIG_DIR).iterdir() if d.is_dir()}
+MODELS = GROUPS["model"]
+TINY = [m for m in MODELS if m.startswith("tiny_")]
+FULL = [m for m in MODELS if not m.startswith("tiny_")]
+# Options that deliberately leave a value mandatory (`???`) for the user; the test supplies one.
+REQUIRED = {
+    ("data", "files"): ["data.paths=[corpus/*.jsonl]"],
+    ("data", "hf"): ["data.name=some/dataset", "data.tokenizer=some/tokenizer"],
+}
+# Published totals, parameters excluding MTP modules, in billions (model cards / papers).
+PUBLISHED_B = {"mixtral_8x7b": 46.7, "mixtral_8x22b": 140.6, "dbrx": 132.0, "deepseek_moe_16b": 16.4,
+               "deepseek_v2_lite": 15.7, "deepseek_v2": 236.0, "deepseek_v3": 671.0}
+
+
+def test_groups_are_discovered():
+    assert {"model", "data", "optim", "precision", "parallel", "trainer", "logging"} <= set(GROUPS)
+    assert set(PUBLISHED_B) == set(FULL) and len(TINY) == 5
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    raw = compose(overrides)
+    assert not OmegaConf.missing_keys(raw), f"{group}={option} leaves {OmegaConf.missing_keys(raw)} unset"
+    cfg = load_train_config(overrides)
+    if group == "model":
+        assert cfg.model.name == option
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_model_forward_backward(name):
+    cfg = load_train_config([f"model={name}"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    out = model(ids[:, :-1], ids[:, 1:])
+    assert out.logits.shape == (2, 16, cfg.vocab_size) and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert (out.mtp_loss is not None) == (cfg.mtp_depth > 0)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_model_builds_on_meta_with_published_size(name):
+    cfg = load_train_config([f"model={name}"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    assert main / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.01)
+    assert len(model.mtp) == cfg.mtp_depth

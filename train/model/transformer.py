@@ -1,0 +1,185 @@
+"""The full language model: embedding, blocks, final norm, head, optional MTP modules, and the loss.
+
+Shapes: B batch, T tokens, D model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config.model import ModelConfig
+from train.model.attention import KVCache
+from train.model.block import Block
+from train.model.moe.layer import MoELayer, MoELayerOutput
+from train.model.mtp import MTPModule, shift_left
+from train.model.norms import NORMS, build_norm
+from train.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """`logits` always; the loss fields only when labels were given. `aux_terms` and `moe_stats` are filled
+    whenever MoE layers ran (the terms are already coefficient-weighted; `aux_loss` is their sum)."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    mtp_loss: Optional[torch.Tensor] = None
+    moe_stats: list[dict] = field(default_factory=list)
+
+
+def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean CE over labels != -100, in fp32. Zero (not NaN) when every label is ignored, so an MTP depth
+    that runs past a short sequence contributes nothing instead of poisoning the loss."""
+    loss_sum = F.cross_entropy(
+        logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum / (labels_BT != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE LM: `embed`, `layers` (Blocks), `norm`, `lm_head` (tied to `embed` if
+    `cfg.tie_embeddings`), and `mtp` (cfg.mtp_depth MTPModules; an empty list, with no parameters, at 0)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Registered last so a seeded init draws the main model's weights identically with or without MTP.
+        self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp_depth + 1))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when configured (again after `to_empty()`, which unties)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
+        """(layer index, MoELayer) for every MoE layer, main blocks first, then MTP blocks (num_layers + k - 1)."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        for block in blocks:
+            if isinstance(block.ffn, MoELayer):
+                yield block.layer_idx, block.ffn
+
+    def new_kv_caches(self) -> list[KVCache]:
+        """One empty cache per main-model layer, for `forward(..., kv_caches=...)`."""
+        return [KVCache() for _ in self.layers]
+
+    @torch.no_grad()
+    def init_weights(self, seed: Union[int, torch.Generator, None] = None) -> None:
+        """normal(0, init_std) for every weight matrix (linears, embedding, stacked experts), zeros for biases
+        and persistent buffers (e.g. the expert selection bias), ones for norms; RoPE tables recomputed.
+
+        Every matrix gets the same std, as in HF's DeepSeek/Mixtral/DBRX `_init_weights`: no depth-scaled
+        output projections, so a fresh model follows the reference recipe. `seed`: an int (one generator per
+        device, seeded with it), a generator (on the parameters' device), or None for the global RNG.
+        Parameters are visited main model first and MTP last; meta tensors are skipped.
+        """
+        self.tie_weights()
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def generator_for(device: torch.device) -> Optional[torch.Generator]:
+            if seed is None or isinstance(seed, torch.Generator):
+                return seed
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(seed)
+            return generators[device]
+
+        std = self.cfg.init_std
+        done: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                if not module.inv_freq.is_meta:
+                    module.reset_parameters()
+                continue
+            for p in module.parameters(recurse=False):
+                if id(p) in done or p.is_meta:
+                    continue
+                done.add(id(p))
+                if isinstance(module, NORMS):
+                    p.fill_(1.0)
+                elif p.dim() >= 2:
+                    p.normal_(0.0, std, generator=generator_for(p.device))
+                else:
+                    p.zero_()
+            for name, b in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set and b.is_floating_point() and not b.is_meta:
+                    b.zero_()
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        labels_BT: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        kv_caches: Optional[list[KVCache]] = None,
+    ) -> ModelOutput:
+        """`labels_BT[b, t]` is the target of position t (the caller shifts; -100 = ignore). `positions`
+        (T,) default to past..past+T-1 where past is the cached length. With `kv_caches` (one per layer, see
+        `new_kv_caches`) the new tokens' keys/values are appended; MTP runs only with labels and no caches."""
+        b, t = input_ids_BT.shape
+        if positions is None:
+            past = kv_caches[0].length if kv_caches else 0
+            positions = torch.arange(past, past + t, device=input_ids_BT.device)
+        emb_BTD = self.embed(input_ids_BT)
+        h_BTD = emb_BTD
+        moe_outs: list[tuple[int, MoELayerOutput]] = []
+        for i, block in enumerate(self.layers):
+            h_BTD, moe_out = block(h_BTD, positions, kv_caches[i] if kv_caches is not None else None)
+            if moe_out is not None:
+                moe_outs.append((block.layer_idx, moe_out))
+        logits_BTV = self.lm_head(self.norm(h_BTD))
+
+        out = ModelOutput(logits=logits_BTV)
+        mtp_losses = []
+        if labels_BT is not None and kv_caches is None:
+            for module in self.mtp:
+                # Depth k sees emb(t_{i+k}) and predicts t_{i+k+1} = labels[i + k].
+                k = module.depth
+                h_BTD, hn_BTD, moe_out = module(h_BTD, self.embed(shift_left(input_ids_BT, k, 0)), positions)
+                if moe_out is not None:
+                    moe_outs.append((module.layer_idx, moe_out))
+                mtp_losses.append(token_cross_entropy(self.lm_head(hn_BTD), shift_left(labels_BT, k, IGNORE_INDEX)))
+
+        aux_terms: dict[str, torch.Tensor] = defaultdict(lambda: logits_BTV.new_zeros((), dtype=torch.float32))
+        for idx, moe_out in moe_outs:
+            for name, term in moe_out.aux_terms.items():
+                aux_terms[name] = aux_terms[name] + term
+            stats = {k: v.detach() if torch.is_tensor(v) else v for k, v in moe_out.stats.items()}
+            out.moe_stats.append({**stats, "layer": idx})
+        out.aux_terms = dict(aux_terms)
+
+        if labels_BT is not None:
+            out.lm_loss = token_cross_entropy(logits_BTV, labels_BT)
+            out.aux_loss = sum(out.aux_terms.values(), logits_BTV.new_zeros((), dtype=torch.float32))
+            out.loss = out.lm_loss + out.aux_loss
+            if mtp_losses:
+                out.mtp_loss = torch.stack(mtp_losses).mean()
+                out.loss = out.loss + self.cfg.mtp_loss_weight * out.mtp_loss
+        return out
+
+
+def new_kv_caches(model: MoETransformer) -> list[KVCache]:
+    """One empty `KVCache` per main-model layer (same as `model.new_kv_caches()`)."""
+    return model.new_kv_caches()
+
+
+def build_model(cfg: ModelConfig) -> MoETransformer:
+    """Construct the model on the current default device (use `torch.device("meta")` for full sizes) and
+    initialise it from the global RNG (a seed drawn before construction, so `torch.manual_seed` alone fixes
+    the weights, independent of what construction consumes)."""
+    seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+    model = MoETransformer(cfg)
+    model.init_weights(seed)
+    return model
