@@ -1,42 +1,20 @@
-"""Single-process placeholders of the parallel API (to be replaced by the expert-parallel implementation)."""
+"""The parallel API the trainer calls, gathered from the modules that implement it.
+
+Order of use in a training script:
+    mesh = init_distributed(cfg)                  # process groups, device        (parallel/mesh.py)
+    model = build_model(cfg.model).to(mesh.device)
+    parallelize(model, cfg, mesh)                 # shard experts, install EP      (parallel/parallelize.py)
+    loss.backward(); reduce_gradients(model, mesh); clip_grad_norm_(model, c, mesh)   (parallel/grads.py)
+    gather_full_state_dict / load_full_state_dict for logical checkpoints         (parallel/state_dict.py)
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from parallel.grads import all_reduce_stats, clip_grad_norm_, reduce_gradients
+from parallel.mesh import Mesh, barrier, broadcast_object, init_distributed, shutdown
+from parallel.parallelize import parallelize
+from parallel.state_dict import gather_full_state_dict, load_full_state_dict
 
-import torch
-
-
-@dataclass
-class Mesh:
-    rank: int = 0
-    world_size: int = 1
-    ep_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel degree for data loading: every rank reads its own slice of the global batch."""
-        return self.world_size
-
-
-def init_distributed(cfg) -> Mesh:
-    dev = cfg.trainer.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return Mesh(device=torch.device(dev))
-
-
-def parallelize(model, cfg, mesh: Mesh):
-    return model
-
-
-def reduce_gradients(model, mesh: Mesh) -> None:
-    return None
-
-
-def clip_grad_norm_(model, max_norm: float, mesh: Mesh) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-
-def all_reduce_stats(tensor: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    return tensor
+__all__ = [
+    "Mesh", "init_distributed", "parallelize", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
+    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
+]

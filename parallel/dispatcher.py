@@ -55,19 +55,29 @@ class AllToAllDispatcher:
         x_ND = gather_rows(x_QD, perm_N, ids_QK.shape[1])
         self._state = (plan, perm_N, w_QK, in_splits, out_splits, x_TD.shape[0])
 
-        dev_T = plan.devices_per_token_T
-        routed = dev_T > 0
-        sent_away = int(send_counts.sum() - send_counts[self.ep_rank])
-        valid = topk_ids_TK >= 0
-        self.stats = {
-            "a2a_tokens_sent": sent_away,
-            # what a non-deduplicating all-to-all (one copy per selected expert) would have sent
-            "a2a_tokens_sent_naive": int((valid & (topk_ids_TK // self.num_local_experts != self.ep_rank)).sum()),
-            "a2a_tokens_received": int(recv_counts.sum() - recv_counts[self.ep_rank]),
-            "devices_per_token_max": int(dev_T.max()) if dev_T.numel() else 0,
-            "devices_per_token_mean": float(dev_T[routed].float().mean()) if bool(routed.any()) else 0.0,
-        }
+        self.stats = self._stats(plan, topk_ids_TK, send_counts, recv_counts)
         return x_ND, num_tokens_per_local_expert_E
+
+    def _stats(self, plan, topk_ids_TK, send_counts, recv_counts) -> dict:
+        """Detached statistics of this call, read back to the host in one transfer."""
+        dev_T = plan.devices_per_token_T
+        routed_T = dev_T > 0
+        foreign_TK = (topk_ids_TK >= 0) & (topk_ids_TK // self.num_local_experts != self.ep_rank)
+        sent, naive, received, dev_max, dev_sum, num_routed = torch.stack([
+            send_counts.sum() - send_counts[self.ep_rank],
+            foreign_TK.sum(),
+            recv_counts.sum() - recv_counts[self.ep_rank],
+            dev_T.max() if dev_T.numel() else dev_T.new_zeros(()),
+            dev_T.sum(),
+            routed_T.sum(),
+        ]).tolist()
+        return {
+            "a2a_tokens_sent": sent,  # token copies sent to OTHER ranks (one per token and destination rank)
+            "a2a_tokens_sent_naive": naive,  # what one copy per selected expert would have sent
+            "a2a_tokens_received": received,
+            "devices_per_token_max": dev_max,
+            "devices_per_token_mean": dev_sum / max(num_routed, 1),
+        }
 
     def combine(self, y_ND: torch.Tensor) -> torch.Tensor:
         """Before: this rank holds the expert outputs for the N rows `dispatch` returned (same order).

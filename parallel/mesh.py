@@ -151,3 +151,24 @@ def init_distributed(cfg) -> Mesh:
     if world_size == 1:
         return Mesh(device=device)
     return build_mesh(rank, world_size, cfg.parallel.ep_size, device)
+
+
+def barrier(mesh: Mesh) -> None:
+    """Block until every rank arrives (no-op on one process)."""
+    if mesh.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, mesh: Mesh):
+    """Before: rank 0 holds `obj` (picklable). After: every rank returns rank 0's `obj`."""
+    if mesh.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(mesh: Mesh) -> None:
+    """Destroy the default process group if one exists (safe to call on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""`parallelize(model, cfg, mesh)`: make a built `MoETransformer` expert-parallel in place.
+
+Gradient scaling (why the trainer needs nothing but `reduce_gradients`). Let W = world size, and let rank r
+compute its loss L_r on its own B/W sequences of the global batch exactly as the model defines it (means over
+its own tokens; balance-term counts f are global through `count_reducer`, the probability terms P are means
+over its own tokens, so every term is linear in per-token quantities). The reference loss on the global batch
+is then L = (1/W) Σ_r L_r (equal tokens per rank; `lm_loss` is exact when every rank has the same number of
+non-ignored labels). Each rank runs `L_r.backward()`:
+  - a dense parameter's copy on rank r sees only rank r's tokens: grad_r = ∂L_r/∂θ, so the reference gradient
+    is the MEAN over the world;
+  - a local expert on rank r (EP group g) receives, through the reverse all-to-all, the gradient of every
+    token of group g that was routed to it: grad_r = Σ_{s∈g} ∂L_s/∂θ_e. The same expert lives once in every
+    EP group (the EDP group), so the reference gradient is (1/W) Σ_g Σ_{s∈g} ∂L_s/∂θ_e
+    = SUM over the EDP group / W (= mean over EDP / ep_size).
+With ep_size = 1 the EDP group is the world and the two rules coincide.
+
+Not identical to the reference, by design: with `moe.capacity_factor` set, capacity is computed from each
+rank's own tokens (per-rank capacity, as in GShard), so drops differ from a single process on the global batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.dispatcher import AllToAllDispatcher
+from parallel.mesh import Mesh, validate_parallel_config
+
+EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+
+
+class AllReduceSum:
+    """`count_reducer` for MoE layers: before, each rank holds counts of its own tokens; after, every rank
+    holds the sum over the whole world (the global batch), in the input's dtype."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+
+def _check_supported(model: nn.Module, cfg, mesh: Mesh) -> None:
+    if cfg.parallel.zero_stage > 0:
+        raise NotImplementedError(
+            f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO lands in a later issue; "
+            "use parallel.zero_stage=0 (plain data parallel over the expert-data-parallel groups)"
+        )
+    if cfg.parallel.ep_size != mesh.ep_size:
+        raise ValueError(f"parallel.ep_size={cfg.parallel.ep_size} but the mesh was built with ep_size={mesh.ep_size}")
+    validate_parallel_config(cfg, mesh.world_size)
+    if not hasattr(model, "moe_layers"):
+        raise TypeError(f"parallelize expects a model with moe_layers() (MoETransformer), got {type(model).__name__}")
+
+
+def shard_experts(experts: nn.Module, ep_size: int, ep_rank: int) -> None:
+    """Keep this rank's contiguous block of experts. Before: `experts` holds all E stacked experts (identical on
+    every rank). After: it holds experts [ep_rank·E/ep, (ep_rank+1)·E/ep) as new Parameters (so build the
+    optimizer afterwards), with `num_experts` = E/ep, `expert_offset` and `num_global_experts` recorded."""
+    num_global = experts.num_experts
+    num_local = num_global // ep_size
+    offset = ep_rank * num_local
+    for name in EXPERT_WEIGHTS:
+        full = getattr(experts, name)
+        local = nn.Parameter(full.detach()[offset : offset + num_local].clone(), requires_grad=full.requires_grad)
+        setattr(experts, name, local)
+    experts.num_experts = num_local
+    experts.expert_offset = offset
+    experts.num_global_experts = num_global
+
+
+def parallelize(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
+    """Apply expert parallelism to a built model, in place; returns it.
+
+    Before: every rank holds the same full model (all experts), on `mesh.device`. After, for every MoE layer
+    (main blocks and MTP blocks): (1) the stacked experts hold only this rank's E/ep_size experts; (2) an
+    `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the model's `LocalDispatcher`
+    stays when ep_size = 1); (3) `num_devices` = ep_size, which drives device-limited routing and the
+    device/communication balance maps; (4) `count_reducer` sums balance counts over the whole world, so f terms
+    and load statistics describe the global batch. Create the optimizer after this call. Gradients are made
+    equal to the single-process reference by `reduce_gradients` (scaling derived in this module's docstring).
+    """
+    _check_supported(model, cfg, mesh)
+    reducer = AllReduceSum() if mesh.world_size > 1 else None
+    for _, layer in model.moe_layers():
+        if mesh.ep_size > 1:
+            shard_experts(layer.experts, mesh.ep_size, mesh.ep_rank)
+            layer.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep_size, mesh.ep_rank, layer.experts.num_experts)
+        else:
+            layer.experts.expert_offset = 0
+            layer.experts.num_global_experts = layer.experts.num_experts
+        layer.num_devices = mesh.ep_size
+        if reducer is not None:
+            layer.count_reducer = reducer
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed-expert weights of every MoE layer (sharded by expert when ep_size > 1)."""
+    return [p for _, layer in model.moe_layers() for p in layer.experts.parameters()]
