@@ -1,0 +1,312 @@
+"""Shared machinery of the Hugging Face converters: the error type, one bidirectional table per family for
+config fields and for 1:1 weights, expert (un)stacking, and HF folder I/O.
+
+Shape legend: E experts, D model dim, F expert hidden.
+
+A family module (mixtral.py, dbrx.py, deepseek.py) describes its mapping once, as `Field` and `Weight`
+tables that both directions read, plus the few transforms a table cannot say (fused projections, expert
+layouts, rope scaling). `convert.py` drives the modules.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+StateDict = Dict[str, torch.Tensor]
+
+# Files a Hugging Face tokenizer folder may hold (AutoTokenizer reads whichever are present).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class HFConversionError(ValueError):
+    """A checkpoint or HF folder that cannot be converted, saying what is unsupported and what is."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config fields: one table per family, read in both directions.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """`ours` (dotted path into ModelConfig) ↔ `hf` (dotted path into the HF config; sub-configs nest).
+
+    `to_hf` / `from_hf` convert the value when the two sides differ in type or meaning.
+    """
+
+    ours: str
+    hf: str
+    to_hf: Callable[[Any], Any] = lambda v: v
+    from_hf: Callable[[Any], Any] = lambda v: v
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """`a.b.c` of nested objects or dicts."""
+    for part in path.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def set_path(obj: Any, path: str, value: Any) -> None:
+    """Set `a.b.c` on nested objects or dicts, creating intermediate dicts."""
+    *parents, last = path.split(".")
+    for part in parents:
+        if isinstance(obj, dict):
+            obj = obj.setdefault(part, {})
+        else:
+            obj = getattr(obj, part)
+    if isinstance(obj, dict):
+        obj[last] = value
+    else:
+        setattr(obj, last, value)
+
+
+def fields_to_hf(fields: Iterable[Field], cfg: Any) -> dict:
+    """HF config kwargs (nested dicts for sub-configs) from our ModelConfig."""
+    out: dict = {}
+    for f in fields:
+        set_path(out, f.hf, f.to_hf(get_path(cfg, f.ours)))
+    return out
+
+
+def fields_from_hf(fields: Iterable[Field], hf_config: Any, cfg: Any) -> None:
+    """Fill our ModelConfig `cfg` in place from a loaded HF config object."""
+    for f in fields:
+        set_path(cfg, f.ours, f.from_hf(get_path(hf_config, f.hf)))
+
+
+def require(ok: bool, family: str, what: str) -> None:
+    """Raise a clear error naming the family when the HF class cannot represent a setting."""
+    if not ok:
+        raise HFConversionError(f"cannot export a {family!r} model to Hugging Face: {what}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights: 1:1 renames from one table, plus transforms the family modules add.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor that maps 1:1: our name ↔ HF name, `{i}` standing for the layer index (templates)."""
+
+    ours: str
+    hf: str
+
+
+def rename_to_hf(table: Iterable[Weight], src: StateDict, dst: StateDict, **fmt: Any) -> None:
+    """Copy every table entry present in `src` (our names) into `dst` under its HF name."""
+    for w in table:
+        key = w.ours.format(**fmt)
+        if key in src:
+            dst[w.hf.format(**fmt)] = src[key]
+
+
+def rename_from_hf(table: Iterable[Weight], src: StateDict, dst: StateDict, **fmt: Any) -> None:
+    """Move every table entry present in `src` (HF names) into `dst` under our name (popped from `src`, so
+    what is left at the end is what no table consumed)."""
+    for w in table:
+        key = w.hf.format(**fmt)
+        if key in src:
+            dst[w.ours.format(**fmt)] = src.pop(key)
+
+
+def experts_to_linears(w_EIO: torch.Tensor) -> List[torch.Tensor]:
+    """Stacked (E, in, out) → E `nn.Linear` weights (out, in)."""
+    return [w.t().contiguous() for w in w_EIO.unbind(0)]
+
+
+def experts_from_linears(weights: List[torch.Tensor]) -> torch.Tensor:
+    """E `nn.Linear` weights (out, in) → stacked (E, in, out)."""
+    return torch.stack([w.t() for w in weights]).contiguous()
+
+
+def pop_indexed(hf: StateDict, template: str, count: int) -> List[torch.Tensor]:
+    """`template.format(j=j)` for j < count, removed from `hf`; a clear error when one is missing."""
+    out = []
+    for j in range(count):
+        key = template.format(j=j)
+        if key not in hf:
+            raise HFConversionError(f"missing tensor {key} in the Hugging Face weights")
+        out.append(hf.pop(key))
+    return out
+
+
+def check_shapes(expected: StateDict, got: StateDict, where: str) -> None:
+    """Every expected key present with the same shape, and no unexpected keys; else a clear error."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    bad = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing {_head(missing)}")
+    if extra:
+        problems.append(f"unexpected {_head(extra)}")
+    if bad:
+        problems.append("shape mismatch " + ", ".join(
+            f"{k}: expected {tuple(expected[k].shape)}, got {tuple(got[k].shape)}" for k in bad[:5]))
+    if problems:
+        raise HFConversionError(f"{where}: " + "; ".join(problems))
+
+
+def _head(keys: List[str], n: int = 8) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF folder I/O
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_hf_weights(hf_dir: Path) -> StateDict:
+    """All tensors of an HF folder: `model.safetensors`, or the shards a `*.safetensors.index.json` lists,
+    or any `*.safetensors` files present."""
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [hf_dir / s for s in shards]
+    else:
+        files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise HFConversionError(
+            f"no safetensors weights in {hf_dir} (expected model.safetensors or an index with shards); "
+            "PyTorch .bin checkpoints are not supported: re-save them with save_pretrained(safe_serialization=True)")
+    state: StateDict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def write_hf_weights(state: StateDict, out_dir: Path) -> None:
+    """One `model.safetensors` with contiguous, unshared CPU tensors (format=pt metadata, as HF writes)."""
+    from safetensors.torch import save_file
+
+    seen: dict = {}
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = (v.data_ptr(), v.numel())
+        tensors[k] = v.clone() if ptr in seen else v  # safetensors rejects shared storage (tied weights)
+        seen[ptr] = k
+    save_file(tensors, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def copy_tokenizer_files(src: Optional[Path], dst: Path) -> bool:
+    """Copy the tokenizer files found in `src` into `dst`; True when a tokenizer was copied."""
+    if src is None or not Path(src).is_dir():
+        return False
+    copied = False
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            Path(dst).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, Path(dst) / name)
+            copied = True
+    return copied
+
+
+def layer_index(key: str, prefix: str) -> Optional[int]:
+    """The layer number of `prefix{N}.` keys, else None."""
+    m = re.match(re.escape(prefix) + r"(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks and settings several families share
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_llama_style_gqa(cfg: Any, family: str) -> None:
+    """Grouped-query attention with rotate-half RoPE and no bias, as Mixtral and DBRX compute it."""
+    a = cfg.attention
+    require(a.kind == "gqa", family, f"attention.kind={a.kind!r} (only gqa)")
+    require(not a.bias, family, "attention.bias=true (the HF class has no attention biases)")
+    require(not cfg.rope.interleaved, family,
+            "rope.interleaved=true (the HF class rotates the two halves of each head, not adjacent pairs)")
+
+
+def check_topk_softmax_routing(cfg: Any, family: str) -> None:
+    """Mixtral/DBRX routing: softmax over the chosen top-k (equivalently, renormalised top-k probabilities),
+    every layer MoE, no shared experts, groups, expert bias or scaling."""
+    m = cfg.moe
+    require(m.scoring == "topk_softmax" or (m.scoring == "softmax_topk" and m.norm_topk_prob), family,
+            f"moe.scoring={m.scoring!r} with norm_topk_prob={m.norm_topk_prob} (the HF class renormalises the "
+            "top-k softmax probabilities: topk_softmax, or softmax_topk with norm_topk_prob)")
+    require(m.num_shared_experts == 0, family, "moe.num_shared_experts > 0 (no shared experts in the HF class)")
+    require(m.first_k_dense == 0 and m.layer_freq == 1, family,
+            "dense layers (moe.first_k_dense / moe.layer_freq): every layer of the HF class is MoE")
+    require(m.num_groups == 1, family, "moe.num_groups > 1 (group-limited routing is DeepSeek's)")
+    require(m.routed_scaling_factor == 1.0, family, "moe.routed_scaling_factor != 1")
+    require(not m.uses_expert_bias, family, "moe.bias_update_rate > 0 (expert selection bias is DeepSeek-V3's)")
+    require(m.capacity_factor is None, family, "moe.capacity_factor is set (HF inference is dropless)")
+
+
+def set_topk_softmax_routing(cfg: Any) -> None:
+    """The routing settings `check_topk_softmax_routing` accepts, for an import."""
+    m = cfg.moe
+    m.scoring, m.norm_topk_prob, m.routed_scaling_factor = "topk_softmax", True, 1.0
+    m.granularity, m.num_shared_experts, m.first_k_dense, m.layer_freq = 1, 0, 0, 1
+    m.num_groups, m.topk_groups, m.bias_update_rate, m.capacity_factor = 1, 1, 0.0, None
+
+
+def require_silu(hf: Any, model_type: str, attr: str = "hidden_act") -> None:
+    act = get_path(hf, attr)
+    if isinstance(act, dict):
+        act = act.get("name")
+    if act != "silu":
+        raise HFConversionError(f"{model_type}: activation {act!r} is not supported (moeforge experts are SwiGLU)")
+
+
+def unfuse_experts(hf: StateDict, prefix: str, gate: str, up: str, down: str) -> StateDict:
+    """transformers 5 stores experts fused: `{prefix[:-1]}.gate_up_proj` (E, 2F, D), gate rows first, and
+    `.down_proj` (E, D, F). Rewrite them as the published per-expert Linear layout
+    `{prefix}{j}.{gate|up|down}.weight`; other keys pass through."""
+    out: StateDict = {}
+    fused = prefix.rstrip(".")
+    for k, v in hf.items():
+        if k.endswith(fused + ".gate_up_proj"):
+            base = k[: -len("gate_up_proj")]
+            f = v.shape[1] // 2
+            for j in range(v.shape[0]):
+                out[f"{base}{j}.{gate}.weight"] = v[j, :f]
+                out[f"{base}{j}.{up}.weight"] = v[j, f:]
+        elif k.endswith(fused + ".down_proj"):
+            base = k[: -len("down_proj")]
+            for j in range(v.shape[0]):
+                out[f"{base}{j}.{down}.weight"] = v[j]
+        else:
+            out[k] = v
+    return out
+
+
+def tie_head(cfg: Any, ours: StateDict) -> None:
+    """With tied embeddings HF folders usually omit `lm_head.weight`; our state dict holds it (the same tensor)."""
+    if cfg.tie_embeddings:
+        ours["lm_head.weight"] = ours["embed.weight"]
+
+
+# Tensors an HF folder may hold that carry no information for us (recomputed rotary tables).
+IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)inv_freq$")
+
+
+def check_consumed(hf: StateDict, model_type: str) -> None:
+    """Error on HF tensors no mapping consumed: silently dropping weights would change the outputs."""
+    left = sorted(k for k in hf if not IGNORABLE.search(k))
+    if left:
+        raise HFConversionError(f"{model_type}: {len(left)} tensors in the HF weights have no moeforge "
+                                f"counterpart: {_head(left)}")

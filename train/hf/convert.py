@@ -1,0 +1,171 @@
+"""Export a moeforge checkpoint as a Hugging Face model folder, and import one as a moeforge checkpoint.
+
+    export CKPT OUT   CKPT: run dir (newest complete checkpoint) or one checkpoint. OUT: config.json,
+                      model.safetensors, generation_config.json and the tokenizer files, loadable with
+                      AutoModelForCausalLM / AutoTokenizer.
+    import HF_DIR OUT HF_DIR: config.json + safetensors of a Mixtral, DBRX, DeepSeek-V2 or DeepSeek-V3 model.
+                      OUT: a complete checkpoint (model.safetensors, config.yaml, tokenizer/) that
+                      `trainer.init_from=OUT` starts from.
+
+The family modules own the mappings; this file picks the module, validates shapes against the model our
+config builds, and does the file I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Dict
+
+import torch
+from omegaconf import OmegaConf
+
+from train.config import CONFIG_DIR, ModelConfig, TrainConfig
+from train.hf import common, dbrx, deepseek, mixtral
+from train.hf.common import HFConversionError, StateDict
+
+log = logging.getLogger(__name__)
+
+MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek) for f in mod.FAMILIES}
+MODEL_TYPES: Dict[str, ModuleType] = {"mixtral": mixtral, "dbrx": dbrx, "deepseek_v2": deepseek,
+                                      "deepseek_v3": deepseek}
+SUPPORTED = "mixtral (MixtralForCausalLM), dbrx (DbrxForCausalLM), deepseek_v2 (DeepseekV2ForCausalLM), " \
+            "deepseek_v3 (DeepseekV3ForCausalLM)"
+_DEEPSEEK_MOE = ("DeepSeekMoE (family 'deepseek_moe', HF model_type 'deepseek') has no native transformers class "
+                 "(its checkpoints need trust_remote_code)")
+
+
+def module_for_family(family: str) -> ModuleType:
+    if family == "deepseek_moe":
+        raise HFConversionError(f"cannot convert: {_DEEPSEEK_MOE}. Supported families: {SUPPORTED}")
+    if family not in MODULES:
+        raise HFConversionError(f"cannot convert model family {family!r}. Supported families: {SUPPORTED}")
+    return MODULES[family]
+
+
+def module_for_model_type(model_type: str) -> ModuleType:
+    if model_type == "deepseek":
+        raise HFConversionError(f"cannot import: {_DEEPSEEK_MOE}. Supported model types: {SUPPORTED}")
+    if model_type not in MODEL_TYPES:
+        raise HFConversionError(f"cannot import HF model_type {model_type!r}. Supported model types: {SUPPORTED}")
+    return MODEL_TYPES[model_type]
+
+
+def flatten_granularity(cfg: ModelConfig) -> ModelConfig:
+    """The same model stated at granularity 1: routed experts, active experts and expert width are the derived
+    values, which is how HF configs state them (shared width = num_shared x routed width either way)."""
+    m = cfg.moe
+    moe = dataclasses.replace(m, num_experts=m.num_routed_experts, top_k=m.num_active_routed,
+                              expert_hidden=m.routed_hidden, granularity=1)
+    return dataclasses.replace(cfg, moe=moe)
+
+
+def expected_state(cfg: ModelConfig) -> StateDict:
+    """Names and shapes of `MoETransformer(cfg).state_dict()`, built on the meta device (no memory)."""
+    from train.model import MoETransformer
+
+    with torch.device("meta"):
+        return MoETransformer(cfg).state_dict()
+
+
+def published_config(name: str) -> ModelConfig:
+    """`configs/model/<name>.yaml` as a typed ModelConfig (full-size configs have no defaults list)."""
+    stored = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), stored))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(ckpt, out) -> Path:
+    """Write the HF folder `out` for the checkpoint (or a run dir's newest checkpoint) `ckpt`."""
+    from train.checkpoint import load_model
+
+    train_cfg, state, tokenizer_dir = load_model(ckpt)
+    cfg = train_cfg.model
+    module = module_for_family(cfg.family)
+    common.check_shapes(expected_state(cfg), state, f"checkpoint {ckpt} does not match its config.yaml")
+    flat = flatten_granularity(cfg)
+    module.check_exportable(flat)
+    hf_config = module.hf_config(flat)
+    hf_state = module.to_hf(flat, state)
+    hf_config.dtype = _common_dtype(hf_state)
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HFConversionError(f"export target {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    has_tokenizer = common.copy_tokenizer_files(tokenizer_dir, out)
+    if has_tokenizer:
+        _set_special_tokens(hf_config, out)
+    hf_config.save_pretrained(str(out))
+    _save_generation_config(hf_config, out)
+    common.write_hf_weights(hf_state, out)
+    log.info("exported %s (%s) to %s%s", ckpt, cfg.family, out, "" if has_tokenizer else " (no tokenizer)")
+    return out
+
+
+def _common_dtype(state: StateDict) -> torch.dtype:
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    return floats.pop() if len(floats) == 1 else torch.float32
+
+
+def _set_special_tokens(hf_config, tokenizer_dir: Path) -> None:
+    """bos/eos/pad ids from the tokenizer, so generation stops where the tokenizer says."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    hf_config.bos_token_id, hf_config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    hf_config.pad_token_id = tok.pad_token_id
+
+
+def _save_generation_config(hf_config, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
+                           pad_token_id=hf_config.pad_token_id)
+    gen.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------------------
+
+
+def import_checkpoint(hf_dir, out) -> Path:
+    """Write a complete moeforge checkpoint `out` from the HF folder `hf_dir`."""
+    from transformers import AutoConfig
+
+    from train.checkpoint import mark_complete, save_model
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise HFConversionError(f"{hf_dir} has no config.json: pass a Hugging Face model folder")
+    hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    model_type = hf_config.model_type
+    module = module_for_model_type(model_type)
+    if getattr(hf_config, "quantization_config", None):
+        raise HFConversionError(f"{hf_dir} holds quantized weights ({hf_config.quantization_config}); import "
+                                "needs floating-point weights (dequantize them first, e.g. DeepSeek-V3's fp8)")
+
+    base = module.BASE_CONFIG[model_type] if isinstance(module.BASE_CONFIG, dict) else module.BASE_CONFIG
+    cfg = published_config(base)
+    module.model_config(hf_config, cfg)
+    cfg.name, cfg.family = f"imported_{model_type}", model_type
+    hf_state = common.read_hf_weights(hf_dir)
+    if model_type == "deepseek_v3":
+        cfg.mtp_depth = deepseek.mtp_layers_in(hf_state, cfg.num_layers)  # what the weights actually hold
+    state = module.from_hf(cfg, hf_state)
+    common.check_shapes(expected_state(cfg), state, f"{hf_dir} does not match its config.json")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = Path(tmp) / "tokenizer"
+        has_tokenizer = common.copy_tokenizer_files(hf_dir, tokenizer_dir)
+        save_model(out, TrainConfig(model=cfg), state, tokenizer_dir if has_tokenizer else None)
+    mark_complete(out)
+    log.info("imported %s (%s) to %s%s", hf_dir, model_type, out, "" if has_tokenizer else " (no tokenizer)")
+    return Path(out)

@@ -1,0 +1,122 @@
+"""Mixtral ↔ transformers' `MixtralForCausalLM`.
+
+Export writes the published checkpoint layout (`block_sparse_moe.experts.{j}.w1/w2/w3`, one Linear per
+expert), which every transformers version and other runtimes read; transformers 5 fuses it into
+`mlp.experts.gate_up_proj` / `down_proj` on load. Import accepts both layouts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from train.config.model import ModelConfig
+from train.hf import common, rope
+from train.hf.common import Field, StateDict, Weight, require
+
+MODEL_TYPE = "mixtral"
+FAMILIES = ("mixtral",)
+BASE_CONFIG = "mixtral_8x7b"  # published config whose training-only settings an import starts from
+
+FIELDS = (
+    Field("vocab_size", "vocab_size"),
+    Field("d_model", "hidden_size"),
+    Field("num_layers", "num_hidden_layers"),
+    Field("max_seq_len", "max_position_embeddings"),
+    Field("norm_eps", "rms_norm_eps"),
+    Field("tie_embeddings", "tie_word_embeddings"),
+    Field("init_std", "initializer_range"),
+    Field("attention.num_heads", "num_attention_heads"),
+    Field("attention.num_kv_heads", "num_key_value_heads"),
+    Field("attention.head_dim", "head_dim"),
+    Field("attention.sliding_window", "sliding_window"),
+    Field("moe.num_experts", "num_local_experts"),
+    Field("moe.top_k", "num_experts_per_tok"),
+    Field("moe.expert_hidden", "intermediate_size"),
+    Field("moe.expert_balance_coef", "router_aux_loss_coef"),
+)
+
+WEIGHTS = (
+    Weight("embed.weight", "model.embed_tokens.weight"),
+    Weight("norm.weight", "model.norm.weight"),
+    Weight("lm_head.weight", "lm_head.weight"),
+)
+
+LAYER_WEIGHTS = (
+    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
+    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
+    Weight("{p}attn.q_proj.weight", "{h}self_attn.q_proj.weight"),
+    Weight("{p}attn.k_proj.weight", "{h}self_attn.k_proj.weight"),
+    Weight("{p}attn.v_proj.weight", "{h}self_attn.v_proj.weight"),
+    Weight("{p}attn.o_proj.weight", "{h}self_attn.o_proj.weight"),
+    Weight("{p}ffn.router.gate.weight", "{h}block_sparse_moe.gate.weight"),
+)
+
+# Per-expert Linear names in the published layout: w1 gate, w3 up, w2 down.
+EXPERT = "{h}block_sparse_moe.experts.{{j}}.{name}.weight"
+EXPERT_NAMES = {"w_gate_EDF": "w1", "w_up_EDF": "w3", "w_down_EFD": "w2"}
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Everything MixtralForCausalLM cannot express is a clear error (granularity already flattened)."""
+    f, m, a = "mixtral", cfg.moe, cfg.attention
+    common.check_llama_style_gqa(cfg, f)
+    require(cfg.norm == "rmsnorm", f, f"norm={cfg.norm!r} (Mixtral uses rmsnorm)")
+    require(a.clip_qkv is None, f, "attention.clip_qkv is set (Mixtral has no qkv clipping; DBRX does)")
+    common.check_topk_softmax_routing(cfg, f)
+    require(cfg.mtp_depth == 0, f, "mtp_depth > 0 (multi-token prediction exists only in DeepSeek-V3)")
+
+
+def hf_config(cfg: ModelConfig) -> Any:
+    from transformers import MixtralConfig
+
+    kwargs = common.fields_to_hf(FIELDS, cfg)
+    kwargs.update(rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", router_jitter_noise=0.0,
+                  attention_dropout=0.0, architectures=["MixtralForCausalLM"])
+    return MixtralConfig(**kwargs)
+
+
+def model_config(hf: Any, cfg: ModelConfig) -> None:
+    """Fill `cfg` (a copy of BASE_CONFIG) in place from a loaded MixtralConfig."""
+    common.require_silu(hf, MODEL_TYPE)
+    common.fields_from_hf(FIELDS, hf, cfg)
+    cfg.attention.kind, cfg.attention.bias, cfg.attention.clip_qkv = "gqa", False, None
+    if cfg.attention.head_dim is None:
+        cfg.attention.head_dim = cfg.d_model // cfg.attention.num_heads
+    cfg.rope.theta, cfg.rope.scaling = rope.from_hf(hf.rope_parameters)
+    cfg.rope.interleaved = False
+    cfg.norm = "rmsnorm"
+    cfg.dense_hidden = cfg.moe.expert_hidden  # no dense layers; keeps the published configs' convention
+    common.set_topk_softmax_routing(cfg)
+    cfg.mtp_depth = 0
+
+
+def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
+    out: StateDict = {}
+    common.rename_to_hf(WEIGHTS, sd, out)
+    for i in range(cfg.num_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        common.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
+        for ours, name in EXPERT_NAMES.items():
+            template = EXPERT.format(h=h, name=name)
+            for j, w in enumerate(common.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
+                out[template.format(j=j)] = w
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)  # transformers ties it to the embedding
+    return out
+
+
+def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
+    """Our state dict from HF tensors (either layout); consumed tensors are removed from `hf`."""
+    hf = common.unfuse_experts(
+        {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in hf.items()}, "block_sparse_moe.experts.",
+        gate="w1", up="w3", down="w2")
+    out: StateDict = {}
+    common.rename_from_hf(WEIGHTS, hf, out)
+    for i in range(cfg.num_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
+        for ours, name in EXPERT_NAMES.items():
+            linears = common.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
+            out[f"{p}ffn.experts.{ours}"] = common.experts_from_linears(linears)
+    common.check_consumed(hf, MODEL_TYPE)
+    common.tie_head(cfg, out)
+    return out
