@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -77,7 +78,7 @@ class RunLogger:
         import wandb
 
         if self.wandb_run_id is None:
-            self.wandb_run_id = wandb.util.generate_id()
+            self.wandb_run_id = uuid.uuid4().hex[:12]
         self.wandb_run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, dir=str(self.run_dir),
                                     mode=mode, id=self.wandb_run_id, resume="allow", config=run_config)
 

@@ -41,6 +41,17 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def typed_config(dcfg) -> TrainConfig:
+    """DictConfig -> typed TrainConfig, turning a missing mandatory value (`???`) into a ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} must be set (it is ??? in its config group): pass {e.full_key}=...") from e
+
+
 def validate_config(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Raise `ConfigError` for the first problem found in `cfg` for a run on `world_size` ranks."""
     world = world_size_from_env() if world_size is None else world_size
@@ -130,6 +141,8 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
 def _validate_data(cfg: TrainConfig) -> None:
     d = cfg.data
     _one_of("data.source", d.source, DATA_SOURCES)
+    if d.source == "hf":
+        _check(bool(d.name), "data.source=hf needs a dataset: data.name=<hub dataset name> (and data.tokenizer=...)")
     if d.source == "files":
         _check(len(d.paths) > 0, "data.source=files needs data.paths='[/path/a.jsonl,/path/dir/*.txt]'")
         missing = [p for p in d.paths if not glob.glob(os.path.expanduser(p))]

@@ -1,0 +1,54 @@
+"""Helpers for integration tests: run the real CLI in subprocesses and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = str(Path(sys.executable).parent)
+
+# Small, fast settings shared by integration runs: a 1 MB slice of the embedded corpus and a 2048-token BPE.
+FAST_DATA = ["data.max_corpus_mb=1", "data.tokenizer_vocab_size=2048", "model.vocab_size=2048"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(cache_dir: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["MOEFORGE_CACHE"] = str(cache_dir)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["WANDB_MODE"] = "disabled"
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_cli(args: Sequence[str], cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=REPO, env=env_for(cache_dir), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_cli(overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "-m", "train", *overrides], cache_dir, timeout)
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def step_records(run_dir: Path) -> List[dict]:
+    """One record per optimizer step (validation or other extra records are skipped)."""
+    return [r for r in read_metrics(run_dir) if "loss" in r and "step" in r]

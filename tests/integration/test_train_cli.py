@@ -1,0 +1,71 @@
+"""`python -m train` end to end in a subprocess: a few real steps on the embedded corpus, then the files a
+user relies on (metrics.jsonl with the contract's keys, the resolved config, a complete checkpoint, plots)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration._runs import REPO, env_for, read_metrics, train_cli
+
+FAST = ["data.max_corpus_mb=1", "data.tokenizer_vocab_size=512", "model.vocab_size=512", "trainer.seq_len=64",
+        "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "logging.wandb=disabled"]
+CONTRACT_KEYS = ("step", "loss", "lm_loss", "aux_loss", "tokens", "tokens_per_s", "mfu", "lr", "grad_norm",
+                 "moe/devices_per_token_max", "moe/devices_per_token_mean", "moe/a2a_tokens_sent",
+                 "moe/dropped_frac")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+def test_train_tiny_mixtral_cli(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    train_cli(["model=tiny_mixtral", "trainer.max_steps=5", f"trainer.run_dir={run_dir}",
+               f"data.cache_dir={cache_dir}", "trainer.save_every=3", "trainer.eval_every=5",
+               "data.val_fraction=0.05", *FAST], cache_dir)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for r in records:
+        for key in CONTRACT_KEYS:
+            assert key in r, key
+        assert "mtp_loss" not in r
+    assert records[-1]["tokens"] == 5 * 8 * 64
+    assert "val_loss" in records[-1]
+    assert len(records[-1]["moe/layer0/tokens_per_expert"]) == 8
+    assert (run_dir / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000005"]
+    assert (run_dir / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+
+    # Resume with a longer budget: the same file continues and the checkpoint at step 5 is kept as is.
+    train_cli(["model=tiny_mixtral", "trainer.max_steps=6", f"trainer.run_dir={run_dir}",
+               f"data.cache_dir={cache_dir}", "trainer.save_every=3", "trainer.eval_every=0",
+               "data.val_fraction=0.05", *FAST], cache_dir)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+    subprocess.run([sys.executable, "scripts/plot_run.py", str(run_dir)], cwd=REPO, env=env_for(cache_dir),
+                   check=True, capture_output=True)
+    assert (run_dir / "plots" / "loss.png").is_file()
+    assert (run_dir / "plots" / "expert_load_layer0.png").is_file()
+
+
+@pytest.mark.slow
+def test_train_tiny_deepseek_v3_cli_logs_mtp(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    train_cli(["model=tiny_deepseek_v3", "trainer.max_steps=2", f"trainer.run_dir={run_dir}",
+               f"data.cache_dir={cache_dir}", "trainer.eval_every=0", *FAST], cache_dir)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("mtp_loss" in r and "moe/layer1/bias_absmean" in r for r in records)
+
+
+def test_invalid_config_fails_fast_with_the_field_name(tmp_path, cache_dir):
+    proc = subprocess.run([sys.executable, "-m", "train", "model.moe.top_k=9", f"trainer.run_dir={tmp_path}/r"],
+                          cwd=REPO, env=env_for(cache_dir), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "model.moe.top_k=9" in proc.stderr + proc.stdout
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

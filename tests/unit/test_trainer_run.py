@@ -1,0 +1,152 @@
+"""Short in-process training runs: determinism, gradient accumulation, exact resume, metrics contents.
+
+All runs share one small cache (a 1 MB corpus slice, a 512-token BPE) built once per module, and a model
+shrunk to two layers so each run takes a second or two on CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel import Mesh
+from train.config import load_train_config
+from train.trainer.loop import Trainer
+from train.trainer.validate import validate_config
+
+SMALL = [
+    "data.max_corpus_mb=1", "data.tokenizer_vocab_size=512", "data.val_fraction=0.05", "model.vocab_size=512",
+    "model.num_layers=2", "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
+    "trainer.eval_every=0", "logging.progress=false", "logging.wandb=disabled", "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_trainer(run_dir: Path, cache_dir: Path, *overrides: str) -> Trainer:
+    cfg = load_train_config([*SMALL, f"data.cache_dir={cache_dir}", f"trainer.run_dir={run_dir}", *overrides])
+    validate_config(cfg, world_size=1)
+    torch.set_num_threads(1)  # same reduction order in every run
+    return Trainer(cfg, Mesh())
+
+
+def run(run_dir: Path, cache_dir: Path, *overrides: str, stop_at=None) -> Trainer:
+    trainer = make_trainer(run_dir, cache_dir, *overrides)
+    trainer.fit(stop_at=stop_at)
+    trainer.close()
+    return trainer
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_losses_bitwise(tmp_path, cache_dir):
+    run(tmp_path / "a", cache_dir, "trainer.max_steps=3")
+    run(tmp_path / "b", cache_dir, "trainer.max_steps=3")
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    c = run(tmp_path / "c", cache_dir, "trainer.max_steps=1", "trainer.seed=7")
+    assert records(tmp_path / "c")[0]["loss"] != a[0]["loss"]
+    assert c.state.step == 1
+
+
+def test_accumulation_matches_one_big_micro_batch(tmp_path, cache_dir):
+    # The balance terms are zeroed: the expert-balance loss multiplies batch statistics (the fraction of
+    # tokens routed to each expert times the mean router probability), so its value on a whole batch is not
+    # the mean of its values on quarter batches; every other term is a per-token mean, linear in the split.
+    # optim.eps=1 makes AdamW's first update ~ lr·g instead of lr·sign(g): with the default eps, gradient
+    # entries near zero flip sign under fp32 summation-order noise and move by 2·lr, which would hide (or
+    # fake) a real mismatch. With a linear update, equal parameters mean equal gradients.
+    common = ["trainer.max_steps=1", "trainer.global_batch_size=8", "model.moe.expert_balance_coef=0",
+              "optim.eps=1.0", "optim.lr=1.0", "optim.warmup_steps=0"]
+    one = make_trainer(tmp_path / "one", cache_dir, *common, "trainer.micro_batch_size=8")
+    four = make_trainer(tmp_path / "four", cache_dir, *common, "trainer.micro_batch_size=2")
+    assert one.data.grad_accum_steps == 1 and four.data.grad_accum_steps == 4
+    for t in (one, four):
+        t.fit()
+        t.close()
+    p1, p4 = dict(one.state.model.named_parameters()), dict(four.state.model.named_parameters())
+    for name, p in p1.items():
+        torch.testing.assert_close(p4[name], p, rtol=1e-5, atol=1e-7, msg=name)
+    assert records(tmp_path / "one")[0]["loss"] == pytest.approx(records(tmp_path / "four")[0]["loss"], rel=1e-5)
+
+
+def test_resume_is_exact(tmp_path, cache_dir):
+    # tiny_deepseek_v3 exercises the expert-bias buffers, MTP and the sequence-wise balance term.
+    common = ["model=tiny_deepseek_v3", "model.vocab_size=512", "model.num_layers=2", "trainer.max_steps=6",
+              "trainer.save_every=3"]
+    full = run(tmp_path / "full", cache_dir, *common)
+    run(tmp_path / "split", cache_dir, *common, stop_at=3)  # a preempted run
+    ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003"]
+    resumed = run(tmp_path / "split", cache_dir, *common)  # trainer.resume=auto
+    assert resumed.resumed_from.name == "step_00000003"
+
+    ref, got = records(tmp_path / "full"), records(tmp_path / "split")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm", "lr", "tokens"):
+        assert [r[key] for r in got] == [r[key] for r in ref], key
+    sd_full, sd_resumed = full.state.model.state_dict(), resumed.state.model.state_dict()
+    for name, t in sd_full.items():
+        assert torch.equal(sd_resumed[name], t), name
+    assert any("expert_bias" in n and t.abs().sum() > 0 for n, t in sd_full.items())
+    for step in (3, 6):
+        d = tmp_path / "split" / "checkpoints" / f"step_{step:08d}"
+        for f in ("COMPLETE", "model.safetensors", "config.yaml", "train_state.pt", "train_state_rank0.pt"):
+            assert (d / f).exists(), (d, f)
+
+
+def test_metrics_record_contents(tmp_path, cache_dir):
+    trainer = run(tmp_path / "r", cache_dir, "model=tiny_deepseek_v3", "model.vocab_size=512",
+                  "model.num_layers=3", "trainer.max_steps=2", "trainer.eval_every=2")
+    recs = records(tmp_path / "r")
+    assert [r["step"] for r in recs] == [1, 2]
+    r = recs[-1]
+    for key in ("loss", "lm_loss", "aux_loss", "mtp_loss", "tokens", "tokens_per_s", "mfu", "lr", "grad_norm",
+                "val_loss", "aux/seq_balance", "moe/devices_per_token_max", "moe/devices_per_token_mean",
+                "moe/a2a_tokens_sent", "moe/dropped_frac"):
+        assert key in r, key
+    assert r["tokens"] == 2 * 8 * 32
+    moe_ids = [i for i, _ in trainer.state.model.moe_layers()]
+    assert moe_ids == [1, 2, 3]  # first_k_dense=1, then the MTP block's MoE layer
+    for i in moe_ids:
+        assert len(r[f"moe/layer{i}/tokens_per_expert"]) == 16
+        assert sum(r[f"moe/layer{i}/tokens_per_expert"]) == pytest.approx(8 * 32 * 4)  # tokens × top-k
+        for k in ("load_min", "load_max", "load_cv", "bias_min", "bias_max", "bias_absmean"):
+            assert f"moe/layer{i}/{k}" in r
+    assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"] + 0.3 * r["mtp_loss"], rel=1e-6)
+    assert r["aux_loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("aux/")), rel=1e-6)
+    assert (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_init_from_loads_weights_only(tmp_path, cache_dir):
+    src = run(tmp_path / "src", cache_dir, "trainer.max_steps=2")
+    new = make_trainer(tmp_path / "new", cache_dir, "trainer.max_steps=2",
+                       f"trainer.init_from={tmp_path / 'src'}")
+    assert new.state.step == 0 and new.data.step == 0
+    for name, t in src.state.model.state_dict().items():
+        assert torch.equal(new.state.model.state_dict()[name], t), name
+    new.close()
+
+
+def test_save_never_overwrites_and_sets_leftovers_aside(tmp_path, cache_dir):
+    trainer = make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=2", "trainer.save_every=1")
+    ckpts = tmp_path / "r" / "checkpoints"
+    (ckpts / ".tmp_step_00000001").mkdir(parents=True)  # a save interrupted before the rename
+    (ckpts / ".tmp_step_00000001" / "junk").write_text("x")
+    (ckpts / "step_00000002").mkdir()  # a save interrupted between the rename and COMPLETE
+    trainer.fit()
+    trainer.close()
+    assert (ckpts / "step_00000001" / "COMPLETE").is_file() and (ckpts / "step_00000002" / "COMPLETE").is_file()
+    stale = sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".stale_"))
+    assert len(stale) == 2 and sum((ckpts / name / "junk").exists() for name in stale) == 1
+    weights = (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns
+    assert trainer.save() is None  # already complete: left untouched
+    assert (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns == weights

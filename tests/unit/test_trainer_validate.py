@@ -1,0 +1,83 @@
+"""Config validation: each impossible setting fails before any work with a ConfigError naming the field."""
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from train.config import compose, load_train_config
+from train.trainer.validate import ConfigError, typed_config, validate_config
+
+
+def _check(overrides, match, world_size=1):
+    cfg = load_train_config(overrides)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg, world_size=world_size)
+
+
+def test_default_and_every_tiny_model_are_valid():
+    for name in ("tiny_mixtral", "tiny_dbrx", "tiny_deepseek_moe", "tiny_deepseek_v2", "tiny_deepseek_v3"):
+        validate_config(load_train_config([f"model={name}", "model.vocab_size=8192"]), world_size=1)
+
+
+def test_experts_not_divisible_by_ep_size():
+    # tiny_mixtral has 8 routed experts; 3 ranks of expert parallelism cannot split them.
+    _check(["parallel.ep_size=3"], r"num_routed_experts=8.*parallel.ep_size=3", world_size=3)
+
+
+def test_ep_size_must_divide_world():
+    _check(["parallel.ep_size=2"], r"parallel.ep_size=2 does not divide the world size 3", world_size=3)
+
+
+def test_top_k_larger_than_experts():
+    _check(["model.moe.top_k=9"], r"model.moe.top_k=9")
+
+
+def test_bad_granularity():
+    _check(["model.moe.granularity=3"], r"model.moe.granularity=3 does not divide model.moe.expert_hidden=256")
+
+
+def test_missing_data_path(tmp_path):
+    _check(["data=files", f"data.paths=[{tmp_path}/nope/*.jsonl]"], r"data.paths: nothing matches")
+
+
+def test_files_source_without_paths_is_a_config_error():
+    _check(["data=files"], r"data.source=files needs data.paths")
+
+
+def test_hf_source_without_name():
+    _check(["data=hf"], r"data.source=hf needs a dataset: data.name=")
+
+
+def test_typed_config_converts():
+    assert typed_config(compose(["trainer.max_steps=7"])).trainer.max_steps == 7
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose(["model.moe.num_expertz=4"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["trainer.max_step=4"])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], r"trainer.global_batch_size=10"),
+    (["trainer.seq_len=4096"], r"trainer.seq_len=4096 must be between 1 and model.max_seq_len=2048"),
+    (["model.moe.scoring=softmax"], r"model.moe.scoring='softmax' is not valid"),
+    (["model.norm=batchnorm"], r"model.norm='batchnorm'"),
+    (["model.attention.kind=mqa"], r"model.attention.kind='mqa'"),
+    (["precision.name=fp8"], r"fp8 is not implemented yet"),
+    (["precision.name=fp16"], r"precision.name='fp16'"),
+    (["model.moe.device_limit=2"], r"model.moe.device_limit=2 must be between 1 and parallel.ep_size=1"),
+    (["model.moe.num_groups=3"], r"model.moe.num_groups=3 must divide"),
+    (["model.moe.num_groups=4", "model.moe.topk_groups=5"], r"model.moe.topk_groups=5"),
+    (["trainer.resume=/definitely/not/here"], r"trainer.resume='/definitely/not/here'"),
+    (["logging.wandb=maybe"], r"logging.wandb='maybe'"),
+    (["data.tokenizer_vocab_size=9000"], r"data.tokenizer_vocab_size=9000 exceeds model.vocab_size=8192"),
+    (["optim.schedule=linear"], r"optim.schedule='linear'"),
+])
+def test_invalid_values(overrides, match):
+    _check(overrides, match)
+
+
+def test_errors_are_value_errors():
+    assert issubclass(ConfigError, ValueError)

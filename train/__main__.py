@@ -1,0 +1,38 @@
+"""`python -m train [overrides]` / `torchrun ... -m train [overrides]`: compose the config, validate it,
+initialise distributed, build, train, close. Everything else lives in `train/trainer/`."""
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from train.config import CONFIG_DIR, register_configs
+from train.trainer import typed_config, validate_config
+
+register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg = typed_config(dcfg)
+    validate_config(cfg)  # before any process group, file or tensor exists
+
+    import parallel
+    from train.trainer.dist import broadcast_object, shutdown
+    from train.trainer.loop import Trainer
+
+    mesh = parallel.init_distributed(cfg)
+    # Without trainer.run_dir each rank's Hydra picks a timestamped dir; rank 0's is the run's.
+    cfg.trainer.run_dir = broadcast_object(cfg.trainer.run_dir or HydraConfig.get().runtime.output_dir, mesh)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, mesh)
+        trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown(mesh)
+
+
+if __name__ == "__main__":
+    main()

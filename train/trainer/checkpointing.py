@@ -1,0 +1,120 @@
+"""Saving and resuming `TrainState` in the layout of `train/checkpoint.py` (docs/ARCHITECTURE.md).
+
+    RUN_DIR/checkpoints/step_00000100/
+      model.safetensors, config.yaml, tokenizer/   via train.checkpoint.save_model (rank 0, logical weights)
+      train_state.pt                               step, tokens, data position, scheduler, wandb id, layout
+      train_state_rank{r}.pt                       rank r's optimizer state and RNG states
+      COMPLETE                                     written last
+
+A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes COMPLETE; it never
+overwrites or deletes an existing directory (a leftover temporary directory is moved aside, not removed).
+
+Resuming on a different world size / ep_size restores the weights and the data position exactly; the
+optimizer state is restored only when the layout matches (it is per-rank and follows the expert sharding),
+otherwise it starts fresh with a warning. Re-sharding optimizer state is a later improvement.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import parallel
+from train import checkpoint as ckpt_io
+from train.config import TrainConfig
+from train.trainer.dist import barrier
+from train.trainer.state import TrainState
+
+log = logging.getLogger("train")
+
+COMMON_FILE = "train_state.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"train_state_rank{rank}.pt"
+
+
+def layout_of(mesh) -> dict:
+    return {"world_size": mesh.world_size, "ep_size": mesh.ep_size}
+
+
+def full_state_dict(model: torch.nn.Module, mesh) -> dict:
+    """Logical (unsharded) weights; collective when experts are sharded. Meaningful on rank 0."""
+    gather = getattr(parallel, "gather_full_state_dict", None)
+    return gather(model, mesh) if gather is not None else model.state_dict()
+
+
+def load_full_state_dict(model: torch.nn.Module, state_dict: dict, mesh) -> None:
+    """Load logical weights into a (possibly expert-sharded) model on every rank."""
+    load = getattr(parallel, "load_full_state_dict", None)
+    if load is not None:
+        load(model, state_dict, mesh)
+    else:
+        model.load_state_dict(state_dict, strict=True)
+
+
+def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
+                    tokenizer_dir: Optional[Path]) -> Optional[Path]:
+    """Collective: every rank calls it. Returns the checkpoint dir (None when that step is already saved)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / ckpt_io.step_dir_name(state.step)
+    tmp = root / f".tmp_{final.name}"
+    weights = full_state_dict(state.model, mesh)  # collective: before any rank can return early
+    if ckpt_io.is_complete(final):
+        if mesh.rank == 0:
+            log.warning("checkpoint %s already exists; not overwriting it", final)
+        return None
+    if mesh.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in (tmp, final):  # an interrupted save: kept for inspection, moved out of the way
+            if leftover.exists():
+                leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
+        ckpt_io.save_model(tmp, cfg, weights, tokenizer_dir)
+        torch.save(state.common_state_dict(layout_of(mesh)), tmp / COMMON_FILE)
+    barrier(mesh)
+    torch.save(state.rank_state_dict(), tmp / rank_file(mesh.rank))
+    barrier(mesh)
+    if mesh.rank == 0:
+        tmp.rename(final)
+        ckpt_io.mark_complete(final)
+    barrier(mesh)
+    return final
+
+
+def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint `trainer.resume` asks for: newest complete one in run_dir (auto), none (never), a path."""
+    resume = cfg.trainer.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return ckpt_io.newest_complete(Path(run_dir))
+    return ckpt_io.resolve_checkpoint(resume)
+
+
+def load_weights(model: torch.nn.Module, path, mesh) -> Path:
+    """Load only the model weights of a checkpoint (trainer.init_from); returns the resolved checkpoint dir."""
+    ckpt_dir = ckpt_io.resolve_checkpoint(path)
+    _, state_dict, _ = ckpt_io.load_model(ckpt_dir)
+    load_full_state_dict(model, state_dict, mesh)
+    return ckpt_dir
+
+
+def resume_from(state: TrainState, ckpt_dir: Path, mesh) -> None:
+    """Restore weights, counters, data position, RNG and (when the layout matches) optimizer state."""
+    load_weights(state.model, ckpt_dir, mesh)
+    common_path = ckpt_dir / COMMON_FILE
+    if not common_path.is_file():
+        raise ckpt_io.CheckpointError(
+            f"{ckpt_dir} has no {COMMON_FILE} (an imported checkpoint?): start from it with trainer.init_from")
+    common = torch.load(common_path, map_location="cpu", weights_only=False)
+    state.load_common_state_dict(common)
+    same_layout = common.get("layout") == layout_of(mesh)
+    rank_path = ckpt_dir / rank_file(mesh.rank)
+    if same_layout and rank_path.is_file():
+        state.load_rank_state_dict(torch.load(rank_path, map_location="cpu", weights_only=False))
+    elif mesh.rank == 0:
+        log.warning("checkpoint layout %s differs from this run's %s: weights and data position restored, "
+                    "optimizer state starts fresh", common.get("layout"), layout_of(mesh))

@@ -1,0 +1,138 @@
+"""`Trainer`: builds one run (data, model, optimizer, state, logger), trains it, validates, checkpoints.
+
+Build order and why: data first (its tokenizer fixes the vocabulary the model must cover); the model is
+built and initialised from `trainer.seed` on every rank identically, moved to the device, then
+`parallel.parallelize` shards it; the optimizer is built over the parallelized parameters; a resume (or
+`init_from`) then overwrites weights and state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+import parallel
+from train.config import TrainConfig
+from train.data import build_data
+from train.flops import flops_per_token
+from train.model import build_model
+from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
+from train.trainer.dist import barrier, sum_over_ranks
+from train.trainer.logger import RunLogger
+from train.trainer.optim import build_optimizer
+from train.trainer.precision import build_precision
+from train.trainer.schedule import LRSchedule
+from train.trainer.state import TrainState, seed_everything
+from train.trainer.step import StepContext, train_step
+from train.trainer.validate import ConfigError
+
+log = logging.getLogger("train")
+
+
+class Trainer:
+    """One training run on this rank. `fit()` trains to `trainer.max_steps`; `close()` releases the sinks."""
+
+    def __init__(self, cfg: TrainConfig, mesh, run_dir: Optional[Path] = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.run_dir = Path(run_dir or cfg.trainer.run_dir)
+        self.is_main = mesh.rank == 0
+        self._warned_no_val = False
+        t = cfg.trainer
+        self.precision = build_precision(cfg.precision, mesh.device)
+        self.data = build_data(cfg, mesh.rank, mesh.dp_size, self.is_main, barrier=lambda: barrier(mesh))
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size="
+                              f"{cfg.model.vocab_size}: raise model.vocab_size or lower data.tokenizer_vocab_size")
+
+        seed_everything(t.seed)  # the same weights on every rank
+        model = build_model(cfg.model).to(mesh.device)
+        parallel.parallelize(model, cfg, mesh)
+        model.train()
+        optimizer = build_optimizer(model, cfg.optim)
+        self.schedule = LRSchedule(cfg.optim, t.max_steps)
+        self.state = TrainState(model=model, optimizer=optimizer, scheduler=self.schedule, data=self.data)
+
+        self.resumed_from = find_resume_checkpoint(cfg, self.run_dir)
+        if self.resumed_from is not None:
+            resume_from(self.state, self.resumed_from, mesh)
+        elif t.init_from is not None:
+            load_weights(model, t.init_from, mesh)
+
+        self.ctx = StepContext(forward=torch.compile(model) if t.compile else model, precision=self.precision,
+                               schedule=self.schedule, mesh=mesh, grad_clip=cfg.optim.grad_clip,
+                               tokens_per_step=t.global_batch_size * t.seq_len)
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self._write_config()
+        self.logger = RunLogger(cfg.logging, self.run_dir, self.is_main, t.max_steps, self.state.step,
+                                run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                wandb_run_id=self.state.wandb_run_id)
+        self.state.wandb_run_id = self.logger.wandb_run_id
+        where = f"resumed from {self.resumed_from}" if self.resumed_from else "new run"
+        self.logger.info(f"{where}: step {self.state.step}/{t.max_steps}, run_dir {self.run_dir}, "
+                         f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
+                         f"device {mesh.device}, precision {cfg.precision.name}")
+
+    def _write_config(self) -> None:
+        """The resolved config at RUN_DIR/config.yaml; a resumed run with a changed config keeps the old file
+        and writes its own next to it."""
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        path = self.run_dir / "config.yaml"
+        if path.exists() and path.read_text() != text:
+            path = self.run_dir / f"config.resume_step{self.state.step:08d}.yaml"
+        path.write_text(text)
+
+    def fit(self, stop_at: Optional[int] = None) -> None:
+        """Train until `trainer.max_steps`, validating every `eval_every` steps and saving every `save_every`.
+        `stop_at` ends the process early (as a time limit or preemption would) without changing the schedule."""
+        t = self.cfg.trainer
+        last = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+        while self.state.step < last:
+            start = time.perf_counter()
+            micro_batches = self.data.next_global_batch_for_rank()
+            record = train_step(self.state, micro_batches, self.ctx)
+            elapsed = time.perf_counter() - start  # finalize() read values back, so the device is synced
+            record["tokens_per_s"] = self.ctx.tokens_per_step / elapsed
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (t.peak_flops * self.mesh.world_size)
+            step = self.state.step
+            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
+                val = self.evaluate()
+                if val is not None:
+                    record["val_loss"] = val
+            self.logger.log(record)
+            if step % t.save_every == 0 or step == t.max_steps:
+                self.save()
+
+    def save(self) -> Optional[Path]:
+        path = save_checkpoint(self.state, self.cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
+        if path is not None:
+            self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean next-token loss (`lm_loss`) over `trainer.eval_batches` fixed validation batches, all ranks."""
+        if self.data.num_val_blocks == 0:
+            if not self._warned_no_val:
+                self.logger.info("no validation data (raise data.val_fraction): val_loss is not logged")
+                self._warned_no_val = True
+            return None
+        model = self.state.model
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for mb in self.data.val_batches(self.cfg.trainer.eval_batches):
+            with self.precision.autocast():
+                out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device))
+            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+        model.train()
+        total = sum_over_ranks(total.to(self.mesh.device), self.mesh).cpu()
+        return float(total[0] / total[1])
+
+    def close(self) -> None:
+        self.logger.close()

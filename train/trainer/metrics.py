@@ -1,0 +1,107 @@
+"""One optimizer step's metrics: accumulate each micro-batch's outputs, reduce once over ranks, flatten.
+
+Reductions (`world` = all ranks, `micro` = micro-batches of the step):
+- losses (`loss`, `lm_loss`, `aux_loss`, `aux/<term>`, `mtp_loss`): mean over micro and world;
+- `moe/a2a_tokens_sent`: sum over layers, micro and world (token copies sent in the whole step);
+- `moe/devices_per_token_max`: max over layers, micro and world; `moe/devices_per_token_mean`: mean;
+- `moe/dropped_frac`: mean over layers, micro and world;
+- `moe/layer{i}/tokens_per_expert`: the layer's counts summed over micro. The model's counts already cover
+  the data-parallel world (its `count_reducer`), so they are averaged over ranks rather than summed (equal
+  on every rank; if a layer reports local counts the mean is the per-rank load, same shape of imbalance);
+- `moe/layer{i}/load_min|load_max` are the least and most loaded expert relative to the even share
+  (1.0 = balanced), `load_cv` the coefficient of variation of the counts;
+- `moe/layer{i}/bias_min|bias_max|bias_absmean`: the selection bias after this step's update (bias balancing).
+All sums travel in one float64 all-reduce and all maxima in one more.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Optional
+
+import torch
+
+from train.trainer.dist import max_over_ranks, sum_over_ranks
+
+
+def _as_vector(value, device: torch.device) -> torch.Tensor:
+    """A detached float64 vector on `device` (no host sync: values stay on the device until `finalize`)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1).to(device=device, dtype=torch.float64)
+    return torch.tensor([float(value)], dtype=torch.float64, device=device)
+
+
+class StepMetrics:
+    """Accumulates the `ModelOutput`s of one step's micro-batches on this rank (on `device`)."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.num_micro = 0
+        self.sums: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.maxes: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def _add(self, key: str, value) -> None:
+        v = _as_vector(value, self.device)
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def _max(self, key: str, value) -> None:
+        v = _as_vector(value, self.device)
+        self.maxes[key] = torch.maximum(self.maxes[key], v) if key in self.maxes else v
+
+    def add(self, out) -> None:
+        """Fold in one micro-batch's output (detached values only; no graph is kept)."""
+        self.num_micro += 1
+        self._add("loss", out.loss)
+        self._add("lm_loss", out.lm_loss)
+        self._add("aux_loss", out.aux_loss)
+        for name, term in (out.aux_terms or {}).items():
+            self._add(f"aux/{name}", term)
+        if getattr(out, "mtp_loss", None) is not None:
+            self._add("mtp_loss", out.mtp_loss)
+        stats = list(out.moe_stats or [])
+        for position, s in enumerate(stats):
+            layer_id = s.get("layer", position)
+            self._add(f"moe/layer{layer_id}/tokens_per_expert", s["tokens_per_expert_E"])
+            self._add("moe/dropped_frac", s["dropped_frac"])
+            self._add("moe/devices_per_token_mean", s["devices_per_token_mean"])
+            self._add("moe/a2a_tokens_sent", s.get("a2a_tokens_sent", 0))
+            self._max("moe/devices_per_token_max", s["devices_per_token_max"])
+        if stats:
+            self._add("moe/_layer_samples", len(stats))
+
+    def finalize(self, mesh, bias_by_layer: Optional[Iterable] = None) -> dict:
+        """Reduce over ranks (collective) and return a flat JSON-ready dict."""
+        keys = list(self.sums)
+        flat = torch.cat([self.sums[k] for k in keys]).to(mesh.device)  # one host read-back per step
+        flat = sum_over_ranks(flat, mesh).cpu()
+        reduced, offset = {}, 0
+        for k in keys:
+            n = self.sums[k].numel()
+            reduced[k] = flat[offset:offset + n]
+            offset += n
+        record: dict = {}
+        world, micro = mesh.world_size, max(1, self.num_micro)
+        for k, v in reduced.items():
+            if k == "moe/a2a_tokens_sent":
+                record[k] = float(v.item())
+            elif k.endswith("/tokens_per_expert"):
+                counts = v / world
+                record[k] = [round(float(c), 3) for c in counts]
+                mean = counts.mean().clamp_min(1e-9)
+                prefix = k[: -len("tokens_per_expert")]
+                record[prefix + "load_min"] = float(counts.min() / mean)
+                record[prefix + "load_max"] = float(counts.max() / mean)
+                record[prefix + "load_cv"] = float(counts.std(unbiased=False) / mean)
+            elif k in ("moe/dropped_frac", "moe/devices_per_token_mean"):
+                record[k] = float(v.item() / reduced["moe/_layer_samples"].item())
+            elif not k.startswith("moe/_"):
+                record[k] = float(v.item() / (micro * world))
+        if self.maxes:
+            mkeys = list(self.maxes)
+            mx = max_over_ranks(torch.cat([self.maxes[k] for k in mkeys]).to(mesh.device), mesh).cpu()
+            record.update({k: float(mx[i]) for i, k in enumerate(mkeys)})
+        for layer_id, bias_E in bias_by_layer or ():
+            b = bias_E.detach().float().cpu()
+            record[f"moe/layer{layer_id}/bias_min"] = float(b.min())
+            record[f"moe/layer{layer_id}/bias_max"] = float(b.max())
+            record[f"moe/layer{layer_id}/bias_absmean"] = float(b.abs().mean())
+        return record
