@@ -67,3 +67,21 @@ def test_local_tokenizer_path_is_passed_through(data_cfg, built):
     cfg = DataConfig(**{**data_cfg.__dict__, "tokenizer": str(tok_dir)})
     tok, out = tokmod.load_tokenizer(cfg)
     assert Path(out) == tok_dir and len(tok) == 512
+
+
+def test_builtin_tokenizer_on_an_hf_stream_reads_only_the_budget(tmp_path, monkeypatch):
+    import json
+
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    (tmp_path / "ds").mkdir()
+    docs = [f"document {i}: " + "zebra quokka " * 40 for i in range(50)]
+    (tmp_path / "ds" / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    cfg = DataConfig(source="hf", name=str(tmp_path / "ds"), streaming=True, tokenizer_vocab_size=300,
+                     max_corpus_mb=2e-3, cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(cfg)
+    assert corpus.streaming
+    read = list(tokmod._training_texts(corpus, cfg.max_corpus_mb))
+    assert read == docs[: len(read)] and 1 < len(read) < len(docs)  # a prefix of the stream, in order
+    tok = tokmod.open_tokenizer(tokmod.ensure_tokenizer(cfg, corpus))
+    assert tok.decode(tok("zebra quokka")["input_ids"]) == "zebra quokka"

@@ -93,3 +93,25 @@ def test_grouped_mm_paths_agree():
     loop = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
     assert torch.allclose(grouped_mm(x, w, c), loop, atol=1e-5)
     assert grouped_mm(torch.randn(0, 16), w, torch.zeros(3, dtype=torch.long)).shape == (0, 8)
+
+
+def test_grouped_experts_compile_fp32_forward_backward():
+    # torch._grouped_mm's fake-tensor kernel accepts bf16 only: compiled fp32 must take the per-expert loop
+    # (trainer.compile=true failed at tracing before). aot_eager traces forward and backward without inductor's
+    # C++ build, which keeps this test at a few seconds.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 16, 8)  # aligned widths: eager fp32 on CPU takes the grouped kernel
+    counts_E = torch.tensor([3, 0, 2, 4])
+    x_ND = torch.randn(9, 16, requires_grad=True)
+    ref = ex(x_ND, counts_E)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in (x_ND, *ex.parameters())]
+    for p in (x_ND, *ex.parameters()):
+        p.grad = None
+    y = torch.compile(ex, backend="aot_eager")(x_ND, counts_E)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip([p.grad for p in (x_ND, *ex.parameters())], ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

@@ -150,3 +150,24 @@ def test_bf16_forward_dtype():
     layer = _layer(num_shared_experts=1).to(torch.bfloat16)
     y, out = layer(torch.randn(2, 4, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and out.stats["tokens_per_expert_E"].sum() == 16
+
+
+@torch.no_grad()
+def test_device_load_and_comm_imbalance_from_hand_made_routing():
+    # 8 experts on 2 devices: experts 0-3 on device 0, 4-7 on device 1.
+    layer = _layer()
+    ids_TK = torch.tensor([[0, 1], [2, 3], [0, 5], [1, 2]])
+    route_fn = layer.router.forward
+    layer.router.forward = lambda x_TD: route_fn(x_TD)._replace(topk_ids_TK=ids_TK)
+    x = torch.randn(1, 4, D)
+    _, one = layer(x)
+    assert one.stats["device_load_imbalance"] == 1.0 and one.stats["comm_imbalance"] == 1.0
+
+    layer.num_devices = 2
+    layer.count_reducer = lambda t: 2 * t  # stands in for a sum over two ranks that routed alike
+    _, out = layer(x)
+    # Copies processed: device 0 gets 2+2+1+2 = 7, device 1 gets 1; tokens received (deduplicated): 4 and 1.
+    assert out.stats["tokens_per_device_G"].tolist() == [14.0, 2.0]
+    assert out.stats["tokens_received_per_device_G"].tolist() == [8.0, 2.0]
+    assert out.stats["device_load_imbalance"].item() == pytest.approx(7 / 4)
+    assert out.stats["comm_imbalance"].item() == pytest.approx(4 / 2.5)

@@ -111,15 +111,16 @@ def test_metrics_record_contents(tmp_path, cache_dir):
     r = recs[-1]
     for key in ("loss", "lm_loss", "aux_loss", "mtp_loss", "tokens", "tokens_per_s", "mfu", "lr", "grad_norm",
                 "val_loss", "aux/seq_balance", "moe/devices_per_token_max", "moe/devices_per_token_mean",
-                "moe/a2a_tokens_sent", "moe/dropped_frac"):
+                "moe/a2a_tokens_sent", "moe/dropped_frac", "moe/device_load_imbalance", "moe/comm_imbalance"):
         assert key in r, key
+    assert r["moe/device_load_imbalance"] == r["moe/comm_imbalance"] == 1.0  # one device
     assert r["tokens"] == 2 * 8 * 32
     moe_ids = [i for i, _ in trainer.state.model.moe_layers()]
     assert moe_ids == [1, 2, 3]  # first_k_dense=1, then the MTP block's MoE layer
     for i in moe_ids:
         assert len(r[f"moe/layer{i}/tokens_per_expert"]) == 16
         assert sum(r[f"moe/layer{i}/tokens_per_expert"]) == pytest.approx(8 * 32 * 4)  # tokens × top-k
-        for k in ("load_min", "load_max", "load_cv", "bias_min", "bias_max", "bias_absmean"):
+        for k in ("load_min", "load_max", "load_cv", "bias_min", "bias_max", "bias_absmean", "device_load_imbalance"):
             assert f"moe/layer{i}/{k}" in r
     assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"] + 0.3 * r["mtp_loss"], rel=1e-6)
     assert r["aux_loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("aux/")), rel=1e-6)

@@ -48,6 +48,16 @@ def test_hf_source_without_name():
     _check(["data=hf"], r"data.source=hf needs a dataset: data.name=")
 
 
+def test_hf_source_with_builtin_tokenizer_trains_on_the_stream_prefix():
+    cfg = load_train_config(["data=hf", "data.name=some/dataset"])
+    assert cfg.data.name == "some/dataset" and cfg.data.streaming and cfg.data.tokenizer == "builtin"
+    validate_config(cfg, world_size=1)  # supported: the BPE is trained on the first data.max_corpus_mb MB
+    _check(["data=hf", "data.name=some/dataset", "data.max_corpus_mb=0"],
+           r"data.tokenizer=builtin trains on the first data.max_corpus_mb MB of the hf corpus")
+    validate_config(load_train_config(["data=hf", "data.name=some/dataset", "data.max_corpus_mb=0",
+                                       "data.tokenizer=gpt2"]), world_size=1)
+
+
 def test_typed_config_converts():
     assert typed_config(compose(["trainer.max_steps=7"])).trainer.max_steps == 7
 

@@ -36,7 +36,9 @@ class DataConfig:
     # "builtin": a byte-level BPE trained on the corpus with `tokenizers` and cached; else an HF name or path
     tokenizer: str = "builtin"
     tokenizer_vocab_size: int = 8192
-    max_corpus_mb: float = 24.0  # stdlib source: how much of it to use (deterministic file order)
+    # stdlib source: how much of it to use (deterministic file order); every source: the text the builtin
+    # tokenizer is trained on (the first max_corpus_mb MB, of the unshuffled stream when streaming)
+    max_corpus_mb: float = 24.0
     val_fraction: float = 0.01
     cache_dir: str = "${oc.env:MOEFORGE_CACHE,.cache/moeforge}"
     num_proc: int = 1

@@ -10,7 +10,11 @@ Reductions (`world` = all ranks, `micro` = micro-batches of the step):
   on every rank; if a layer reports local counts the mean is the per-rank load, same shape of imbalance);
 - `moe/layer{i}/load_min|load_max` are the least and most loaded expert relative to the even share
   (1.0 = balanced), `load_cv` the coefficient of variation of the counts;
-- `moe/layer{i}/bias_min|bias_max|bias_absmean`: the selection bias after this step's update (bias balancing).
+- `moe/layer{i}/bias_min|bias_max|bias_absmean`: the selection bias after this step's update (bias balancing);
+- `moe/layer{i}/device_load_imbalance`: max/mean over expert-parallel devices of the token copies each device's
+  experts process in the step (1.0 = balanced, and with one device); `moe/device_load_imbalance` and
+  `moe/comm_imbalance` (max/mean of the tokens sent to each device, a token counted once per device) are the
+  maxima over layers. Both come from the step's per-device counts summed over micro, not per-micro ratios.
 All sums travel in one float64 all-reduce and all maxima in one more.
 """
 from __future__ import annotations
@@ -65,6 +69,9 @@ class StepMetrics:
             self._add("moe/devices_per_token_mean", s["devices_per_token_mean"])
             self._add("moe/a2a_tokens_sent", s.get("a2a_tokens_sent", 0))
             self._max("moe/devices_per_token_max", s["devices_per_token_max"])
+            if "tokens_per_device_G" in s:
+                self._add(f"moe/layer{layer_id}/_tokens_per_device", s["tokens_per_device_G"])
+                self._add(f"moe/layer{layer_id}/_tokens_received_per_device", s["tokens_received_per_device_G"])
         if stats:
             self._add("moe/_layer_samples", len(stats))
 
@@ -91,6 +98,14 @@ class StepMetrics:
                 record[prefix + "load_min"] = float(counts.min() / mean)
                 record[prefix + "load_max"] = float(counts.max() / mean)
                 record[prefix + "load_cv"] = float(counts.std(unbiased=False) / mean)
+            elif k.endswith(("/_tokens_per_device", "/_tokens_received_per_device")):
+                ratio = float(v.max() / v.mean().clamp_min(1e-9))
+                if k.endswith("/_tokens_per_device"):
+                    record[k[: -len("_tokens_per_device")] + "device_load_imbalance"] = ratio
+                    agg = "moe/device_load_imbalance"
+                else:
+                    agg = "moe/comm_imbalance"
+                record[agg] = max(record.get(agg, ratio), ratio)
             elif k in ("moe/dropped_frac", "moe/devices_per_token_mean"):
                 record[k] = float(v.item() / reduced["moe/_layer_samples"].item())
             elif not k.startswith("moe/_"):

@@ -142,12 +142,18 @@ def _validate_data(cfg: TrainConfig) -> None:
     d = cfg.data
     _one_of("data.source", d.source, DATA_SOURCES)
     if d.source == "hf":
-        _check(bool(d.name), "data.source=hf needs a dataset: data.name=<hub dataset name> (and data.tokenizer=...)")
+        _check(bool(d.name), "data.source=hf needs a dataset: data.name=<hub dataset name or local dataset folder>")
     if d.source == "files":
         _check(len(d.paths) > 0, "data.source=files needs data.paths='[/path/a.jsonl,/path/dir/*.txt]'")
         missing = [p for p in d.paths if not glob.glob(os.path.expanduser(p))]
         _check(not missing, f"data.paths: nothing matches {missing}: fix the path(s) or the glob(s)")
+    _check(bool(d.tokenizer), "data.tokenizer is empty: use builtin or a Hugging Face tokenizer name or path")
     if d.tokenizer == "builtin":
+        # The BPE is trained on the first data.max_corpus_mb MB of the corpus (of the stream, unshuffled, when
+        # data.streaming), so that budget must be positive whatever the source.
+        _check(d.max_corpus_mb > 0,
+               f"data.tokenizer=builtin trains on the first data.max_corpus_mb MB of the {d.source} corpus, but "
+               f"data.max_corpus_mb={d.max_corpus_mb}: set it > 0, or pass data.tokenizer=<HF tokenizer name/path>")
         _check(d.tokenizer_vocab_size <= cfg.model.vocab_size,
                f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: "
                f"token ids would not fit the embedding; lower data.tokenizer_vocab_size or raise model.vocab_size")

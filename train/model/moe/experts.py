@@ -29,6 +29,8 @@ def _grouped_mm_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
         return False
     if x_NI.is_cuda and x_NI.dtype != torch.bfloat16:
         return False  # the CUDA kernel's documented dtype is bf16; not verified for fp32 yet
+    if x_NI.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False  # the op's meta (fake-tensor) kernel accepts bf16 only, so tracing fp32 would fail
     align = 16 // x_NI.element_size()
     return x_NI.dtype == w_EIO.dtype and w_EIO.shape[1] % align == 0 and w_EIO.shape[2] % align == 0
 
@@ -37,7 +39,8 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, num_tokens_per_expert_E:
     """Row block e of `x_NI` (length `num_tokens_per_expert_E[e]`) times `w_EIO[e]`; returns `y_NO`.
 
     The single place that chooses the kernel: `torch._grouped_mm` (works on CPU and Hopper GPUs in this torch,
-    including backward and experts with zero rows), else a loop over experts.
+    including backward and experts with zero rows), else a loop over experts (also for fp32 under
+    `torch.compile`, whose tracing of `_grouped_mm` is bf16-only).
     """
     if _grouped_mm_supported(x_NI, w_EIO):
         offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)

@@ -145,6 +145,10 @@ class MoELayer(nn.Module):
 
         load_E = num_tokens_per_expert_E.float()
         devices_per_token_T = device_mask_TG.sum(-1).float()
+        # Device g holds experts [g*E/G, (g+1)*E/G): its load is the token copies those experts process;
+        # what it receives is the tokens sent to it, a token counted once however many of its experts it picks.
+        load_G = load_E.view(G, -1).sum(-1)
+        received_G = num_tokens_sent_G.float()
         stats = {
             "tokens_per_expert_E": load_E,
             "load_min": load_E.min(),
@@ -154,5 +158,9 @@ class MoELayer(nn.Module):
             "devices_per_token_max": devices_per_token_T.max(),
             "devices_per_token_mean": devices_per_token_T.mean(),
             "a2a_tokens_sent": self.dispatcher.stats.get("a2a_tokens_sent", 0),
+            "tokens_per_device_G": load_G,
+            "tokens_received_per_device_G": received_G,
+            "device_load_imbalance": load_G.max() / load_G.mean().clamp_min(1e-9),
+            "comm_imbalance": received_G.max() / received_G.mean().clamp_min(1e-9),
         }
         return aux, stats
