@@ -14,8 +14,9 @@ non-ignored labels). Each rank runs `L_r.backward()`:
     = SUM over the EDP group / W (= mean over EDP / ep_size).
 With ep_size = 1 the EDP group is the world and the two rules coincide.
 
-Not identical to the reference, by design: with `moe.capacity_factor` set, capacity is computed from each
-rank's own tokens (per-rank capacity, as in GShard), so drops differ from a single process on the global batch.
+Not identical to the reference, by design: with `moe.capacity_factor` or `moe.device_capacity_factor` set,
+capacity is computed from each rank's own tokens (per-rank capacity, as in GShard; for devices, each rank's share
+of every device's budget), so drops differ from a single process on the global batch.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from train.config import CONFIG_DIR, register_configs
 from train.trainer import typed_config, validate_config
+from train.trainer.init_from import apply_init_from
 
 register_configs()
 
@@ -15,6 +16,7 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = typed_config(dcfg)
+    apply_init_from(cfg, HydraConfig.get().overrides.task)  # the checkpoint's architecture, before validation
     validate_config(cfg)  # before any process group, file or tensor exists
 
     import parallel

@@ -85,7 +85,16 @@ def load_for_inference(checkpoint: str, device: str = "cpu"):
 def main(argv: List[str]) -> None:
     gcfg: GenerateConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(GenerateConfig), OmegaConf.from_dotlist(argv)))
-    model, tokenizer = load_for_inference(gcfg.checkpoint, gcfg.device)
+    for arg in argv:  # the prompt verbatim: the dotlist grammar strips surrounding spaces and parses ${...}
+        if arg.startswith("prompt="):
+            gcfg.prompt = arg[len("prompt="):]
+    from train.checkpoint import CheckpointError
+
+    try:
+        model, tokenizer = load_for_inference(gcfg.checkpoint, gcfg.device)
+    except (CheckpointError, FileNotFoundError) as e:  # a user error: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     prompt_ids = tokenizer.encode(gcfg.prompt, add_special_tokens=False)
     if not prompt_ids:  # an empty prompt starts from the document separator
         prompt_ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]

@@ -7,7 +7,15 @@ import torch
 
 from train.config.model import MoEConfig
 from train.model.mlp import SwiGLU
-from train.model.moe import MoELayer, drop_over_capacity, expert_capacity, update_expert_bias, update_expert_biases
+from train.model.moe import (
+    MoELayer,
+    device_capacity,
+    drop_over_capacity,
+    drop_over_device_capacity,
+    expert_capacity,
+    update_expert_bias,
+    update_expert_biases,
+)
 
 D = 16
 
@@ -171,3 +179,33 @@ def test_device_load_and_comm_imbalance_from_hand_made_routing():
     assert out.stats["tokens_received_per_device_G"].tolist() == [8.0, 2.0]
     assert out.stats["device_load_imbalance"].item() == pytest.approx(7 / 4)
     assert out.stats["comm_imbalance"].item() == pytest.approx(4 / 2.5)
+
+
+@pytest.mark.parametrize("expert_factor", [None, 0.75])
+@torch.no_grad()
+def test_device_capacity_drops_pass_through_as_zero(expert_factor):
+    layer = _layer(device_capacity_factor=0.6, capacity_factor=expert_factor)
+    layer.num_devices = 2
+    x = torch.randn(2, 8, D)
+    y, out = layer(x)
+    r = layer.router(x.view(-1, D))
+    budget = device_capacity(r.topk_ids_TK, 8, 2, 0.6)
+    kept = drop_over_device_capacity(r.topk_ids_TK, r.topk_weights_TK, 8, 2, budget)
+    if expert_factor is not None:  # per-expert capacity applies to what the device budget kept
+        kept = drop_over_capacity(kept, 8, expert_capacity(16, 2, 8, expert_factor))
+    assert (kept < 0).any()
+    assert torch.allclose(y, _naive(layer, x, kept), atol=1e-5)  # dropped slots contribute exactly zero
+    assert out.stats["dropped_frac"].item() == pytest.approx((kept < 0).float().mean().item())
+    assert out.stats["tokens_per_expert_E"].sum() == 32  # balance statistics see the router's selection
+    fully_dropped = (kept < 0).all(-1)
+    assert fully_dropped.any()  # the block adds zero: such a token passes through on the residual
+    assert torch.equal(y.view(-1, D)[fully_dropped], torch.zeros(int(fully_dropped.sum()), D))
+
+
+@torch.no_grad()
+def test_device_capacity_one_device_drops_nothing():
+    layer = _layer(device_capacity_factor=1.0)
+    x = torch.randn(2, 5, D)
+    y, out = layer(x)
+    assert out.stats["dropped_frac"] == 0.0
+    assert torch.allclose(y, _naive(layer, x), atol=1e-5)

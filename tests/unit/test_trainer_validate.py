@@ -78,6 +78,7 @@ def test_unknown_key_fails_at_composition():
     (["precision.name=fp8"], r"fp8 is not implemented yet"),
     (["precision.name=fp16"], r"precision.name='fp16'"),
     (["model.moe.device_limit=2"], r"model.moe.device_limit=2 must be between 1 and parallel.ep_size=1"),
+    (["model.moe.device_capacity_factor=0"], r"model.moe.device_capacity_factor=0.0 must be > 0"),
     (["model.moe.num_groups=3"], r"model.moe.num_groups=3 must divide"),
     (["model.moe.num_groups=4", "model.moe.topk_groups=5"], r"model.moe.topk_groups=5"),
     (["trainer.resume=/definitely/not/here"], r"trainer.resume='/definitely/not/here'"),

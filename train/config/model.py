@@ -82,6 +82,10 @@ class MoEConfig:
     device_limit: Optional[int] = None
     # Token capacity per expert as a multiple of the even share; null = dropless.
     capacity_factor: Optional[float] = None
+    # Token capacity per expert-parallel device (DeepSeek-V2 token dropping): each device takes at most this
+    # multiple of an even share of the (token, device) copies; the lowest-affinity copies beyond it are dropped.
+    # Applied per sending rank under expert parallelism (see `train/model/moe/capacity.py`); null = dropless.
+    device_capacity_factor: Optional[float] = None
     # Balance terms (each logged separately; their sum is `aux_loss`).
     expert_balance_coef: float = 0.0  # alpha_1, expert-level (Switch f.P)
     device_balance_coef: float = 0.0  # alpha_2, DeepSeek-V2 device-level

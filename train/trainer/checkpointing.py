@@ -94,12 +94,39 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
     return ckpt_io.resolve_checkpoint(resume)
 
 
-def load_weights(model: torch.nn.Module, path, mesh) -> Path:
-    """Load only the model weights of a checkpoint (trainer.init_from); returns the resolved checkpoint dir."""
+def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None) -> Path:
+    """Load only the model weights of a checkpoint (trainer.init_from); returns the resolved checkpoint dir.
+    With `model_cfg`, the weights are first checked against the logical shapes that config builds (a clear
+    error naming each mismatching tensor), and expert selection biases the checkpoint lacks start at zero
+    (a zero bias routes exactly as no bias; see train/trainer/init_from.py)."""
     ckpt_dir = ckpt_io.resolve_checkpoint(path)
     _, state_dict, _ = ckpt_io.load_model(ckpt_dir)
+    if model_cfg is not None:
+        state_dict = _fit_to_config(state_dict, model_cfg, ckpt_dir)
     load_full_state_dict(model, state_dict, mesh)
     return ckpt_dir
+
+
+def _fit_to_config(state_dict: dict, model_cfg, ckpt_dir: Path) -> dict:
+    from train.model import MoETransformer
+
+    with torch.device("meta"):
+        expected = MoETransformer(model_cfg).state_dict()
+    state_dict = dict(state_dict)
+    for name, t in expected.items():
+        if name not in state_dict and name.endswith("expert_bias_E"):
+            state_dict[name] = torch.zeros(t.shape, dtype=t.dtype)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    bad = [f"{k}: the config builds {tuple(expected[k].shape)}, the checkpoint has {tuple(state_dict[k].shape)}"
+           for k in sorted(set(expected) & set(state_dict)) if expected[k].shape != state_dict[k].shape]
+    if missing or extra or bad:
+        raise ckpt_io.CheckpointError(
+            f"the weights in {ckpt_dir} do not fit model config {model_cfg.name!r} (family {model_cfg.family}): "
+            + "; ".join(filter(None, [f"missing {missing[:6]}" if missing else "",
+                                      f"unexpected {extra[:6]}" if extra else "", ", ".join(bad[:6])]))
+            + f". Check {ckpt_dir}/config.yaml against the weights and any model.* overrides")
+    return state_dict
 
 
 def resume_from(state: TrainState, ckpt_dir: Path, mesh) -> None:

@@ -57,10 +57,11 @@ class Trainer:
         self.state = TrainState(model=model, optimizer=optimizer, scheduler=self.schedule, data=self.data)
 
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir)
+        self.initialised_from: Optional[Path] = None
         if self.resumed_from is not None:
             resume_from(self.state, self.resumed_from, mesh)
-        elif t.init_from is not None:
-            load_weights(model, t.init_from, mesh)
+        elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
+            self.initialised_from = load_weights(model, t.init_from, mesh, cfg.model)
 
         self.ctx = StepContext(forward=torch.compile(model) if t.compile else model, precision=self.precision,
                                schedule=self.schedule, mesh=mesh, grad_clip=cfg.optim.grad_clip,
@@ -71,7 +72,10 @@ class Trainer:
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                                 wandb_run_id=self.state.wandb_run_id)
         self.state.wandb_run_id = self.logger.wandb_run_id
-        where = f"resumed from {self.resumed_from}" if self.resumed_from else "new run"
+        where = (f"resumed from {self.resumed_from}" if self.resumed_from else
+                 f"new run initialised from {self.initialised_from}" if self.initialised_from else "new run")
+        if self.resumed_from and t.init_from is not None:
+            where += f" (trainer.resume wins: trainer.init_from={t.init_from} weights not loaded)"
         self.logger.info(f"{where}: step {self.state.step}/{t.max_steps}, run_dir {self.run_dir}, "
                          f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
                          f"device {mesh.device}, precision {cfg.precision.name}")

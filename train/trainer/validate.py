@@ -93,6 +93,8 @@ def _validate_model(cfg: TrainConfig) -> None:
                f"experts: raise model.moe.topk_groups or lower model.moe.top_k")
     _check(moe.capacity_factor is None or moe.capacity_factor > 0,
            f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 or null (dropless)")
+    _check(moe.device_capacity_factor is None or moe.device_capacity_factor > 0,
+           f"model.moe.device_capacity_factor={moe.device_capacity_factor} must be > 0 or null (dropless)")
     _check(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
 
 

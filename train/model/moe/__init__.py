@@ -1,6 +1,11 @@
 """Mixture-of-Experts feed-forward layer: router, grouped experts, dispatchers, capacity, balance terms."""
 from train.model.moe.bias import update_expert_bias, update_expert_biases
-from train.model.moe.capacity import drop_over_capacity, expert_capacity
+from train.model.moe.capacity import (
+    device_capacity,
+    drop_over_capacity,
+    drop_over_device_capacity,
+    expert_capacity,
+)
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher, combine_rows, gather_rows, sort_by_expert
 from train.model.moe.experts import GroupedExperts, grouped_mm
 from train.model.moe.layer import AUX_TERMS, MoELayer, MoELayerOutput
@@ -16,7 +21,9 @@ __all__ = [
     "RouterOutput",
     "TokenDispatcher",
     "combine_rows",
+    "device_capacity",
     "drop_over_capacity",
+    "drop_over_device_capacity",
     "expert_capacity",
     "gather_rows",
     "grouped_mm",

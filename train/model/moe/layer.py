@@ -17,7 +17,12 @@ from torch import nn
 from train.config.model import MoEConfig
 from train.model.mlp import SwiGLU
 from train.model.moe import losses
-from train.model.moe.capacity import drop_over_capacity, expert_capacity
+from train.model.moe.capacity import (
+    device_capacity,
+    drop_over_capacity,
+    drop_over_device_capacity,
+    expert_capacity,
+)
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher
 from train.model.moe.experts import GroupedExperts
 from train.model.moe.router import Router, RouterOutput
@@ -86,6 +91,11 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         route = self.router(x_TD)
         topk_ids_TK = route.topk_ids_TK
+        if self.moe.device_capacity_factor is not None:
+            # Device budget first, from the router's own copies; per-expert capacity then caps what survives.
+            G = self.num_devices
+            budget = device_capacity(topk_ids_TK, self.num_experts, G, self.moe.device_capacity_factor)
+            topk_ids_TK = drop_over_device_capacity(topk_ids_TK, route.topk_weights_TK, self.num_experts, G, budget)
         if self.moe.capacity_factor is not None:
             capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.moe.capacity_factor)
             topk_ids_TK = drop_over_capacity(topk_ids_TK, self.num_experts, capacity)
@@ -102,8 +112,9 @@ class MoELayer(nn.Module):
     def _balance(
         self, route: RouterOutput, kept_ids_TK: torch.Tensor, B: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Balance terms, the bias load and stats, all from the router's selection before capacity drops:
-        they are meant to steer what the router chooses. `kept_ids_TK` only feeds `dropped_frac`."""
+        """Balance terms, the bias load and stats, all from the router's selection before capacity drops
+        (per-device and per-expert): they are meant to steer what the router chooses. `kept_ids_TK` only feeds
+        `dropped_frac`, the fraction of assignments dropped by either."""
         moe, E, K, G = self.moe, self.num_experts, self.top_k, self.num_devices
         ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
         with torch.no_grad():
