@@ -2,8 +2,11 @@
 initialise distributed, build, train, close. Everything else lives in `train/trainer/`."""
 from __future__ import annotations
 
+import os
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from train.config import CONFIG_DIR, register_configs
@@ -11,6 +14,17 @@ from train.trainer import typed_config, validate_config
 from train.trainer.init_from import apply_init_from
 
 register_configs()
+
+
+def job_run_dir(cfg) -> str:
+    """This job's run dir: `trainer.run_dir`, else Hydra's output dir. In a multirun every job would share an
+    explicit `trainer.run_dir` and resume the previous job's checkpoints, so each job gets `run_dir/<job number>`."""
+    hydra_cfg = HydraConfig.get()
+    if not cfg.trainer.run_dir:
+        return hydra_cfg.runtime.output_dir
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return os.path.join(cfg.trainer.run_dir, str(hydra_cfg.job.num))
+    return cfg.trainer.run_dir
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
@@ -25,7 +39,7 @@ def main(dcfg: DictConfig) -> None:
 
     mesh = parallel.init_distributed(cfg)
     # Without trainer.run_dir each rank's Hydra picks a timestamped dir; rank 0's is the run's.
-    cfg.trainer.run_dir = broadcast_object(cfg.trainer.run_dir or HydraConfig.get().runtime.output_dir, mesh)
+    cfg.trainer.run_dir = broadcast_object(job_run_dir(cfg), mesh)
     trainer = None
     try:
         trainer = Trainer(cfg, mesh)

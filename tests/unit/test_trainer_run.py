@@ -151,3 +151,22 @@ def test_save_never_overwrites_and_sets_leftovers_aside(tmp_path, cache_dir):
     weights = (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns
     assert trainer.save() is None  # already complete: left untouched
     assert (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_damaged_checkpoints_give_clear_errors_and_are_kept(tmp_path, cache_dir):
+    from train.checkpoint import CheckpointError
+
+    run(tmp_path / "r", cache_dir, "trainer.max_steps=2", "trainer.save_every=2")
+    ckpt = tmp_path / "r" / "checkpoints" / "step_00000002"
+    weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[: len(good) // 2])  # truncated by a full disk, say
+    with pytest.raises(CheckpointError, match="corrupt"):
+        make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=4", "trainer.save_every=2")
+    assert weights.read_bytes() == good[: len(good) // 2]  # nothing was overwritten
+
+    weights.write_bytes(good)
+    (ckpt / "train_state_rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="train_state_rank0.pt is missing"):
+        make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=4", "trainer.save_every=2")

@@ -140,7 +140,11 @@ def resume_from(state: TrainState, ckpt_dir: Path, mesh) -> None:
     state.load_common_state_dict(common)
     same_layout = common.get("layout") == layout_of(mesh)
     rank_path = ckpt_dir / rank_file(mesh.rank)
-    if same_layout and rank_path.is_file():
+    if same_layout:
+        if not rank_path.is_file():  # marked COMPLETE yet a rank's file is gone: damaged, not a layout change
+            raise ckpt_io.CheckpointError(
+                f"{rank_path} is missing from a checkpoint saved with this run's layout; the checkpoint is damaged: "
+                f"resume from an earlier one with trainer.resume=<path to checkpoints/step_*>")
         state.load_rank_state_dict(torch.load(rank_path, map_location="cpu", weights_only=False))
     elif mesh.rank == 0:
         log.warning("checkpoint layout %s differs from this run's %s: weights and data position restored, "
