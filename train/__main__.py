@@ -3,14 +3,17 @@ initialise distributed, build, train, close. Everything else lives in `train/tra
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from train.checkpoint import CheckpointError
 from train.config import CONFIG_DIR, register_configs
 from train.trainer import typed_config, validate_config
+from train.trainer.validate import ConfigError
 from train.trainer.init_from import apply_init_from
 
 register_configs()
@@ -30,8 +33,11 @@ def job_run_dir(cfg) -> str:
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = typed_config(dcfg)
-    apply_init_from(cfg, HydraConfig.get().overrides.task)  # the checkpoint's architecture, before validation
-    validate_config(cfg)  # before any process group, file or tensor exists
+    try:
+        apply_init_from(cfg, HydraConfig.get().overrides.task)  # the checkpoint's architecture, before validation
+        validate_config(cfg)  # before any process group, file or tensor exists
+    except (ConfigError, CheckpointError) as e:  # the message names the field and the fix; a traceback adds nothing
+        sys.exit(f"moeforge: {e}")
 
     import parallel
     from train.trainer.dist import broadcast_object, shutdown
