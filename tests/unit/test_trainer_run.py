@@ -170,3 +170,33 @@ def test_damaged_checkpoints_give_clear_errors_and_are_kept(tmp_path, cache_dir)
     (ckpt / "train_state_rank0.pt").unlink()
     with pytest.raises(CheckpointError, match="train_state_rank0.pt is missing"):
         make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=4", "trainer.save_every=2")
+
+
+def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["trainer.max_steps=4", "trainer.save_every=2", "logging.wandb=offline"]
+    first = run(tmp_path / "r", cache_dir, *common, stop_at=2)
+    run_id = first.state.wandb_run_id
+    assert run_id
+    resumed = run(tmp_path / "r", cache_dir, *common)
+    assert resumed.state.wandb_run_id == run_id
+    offline_runs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs)  # one run id, two sessions
+
+
+def test_bf16_trains_with_fp32_master_weights_and_router(tmp_path, cache_dir):
+    fp32 = run(tmp_path / "fp32", cache_dir, "trainer.max_steps=3")
+    bf16 = run(tmp_path / "bf16", cache_dir, "trainer.max_steps=3", "precision=bf16")
+    assert all(p.dtype == torch.float32 for p in bf16.state.model.parameters())  # master weights stay fp32
+    ref, got = records(tmp_path / "fp32"), records(tmp_path / "bf16")
+    for r_ref, r in zip(ref, got):
+        assert r["lm_loss"] == pytest.approx(r_ref["lm_loss"], rel=2e-2)  # bf16 matmuls, same trajectory
+        assert r["lm_loss"] != r_ref["lm_loss"]  # autocast really ran
+    # Under autocast the router still scores in fp32 (its logits decide the top-k).
+    model = bf16.state.model
+    _, layer = next(iter(model.moe_layers()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.router(torch.randn(5, layer.router.gate.in_features))
+    assert out.logits_TE.dtype == torch.float32 and out.topk_weights_TK.dtype == torch.float32
+    del fp32

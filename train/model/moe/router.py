@@ -106,8 +106,10 @@ class Router(nn.Module):
         return None
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        # fp32 gate: small logit differences decide the top-k and must not be rounded away in bf16.
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        # fp32 gate: small logit differences decide the top-k and must not be rounded away in bf16. Autocast
+        # would cast the matmul back to bf16 whatever its inputs, so it is switched off for the gate.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if self.scoring == "sigmoid":
             scores_TE = logits_TE.sigmoid()
         else:
