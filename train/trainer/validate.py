@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from train.config import TrainConfig
+from train.data import check_batch_sizes
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -118,11 +119,10 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     t = cfg.trainer
     _check(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
     _check(t.micro_batch_size >= 1, f"trainer.micro_batch_size={t.micro_batch_size} must be >= 1")
-    per_step = t.micro_batch_size * world
-    _check(t.global_batch_size >= per_step and t.global_batch_size % per_step == 0,
-           f"trainer.global_batch_size={t.global_batch_size} must be a multiple of trainer.micro_batch_size="
-           f"{t.micro_batch_size} x {world} ranks = {per_step}: e.g. trainer.global_batch_size="
-           f"{max(1, round(t.global_batch_size / per_step)) * per_step}")
+    try:  # the data module owns the accumulation arithmetic; its message suggests sizes that would divide
+        check_batch_sizes(t, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(1 <= t.seq_len <= cfg.model.max_seq_len,
            f"trainer.seq_len={t.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}")
     _check(t.save_every >= 1, f"trainer.save_every={t.save_every} must be >= 1")
