@@ -74,7 +74,8 @@ class TrainerConfig:
     eval_batches: int = 4
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
-    peak_flops: float = 1.0e12  # per-device peak FLOP/s used for MFU (H100 bf16 dense: 989e12)
+    # Per-device peak FLOP/s for MFU; null picks the dense bf16 peak from the GPU's name (1e12 on CPU).
+    peak_flops: Optional[float] = None
 
 
 @dataclass

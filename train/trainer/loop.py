@@ -24,6 +24,7 @@ from train.trainer.checkpointing import find_resume_checkpoint, load_weights, re
 from train.trainer.dist import barrier, sum_over_ranks
 from train.trainer.logger import RunLogger
 from train.trainer.optim import build_optimizer
+from train.trainer.peak_flops import peak_flops_per_device
 from train.trainer.precision import build_precision
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
@@ -67,6 +68,7 @@ class Trainer:
                                schedule=self.schedule, mesh=mesh, grad_clip=cfg.optim.grad_clip,
                                tokens_per_step=t.global_batch_size * t.seq_len)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops = peak_flops_per_device(t.peak_flops, mesh.device)
         self._write_config()
         self.logger = RunLogger(cfg.logging, self.run_dir, self.is_main, t.max_steps, self.state.step,
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -78,7 +80,8 @@ class Trainer:
             where += f" (trainer.resume wins: trainer.init_from={t.init_from} weights not loaded)"
         self.logger.info(f"{where}: step {self.state.step}/{t.max_steps}, run_dir {self.run_dir}, "
                          f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
-                         f"device {mesh.device}, precision {cfg.precision.name}")
+                         f"device {mesh.device}, precision {cfg.precision.name}, "
+                         f"MFU against {self.peak_flops:.3g} FLOP/s per device")
 
     def _write_config(self) -> None:
         """The resolved config at RUN_DIR/config.yaml; a resumed run with a changed config keeps the old file
@@ -103,7 +106,7 @@ class Trainer:
             record = train_step(self.state, micro_batches, self.ctx)
             elapsed = time.perf_counter() - start  # finalize() read values back, so the device is synced
             record["tokens_per_s"] = self.ctx.tokens_per_step / elapsed
-            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (t.peak_flops * self.mesh.world_size)
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak_flops * self.mesh.world_size)
             step = self.state.step
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
                 val = self.evaluate()
