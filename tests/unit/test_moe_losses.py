@@ -144,3 +144,20 @@ def test_count_reducer_covers_counts_and_token_count():
         key = name.removesuffix("_coef")
         assert torch.allclose(ref.aux_terms[key], got.aux_terms[key])
     assert torch.equal(got.stats["tokens_per_expert_E"], 2 * ref.stats["tokens_per_expert_E"])
+
+
+def test_expert_balance_is_transformers_mixtral_loss_over_top_k():
+    # Why mixtral configs state expert_balance_coef = top_k x router_aux_loss_coef (train/hf/mixtral.py).
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from train.model.moe.losses import expert_balance_loss
+
+    torch.manual_seed(0)
+    T, E, K = 64, 8, 2
+    logits_TE = torch.randn(T, E)
+    probs_TE = logits_TE.softmax(dim=-1)
+    topk_ids_TK = probs_TE.topk(K, dim=-1).indices
+    counts_E = torch.bincount(topk_ids_TK.flatten(), minlength=E).float()
+    ours = expert_balance_loss(counts_E, probs_TE, num_tokens=T, top_k=K)
+    theirs = load_balancing_loss_func((logits_TE,), num_experts=E, top_k=K)
+    torch.testing.assert_close(theirs, K * ours)

@@ -31,8 +31,11 @@ FIELDS = (
     Field("moe.num_experts", "num_local_experts"),
     Field("moe.top_k", "num_experts_per_tok"),
     Field("moe.expert_hidden", "intermediate_size"),
-    Field("moe.expert_balance_coef", "router_aux_loss_coef"),
 )
+
+# transformers' Mixtral balance loss is E * sum_i (count_i / T) * P_i, K times our expert-level term
+# (E / (K T) * sum_i count_i * P_i, DeepSeek-V2's and MegaBlocks' normalisation, 1.0 at perfect balance);
+# router_aux_loss_coef = ours / K keeps the same objective on both sides.
 
 WEIGHTS = (
     Weight("embed.weight", "model.embed_tokens.weight"),
@@ -69,6 +72,7 @@ def hf_config(cfg: ModelConfig) -> Any:
     from transformers import MixtralConfig
 
     kwargs = common.fields_to_hf(FIELDS, cfg)
+    kwargs["router_aux_loss_coef"] = cfg.moe.expert_balance_coef / cfg.moe.num_active_routed
     kwargs.update(rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", router_jitter_noise=0.0,
                   attention_dropout=0.0, architectures=["MixtralForCausalLM"])
     return MixtralConfig(**kwargs)
@@ -78,6 +82,7 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
     """Fill `cfg` (a copy of BASE_CONFIG) in place from a loaded MixtralConfig."""
     common.require_silu(hf, MODEL_TYPE)
     common.fields_from_hf(FIELDS, hf, cfg)
+    cfg.moe.expert_balance_coef = hf.router_aux_loss_coef * cfg.moe.top_k
     cfg.attention.kind, cfg.attention.bias, cfg.attention.clip_qkv = "gqa", False, None
     if cfg.attention.head_dim is None:
         cfg.attention.head_dim = cfg.d_model // cfg.attention.num_heads
