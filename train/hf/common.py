@@ -49,6 +49,18 @@ class Field:
     from_hf: Callable[[Any], Any] = lambda v: v
 
 
+# The top-level fields that transformers' Llama-style configs (Mixtral, DeepSeek-V2/V3) name alike.
+LLAMA_STYLE_FIELDS = (
+    Field("vocab_size", "vocab_size"),
+    Field("d_model", "hidden_size"),
+    Field("num_layers", "num_hidden_layers"),
+    Field("max_seq_len", "max_position_embeddings"),
+    Field("norm_eps", "rms_norm_eps"),
+    Field("tie_embeddings", "tie_word_embeddings"),
+    Field("init_std", "initializer_range"),
+)
+
+
 def get_path(obj: Any, path: str) -> Any:
     """`a.b.c` of nested objects or dicts."""
     for part in path.split("."):

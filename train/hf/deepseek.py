@@ -28,13 +28,7 @@ ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "Deepsee
 
 _none_is_1 = dict(to_hf=lambda v: v, from_hf=lambda v: 1 if v is None else v)
 FIELDS = (
-    Field("vocab_size", "vocab_size"),
-    Field("d_model", "hidden_size"),
-    Field("num_layers", "num_hidden_layers"),
-    Field("max_seq_len", "max_position_embeddings"),
-    Field("norm_eps", "rms_norm_eps"),
-    Field("tie_embeddings", "tie_word_embeddings"),
-    Field("init_std", "initializer_range"),
+    *common.LLAMA_STYLE_FIELDS,
     Field("dense_hidden", "intermediate_size"),
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.q_lora_rank", "q_lora_rank"),

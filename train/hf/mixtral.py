@@ -17,13 +17,7 @@ FAMILIES = ("mixtral",)
 BASE_CONFIG = "mixtral_8x7b"  # published config whose training-only settings an import starts from
 
 FIELDS = (
-    Field("vocab_size", "vocab_size"),
-    Field("d_model", "hidden_size"),
-    Field("num_layers", "num_hidden_layers"),
-    Field("max_seq_len", "max_position_embeddings"),
-    Field("norm_eps", "rms_norm_eps"),
-    Field("tie_embeddings", "tie_word_embeddings"),
-    Field("init_std", "initializer_range"),
+    *common.LLAMA_STYLE_FIELDS,
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.num_kv_heads", "num_key_value_heads"),
     Field("attention.head_dim", "head_dim"),
