@@ -69,29 +69,31 @@ def _pick_backend(name: str, device: torch.device) -> str:
 
 
 def validate_parallel_config(cfg, world_size: int) -> None:
-    """Raise a ValueError naming the offending field (and how to fix it) for an impossible layout."""
+    """Raise a ValueError naming the offending field (and how to fix it) for an impossible layout.
+
+    The one implementation of these rules: the trainer's config validation calls it before any process group
+    exists, and `init_distributed` / `parallelize` call it again for callers that skip that validation.
+    """
     ep = cfg.parallel.ep_size
     if ep < 1:
         raise ValueError(f"parallel.ep_size={ep} must be >= 1")
     if world_size % ep != 0:
         raise ValueError(
-            f"world size {world_size} is not divisible by parallel.ep_size={ep}: choose an ep_size that divides "
-            f"the number of ranks (e.g. parallel.ep_size={_largest_divisor(world_size, ep)})"
+            f"parallel.ep_size={ep} does not divide the world size {world_size}: pick an ep_size that divides it "
+            f"(e.g. parallel.ep_size={_largest_divisor(world_size, ep)})"
         )
     moe = cfg.model.moe
-    num_experts = moe.num_routed_experts
-    if num_experts % ep != 0:
+    n = moe.num_routed_experts
+    if n % ep != 0:
         raise ValueError(
-            f"model.moe.num_routed_experts={num_experts} (after granularity={moe.granularity}) is not divisible "
-            f"by parallel.ep_size={ep}: pick an ep_size that divides it or change model.moe.num_experts/granularity"
+            f"model.moe.num_routed_experts={n} (num_experts={moe.num_experts}, granularity={moe.granularity}) is "
+            f"not divisible by parallel.ep_size={ep}: choose an ep_size that divides {n}"
         )
-    if moe.device_limit is not None and moe.device_limit > ep:
+    if moe.device_limit is not None and not 1 <= moe.device_limit <= ep:
         raise ValueError(
-            f"model.moe.device_limit={moe.device_limit} exceeds parallel.ep_size={ep}: a token cannot reach more "
-            f"devices than exist; set model.moe.device_limit<={ep} or null"
+            f"model.moe.device_limit={moe.device_limit} must be between 1 and parallel.ep_size={ep} "
+            f"(or null for unlimited)"
         )
-    if moe.device_limit is not None and moe.device_limit < 1:
-        raise ValueError(f"model.moe.device_limit={moe.device_limit} must be >= 1 or null")
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

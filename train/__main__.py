@@ -40,12 +40,11 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(f"moeforge: {e}")
 
     import parallel
-    from train.trainer.dist import broadcast_object, shutdown
     from train.trainer.loop import Trainer
 
     mesh = parallel.init_distributed(cfg)
     # Without trainer.run_dir each rank's Hydra picks a timestamped dir; rank 0's is the run's.
-    cfg.trainer.run_dir = broadcast_object(job_run_dir(cfg), mesh)
+    cfg.trainer.run_dir = parallel.broadcast_object(job_run_dir(cfg), mesh)
     trainer = None
     try:
         trainer = Trainer(cfg, mesh)
@@ -53,7 +52,7 @@ def main(dcfg: DictConfig) -> None:
     finally:
         if trainer is not None:
             trainer.close()
-        shutdown(mesh)
+        parallel.shutdown(mesh)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"  # fp32 | bf16 | fp8
-    # Parameters and optimizer state always stay fp32 (master weights); this is the autocast dtype.
-    compute_dtype: str = "float32"
+    # fp32 | bf16 | fp8: the recipe (train/trainer/precision.py). Parameters and optimizer state always stay
+    # fp32 (master weights); bf16 autocasts the forward pass.
+    name: str = "fp32"
 
 
 @dataclass

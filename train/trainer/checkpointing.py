@@ -25,7 +25,6 @@ import torch
 import parallel
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
-from train.trainer.dist import barrier
 from train.trainer.state import TrainState
 
 log = logging.getLogger("train")
@@ -41,28 +40,13 @@ def layout_of(mesh) -> dict:
     return {"world_size": mesh.world_size, "ep_size": mesh.ep_size}
 
 
-def full_state_dict(model: torch.nn.Module, mesh) -> dict:
-    """Logical (unsharded) weights; collective when experts are sharded. Meaningful on rank 0."""
-    gather = getattr(parallel, "gather_full_state_dict", None)
-    return gather(model, mesh) if gather is not None else model.state_dict()
-
-
-def load_full_state_dict(model: torch.nn.Module, state_dict: dict, mesh) -> None:
-    """Load logical weights into a (possibly expert-sharded) model on every rank."""
-    load = getattr(parallel, "load_full_state_dict", None)
-    if load is not None:
-        load(model, state_dict, mesh)
-    else:
-        model.load_state_dict(state_dict, strict=True)
-
-
 def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
                     tokenizer_dir: Optional[Path]) -> Optional[Path]:
     """Collective: every rank calls it. Returns the checkpoint dir (None when that step is already saved)."""
     root = Path(run_dir) / "checkpoints"
     final = root / ckpt_io.step_dir_name(state.step)
     tmp = root / f".tmp_{final.name}"
-    weights = full_state_dict(state.model, mesh)  # collective: before any rank can return early
+    weights = parallel.gather_full_state_dict(state.model, mesh)  # collective: before any early return
     if ckpt_io.is_complete(final):
         if mesh.rank == 0:
             log.warning("checkpoint %s already exists; not overwriting it", final)
@@ -74,13 +58,13 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
                 leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
         ckpt_io.save_model(tmp, cfg, weights, tokenizer_dir)
         torch.save(state.common_state_dict(layout_of(mesh)), tmp / COMMON_FILE)
-    barrier(mesh)
+    parallel.barrier(mesh)
     torch.save(state.rank_state_dict(), tmp / rank_file(mesh.rank))
-    barrier(mesh)
+    parallel.barrier(mesh)
     if mesh.rank == 0:
         tmp.rename(final)
         ckpt_io.mark_complete(final)
-    barrier(mesh)
+    parallel.barrier(mesh)
     return final
 
 
@@ -103,7 +87,7 @@ def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None) -> Path:
     _, state_dict, _ = ckpt_io.load_model(ckpt_dir)
     if model_cfg is not None:
         state_dict = _fit_to_config(state_dict, model_cfg, ckpt_dir)
-    load_full_state_dict(model, state_dict, mesh)
+    parallel.load_full_state_dict(model, state_dict, mesh)
     return ckpt_dir
 
 

@@ -21,7 +21,6 @@ from train.data import build_data
 from train.flops import flops_per_token
 from train.model import build_model
 from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
-from train.trainer.dist import barrier, sum_over_ranks
 from train.trainer.logger import RunLogger
 from train.trainer.optim import build_optimizer
 from train.trainer.peak_flops import peak_flops_per_device
@@ -44,7 +43,7 @@ class Trainer:
         self._warned_no_val = False
         t = cfg.trainer
         self.precision = build_precision(cfg.precision, mesh.device)
-        self.data = build_data(cfg, mesh.rank, mesh.dp_size, self.is_main, barrier=lambda: barrier(mesh))
+        self.data = build_data(cfg, mesh.rank, mesh.dp_size, self.is_main, barrier=lambda: parallel.barrier(mesh))
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}: raise model.vocab_size or lower data.tokenizer_vocab_size")
@@ -138,7 +137,7 @@ class Trainer:
                 out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device))
             total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
         model.train()
-        total = sum_over_ranks(total.to(self.mesh.device), self.mesh).cpu()
+        total = parallel.all_reduce_stats(total.to(self.mesh.device), self.mesh).cpu()
         return float(total[0] / total[1])
 
     def close(self) -> None:

@@ -24,7 +24,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from train.trainer.dist import max_over_ranks, sum_over_ranks
+import parallel
+from train.trainer.dist import max_over_ranks
 
 
 def _as_vector(value, device: torch.device) -> torch.Tensor:
@@ -79,7 +80,7 @@ class StepMetrics:
         """Reduce over ranks (collective) and return a flat JSON-ready dict."""
         keys = list(self.sums)
         flat = torch.cat([self.sums[k] for k in keys]).to(mesh.device)  # one host read-back per step
-        flat = sum_over_ranks(flat, mesh).cpu()
+        flat = parallel.all_reduce_stats(flat, mesh).cpu()
         reduced, offset = {}, 0
         for k in keys:
             n = self.sums[k].numel()

@@ -72,7 +72,6 @@ class TrainState:
         self.data.load_state_dict(state["data"])
         self.wandb_run_id = state.get("wandb_run_id")
 
-    def load_rank_state_dict(self, state: dict, load_optimizer: bool = True) -> None:
-        if load_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])

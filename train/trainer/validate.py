@@ -10,6 +10,7 @@ import glob
 import os
 from pathlib import Path
 
+from parallel.mesh import validate_parallel_config
 from train.config import TrainConfig
 from train.data import check_batch_sizes
 
@@ -100,18 +101,10 @@ def _validate_model(cfg: TrainConfig) -> None:
 
 
 def _validate_parallel(cfg: TrainConfig, world: int) -> None:
-    ep, moe = cfg.parallel.ep_size, cfg.model.moe
-    _check(ep >= 1, f"parallel.ep_size={ep} must be >= 1")
-    _check(world % ep == 0,
-           f"parallel.ep_size={ep} does not divide the world size {world}: pick an ep_size that divides it")
-    n = moe.num_routed_experts
-    _check(n % ep == 0,
-           f"model.moe.num_routed_experts={n} (num_experts={moe.num_experts}, granularity={moe.granularity}) is not "
-           f"divisible by parallel.ep_size={ep}: choose an ep_size that divides {n}")
-    if moe.device_limit is not None:
-        _check(1 <= moe.device_limit <= ep,
-               f"model.moe.device_limit={moe.device_limit} must be between 1 and parallel.ep_size={ep} "
-               f"(or null for unlimited)")
+    try:  # the layout rules live with the code that builds the layout
+        validate_parallel_config(cfg, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0..3")
 
 
