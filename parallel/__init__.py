@@ -4,6 +4,9 @@ Public API (the trainer calls only these):
 - `init_distributed(cfg) -> Mesh`: start the process group (nccl on GPUs, gloo on CPU) if launched by torchrun,
   build the expert-parallel / expert-data-parallel groups; a 1-rank `Mesh` otherwise. Layout: `parallel/mesh.py`.
 - `parallelize(model, cfg, mesh)`: make a built model expert-parallel in place.
+- `build_engine(model, param_groups, optimizer_cls, cfg, mesh, accum_steps) -> TrainEngine`: the seam that owns
+  backward, gradient reduction, clipping, the optimizer step and the optimizer's state: moeforge's own data
+  parallelism at `parallel.zero_stage=0`, DeepSpeed ZeRO (`parallel/zero/`) at 1–3.
 - `reduce_gradients(model, mesh)`: average gradients as the single-process reference would have them.
 - `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: global-norm clipping over sharded experts.
 - `all_reduce_stats(tensor, mesh)`: sum of a statistics tensor over every rank.
@@ -11,11 +14,13 @@ Public API (the trainer calls only these):
 - `barrier(mesh)`, `broadcast_object(obj, mesh)`, `shutdown(mesh)`: process-group housekeeping.
 
 Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differentiable all-to-all),
-`dispatcher` (`AllToAllDispatcher`), `parallelize`, `grads`, `state_dict`.
+`dispatcher` (`AllToAllDispatcher`), `parallelize`, `grads`, `state_dict`, `engine`, `zero` (DeepSpeed).
 """
 from parallel.api import (
     Mesh,
+    TrainEngine,
     all_reduce_stats,
+    build_engine,
     barrier,
     broadcast_object,
     clip_grad_norm_,
@@ -28,6 +33,6 @@ from parallel.api import (
 )
 
 __all__ = [
-    "Mesh", "init_distributed", "parallelize", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
+    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
     "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
 ]

@@ -4,17 +4,19 @@ Order of use in a training script:
     mesh = init_distributed(cfg)                  # process groups, device        (parallel/mesh.py)
     model = build_model(cfg.model).to(mesh.device)
     parallelize(model, cfg, mesh)                 # shard experts, install EP      (parallel/parallelize.py)
-    loss.backward(); reduce_gradients(model, mesh); clip_grad_norm_(model, c, mesh)   (parallel/grads.py)
+    engine = build_engine(model, groups, optimizer_cls, cfg, mesh, accum)        (parallel/engine.py)
+    engine.backward(loss) per micro-batch; engine.step()    (stage 0: parallel/grads.py; 1-3: parallel/zero/)
     gather_full_state_dict / load_full_state_dict for logical checkpoints         (parallel/state_dict.py)
 """
 from __future__ import annotations
 
+from parallel.engine import TrainEngine, build_engine
 from parallel.grads import all_reduce_stats, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh, barrier, broadcast_object, init_distributed, shutdown
 from parallel.parallelize import parallelize
 from parallel.state_dict import gather_full_state_dict, load_full_state_dict
 
 __all__ = [
-    "Mesh", "init_distributed", "parallelize", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
+    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
     "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
 ]

@@ -16,7 +16,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from parallel.mesh import Mesh
 from parallel.parallelize import expert_parameters
 
-BUCKET_BYTES = 32 * 1024 * 1024
+BUCKET_BYTES = 32 * 1024 * 1024  # the default of `parallel.bucket_mb`
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -33,13 +33,13 @@ def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
     return dense, expert
 
 
-def _buckets(params: list[nn.Parameter]):
-    """Consecutive runs of same dtype/device gradients of at most BUCKET_BYTES (a single larger one alone)."""
+def _buckets(params: list[nn.Parameter], bucket_bytes: int):
+    """Consecutive runs of same dtype/device gradients of at most `bucket_bytes` (a single larger one alone)."""
     bucket, size = [], 0
     for p in params:
         g = p.grad
         nbytes = g.numel() * g.element_size()
-        if bucket and (size + nbytes > BUCKET_BYTES or g.dtype != bucket[0].dtype or g.device != bucket[0].device):
+        if bucket and (size + nbytes > bucket_bytes or g.dtype != bucket[0].dtype or g.device != bucket[0].device):
             yield bucket
             bucket, size = [], 0
         bucket.append(g)
@@ -48,8 +48,8 @@ def _buckets(params: list[nn.Parameter]):
         yield bucket
 
 
-def _all_reduce_grads(params: list[nn.Parameter], group, scale: float) -> None:
-    for grads in _buckets(params):
+def _all_reduce_grads(params: list[nn.Parameter], group, scale: float, bucket_bytes: int) -> None:
+    for grads in _buckets(params, bucket_bytes):
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat.mul_(scale)
@@ -58,15 +58,15 @@ def _all_reduce_grads(params: list[nn.Parameter], group, scale: float) -> None:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+def reduce_gradients(model: nn.Module, mesh: Mesh, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Before: each rank holds the gradients of its own loss (dense: its tokens; experts: its EP group's tokens
     routed to its experts). After: every rank holds the gradient of the reference loss on the global batch —
     dense gradients identical on all ranks, each expert's gradient identical across its EDP group."""
     if mesh.world_size == 1:
         return
     dense, expert = _split_params(model)
-    _all_reduce_grads(dense, None, 1.0 / mesh.world_size)
-    _all_reduce_grads(expert, mesh.edp_group, 1.0 / mesh.world_size)
+    _all_reduce_grads(dense, None, 1.0 / mesh.world_size, bucket_bytes)
+    _all_reduce_grads(expert, mesh.edp_group, 1.0 / mesh.world_size, bucket_bytes)
 
 
 def _sum_sq(params: list[nn.Parameter]) -> torch.Tensor:

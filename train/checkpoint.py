@@ -13,6 +13,7 @@ directory that looks complete and never touches an existing checkpoint.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -103,6 +104,26 @@ def mark_complete(ckpt_dir) -> None:
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def load_torch_file(path, allowed_globals=()) -> object:
+    """`torch.load` that never runs code: `weights_only=True` (tensors, numbers, strings, containers) plus only
+    the classes in `allowed_globals`. A file that needs anything else (a planted pickle payload, an object of an
+    unknown class) is refused with a `CheckpointError` naming the file and what it tried to load."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line that names the refused global is the useful one
+        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        reason = lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"{path} was refused: loading it would construct objects other than tensors and plain "
+                              f"data ({reason}), and moeforge never unpickles arbitrary objects. A file moeforge "
+                              f"wrote never needs that: this one was altered or comes from elsewhere") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint is damaged: resume from an earlier "
+                              f"one with trainer.resume=<path to checkpoints/step_*>") from None
 
 
 def load_config(ckpt_dir) -> TrainConfig:

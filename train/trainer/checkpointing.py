@@ -3,15 +3,19 @@
     RUN_DIR/checkpoints/step_00000100/
       model.safetensors, config.yaml, tokenizer/   via train.checkpoint.save_model (rank 0, logical weights)
       train_state.pt                               step, tokens, data position, scheduler, wandb id, layout
-      train_state_rank{r}.pt                       rank r's optimizer state and RNG states
+      train_state_rank{r}.pt                       rank r's RNG states
+      optimizer_rank{r}.pt                         rank r's optimizer state (parallel.zero_stage=0)
+      deepspeed/                                   DeepSpeed's optimizer partitions (parallel.zero_stage=1..3)
       COMPLETE                                     written last
 
 A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes COMPLETE; it never
 overwrites or deletes an existing directory (a leftover temporary directory is moved aside, not removed).
 
-Resuming on a different world size / ep_size restores the weights and the data position exactly; the
-optimizer state is restored only when the layout matches (it is per-rank and follows the expert sharding),
-otherwise it starts fresh with a warning. Re-sharding optimizer state is a later improvement.
+Every file is read without unpickling arbitrary objects (safetensors, or `train.checkpoint.load_torch_file`).
+
+Resuming on a different world size / ep_size / ZeRO stage restores the weights and the data position exactly;
+the optimizer state is restored only when the layout matches (it is per-rank and follows the expert sharding
+and the ZeRO partitioning), otherwise it starts fresh with a warning. Re-sharding it is a later improvement.
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ def rank_file(rank: int) -> str:
     return f"train_state_rank{rank}.pt"
 
 
-def layout_of(mesh) -> dict:
-    return {"world_size": mesh.world_size, "ep_size": mesh.ep_size}
+def layout_of(mesh, cfg: TrainConfig) -> dict:
+    """What the per-rank files depend on: the rank grid and how ZeRO partitions the optimizer state."""
+    return {"world_size": mesh.world_size, "ep_size": mesh.ep_size, "zero_stage": cfg.parallel.zero_stage}
 
 
 def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
@@ -46,7 +51,8 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
     root = Path(run_dir) / "checkpoints"
     final = root / ckpt_io.step_dir_name(state.step)
     tmp = root / f".tmp_{final.name}"
-    weights = parallel.gather_full_state_dict(state.model, mesh)  # collective: before any early return
+    with state.engine.full_parameters():  # collective: before any early return
+        weights = parallel.gather_full_state_dict(state.model, mesh)
     if ckpt_io.is_complete(final):
         if mesh.rank == 0:
             log.warning("checkpoint %s already exists; not overwriting it", final)
@@ -57,9 +63,10 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
             if leftover.exists():
                 leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
         ckpt_io.save_model(tmp, cfg, weights, tokenizer_dir)
-        torch.save(state.common_state_dict(layout_of(mesh)), tmp / COMMON_FILE)
+        torch.save(state.common_state_dict(layout_of(mesh, cfg)), tmp / COMMON_FILE)
     parallel.barrier(mesh)
     torch.save(state.rank_state_dict(), tmp / rank_file(mesh.rank))
+    state.engine.save(tmp, mesh.rank)  # collective under DeepSpeed
     parallel.barrier(mesh)
     if mesh.rank == 0:
         tmp.rename(final)
@@ -113,23 +120,30 @@ def _fit_to_config(state_dict: dict, model_cfg, ckpt_dir: Path) -> dict:
     return state_dict
 
 
-def resume_from(state: TrainState, ckpt_dir: Path, mesh) -> None:
-    """Restore weights, counters, data position, RNG and (when the layout matches) optimizer state."""
-    load_weights(state.model, ckpt_dir, mesh)
-    common_path = ckpt_dir / COMMON_FILE
-    if not common_path.is_file():
+def check_resumable(ckpt_dir: Path) -> None:
+    """A checkpoint to resume from must carry the trainer's state, not only weights."""
+    if not (ckpt_dir / COMMON_FILE).is_file():
         raise ckpt_io.CheckpointError(
             f"{ckpt_dir} has no {COMMON_FILE} (an imported checkpoint?): start from it with trainer.init_from")
-    common = torch.load(common_path, map_location="cpu", weights_only=False)
+
+
+def resume_from(state: TrainState, ckpt_dir: Path, cfg: TrainConfig, mesh) -> None:
+    """Restore counters, data position, RNG and (when the layout matches) the engine's optimizer state. The
+    weights were loaded before the engine was built (`load_weights`), because ZeRO copies them at build time."""
+    check_resumable(ckpt_dir)
+    common = ckpt_io.load_torch_file(ckpt_dir / COMMON_FILE)
     state.load_common_state_dict(common)
-    same_layout = common.get("layout") == layout_of(mesh)
-    rank_path = ckpt_dir / rank_file(mesh.rank)
-    if same_layout:
-        if not rank_path.is_file():  # marked COMPLETE yet a rank's file is gone: damaged, not a layout change
-            raise ckpt_io.CheckpointError(
-                f"{rank_path} is missing from a checkpoint saved with this run's layout; the checkpoint is damaged: "
-                f"resume from an earlier one with trainer.resume=<path to checkpoints/step_*>")
-        state.load_rank_state_dict(torch.load(rank_path, map_location="cpu", weights_only=False))
+    layout = layout_of(mesh, cfg)
+    if common.get("layout") == layout:
+        rank_path = ckpt_dir / rank_file(mesh.rank)
+        for present, what in ((rank_path.is_file(), rank_path),
+                              (state.engine.has_state(ckpt_dir, mesh.rank), f"the optimizer state of rank {mesh.rank}")):
+            if not present:  # marked COMPLETE yet a rank's file is gone: damaged, not a layout change
+                raise ckpt_io.CheckpointError(
+                    f"{what} is missing from {ckpt_dir}, saved with this run's layout; the checkpoint is damaged: "
+                    f"resume from an earlier one with trainer.resume=<path to checkpoints/step_*>")
+        state.load_rank_state_dict(ckpt_io.load_torch_file(rank_path))
+        state.engine.load(ckpt_dir, mesh.rank)
     elif mesh.rank == 0:
         log.warning("checkpoint layout %s differs from this run's %s: weights and data position restored, "
-                    "optimizer state starts fresh", common.get("layout"), layout_of(mesh))
+                    "optimizer state starts fresh", common.get("layout"), layout)

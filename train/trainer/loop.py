@@ -2,8 +2,9 @@
 
 Build order and why: data first (its tokenizer fixes the vocabulary the model must cover); the model is
 built and initialised from `trainer.seed` on every rank identically, moved to the device, then
-`parallel.parallelize` shards it; the optimizer is built over the parallelized parameters; a resume (or
-`init_from`) then overwrites weights and state.
+`parallel.parallelize` shards it; a resume (or `init_from`) then overwrites its weights; only then is the engine
+(optimizer, and under ZeRO its partitions, which copy the weights) built over the parallelized parameters, and a
+resume restores the engine's optimizer state, counters and data position.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from train.config import TrainConfig
 from train.data import build_data
 from train.flops import flops_per_token
 from train.model import build_model
-from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
+from train.trainer.checkpointing import (check_resumable, find_resume_checkpoint, load_weights, resume_from,
+                                        save_checkpoint)
 from train.trainer.logger import RunLogger
-from train.trainer.optim import build_optimizer
+from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.peak_flops import peak_flops_per_device
 from train.trainer.precision import build_precision
 from train.trainer.schedule import LRSchedule
@@ -52,19 +54,24 @@ class Trainer:
         model = build_model(cfg.model).to(mesh.device)
         parallel.parallelize(model, cfg, mesh)
         model.train()
-        optimizer = build_optimizer(model, cfg.optim)
-        self.schedule = LRSchedule(cfg.optim, t.max_steps)
-        self.state = TrainState(model=model, optimizer=optimizer, scheduler=self.schedule, data=self.data)
 
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir)
         self.initialised_from: Optional[Path] = None
         if self.resumed_from is not None:
-            resume_from(self.state, self.resumed_from, mesh)
+            check_resumable(self.resumed_from)
+            load_weights(model, self.resumed_from, mesh)
         elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
             self.initialised_from = load_weights(model, t.init_from, mesh, cfg.model)
 
-        self.ctx = StepContext(forward=torch.compile(model) if t.compile else model, precision=self.precision,
-                               schedule=self.schedule, mesh=mesh, grad_clip=cfg.optim.grad_clip,
+        engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay),
+                                       optimizer_factory(cfg.optim), cfg, mesh, self.data.grad_accum_steps,
+                                       run_dir=self.run_dir)
+        self.schedule = LRSchedule(cfg.optim, t.max_steps)
+        self.state = TrainState(model=model, engine=engine, scheduler=self.schedule, data=self.data)
+        if self.resumed_from is not None:
+            resume_from(self.state, self.resumed_from, cfg, mesh)
+
+        self.ctx = StepContext(precision=self.precision, schedule=self.schedule, mesh=mesh,
                                tokens_per_step=t.global_batch_size * t.seq_len)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = peak_flops_per_device(t.peak_flops, mesh.device)
@@ -133,8 +140,9 @@ class Trainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for mb in self.data.val_batches(self.cfg.trainer.eval_batches):
-            with self.precision.autocast():
-                out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device))
+            with self.precision.autocast():  # the engine's forward: ZeRO-3 gathers partitioned weights in it
+                out = self.state.engine.forward(mb["input_ids"].to(self.mesh.device),
+                                                mb["labels"].to(self.mesh.device))
             total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
         model.train()
         total = parallel.all_reduce_stats(total.to(self.mesh.device), self.mesh).cpu()

@@ -8,6 +8,9 @@ biases are buffers, never optimized.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -28,9 +31,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the model's parameters (fp32 master weights: parameters are never cast)."""
+def optimizer_factory(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Optimizer]:
+    """`param groups -> optimizer` for `cfg` (AdamW; fp32 master weights: parameters are never cast). A factory
+    rather than an optimizer, because the engine may regroup the parameters first (DeepSpeed splits expert
+    groups off the dense ones)."""
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r}: only adamw is implemented")
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return functools.partial(torch.optim.AdamW, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` over `model`'s parameter groups, as stage 0 builds it."""
+    return optimizer_factory(cfg)(param_groups(model, cfg.weight_decay))

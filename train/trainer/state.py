@@ -1,10 +1,11 @@
 """`TrainState`: everything a run needs to continue exactly where it stopped.
 
-The state splits in two because expert weights (and so their optimizer moments) may be sharded:
+The state splits in three because expert weights (and so their optimizer moments) may be sharded:
 - `common_state_dict()` is identical on every rank: step, tokens seen, scheduler, data position, wandb run id
   and the parallel layout it was saved under. Rank 0 writes it as `train_state.pt`.
-- `rank_state_dict()` is this rank's own: optimizer state (moments of the parameters this rank holds) and its
-  RNG states. Each rank writes `train_state_rank{r}.pt`.
+- `rank_state_dict()` is this rank's own RNG states. Each rank writes `train_state_rank{r}.pt`.
+- the optimizer state (moments of what this rank holds, partitioned under ZeRO) belongs to `engine`, which
+  writes its own files (`parallel/engine.py`).
 Model weights are not here: they go to `model.safetensors` in logical (unsharded) form.
 """
 from __future__ import annotations
@@ -18,8 +19,12 @@ import torch
 
 
 def capture_rng() -> dict:
-    """The torch (CPU and CUDA), numpy and python RNG states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The torch (CPU and CUDA), numpy and python RNG states of this process, as tensors and plain data only
+    (numpy's key array becomes a tensor) so that the file loads with `torch.load(weights_only=True)`."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -27,7 +32,9 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -42,10 +49,11 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainState:
-    """Live training objects plus counters. `model` is the un-compiled module (stable state_dict keys)."""
+    """Live training objects plus counters. `model` is the un-compiled module (stable state_dict keys); `engine`
+    (a `parallel.TrainEngine`) owns backward, the optimizer and its state."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Any
     scheduler: Any
     data: Any
     step: int = 0  # optimizer steps completed
@@ -63,7 +71,7 @@ class TrainState:
         }
 
     def rank_state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
+        return {"rng": capture_rng()}
 
     def load_common_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -73,5 +81,4 @@ class TrainState:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def load_rank_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])

@@ -2,17 +2,18 @@
 
 Order (each line's why):
 1. lr from the step alone (stateless schedule, so a resumed run continues exactly);
-2. forward + backward per micro-batch with the loss scaled by 1/accum, so the summed gradient is the
-   gradient of the mean loss over the rank's slice; under `parallel.reduce_gradients` the ranks' slices
-   combine into the gradient of the global batch's mean loss (equal micro-batch sizes everywhere);
-3. `parallel.reduce_gradients` then `parallel.clip_grad_norm_` (the global norm over sharded experts);
-4. optimizer step; then the expert-selection biases move from this step's loads summed over all ranks, so
-   replicated biases stay identical on every rank.
+2. forward + `engine.backward` per micro-batch; the engine scales each loss by 1/accum, so the summed gradient
+   is the gradient of the mean loss over the rank's slice (equal micro-batch sizes everywhere);
+3. `engine.step()`: the ranks' gradients combine into the gradient of the global batch's mean loss, are
+   clipped by their global norm (over sharded experts and ZeRO partitions alike) and applied. The engine is
+   moeforge's own data parallelism at `parallel.zero_stage=0` and DeepSpeed ZeRO at 1–3 (`parallel/engine.py`);
+4. then the expert-selection biases move from this step's loads summed over all ranks, so replicated biases
+   stay identical on every rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import List
 
 import torch
 
@@ -26,13 +27,11 @@ from train.trainer.state import TrainState
 
 @dataclass
 class StepContext:
-    """What a step needs besides the state. `forward` is the (possibly compiled) model used for training."""
+    """What a step needs besides the state."""
 
-    forward: Callable
     precision: Precision
     schedule: LRSchedule
     mesh: object
-    grad_clip: float
     tokens_per_step: int  # global: global_batch_size × seq_len
 
 
@@ -43,22 +42,17 @@ def bias_stats(model: torch.nn.Module) -> list:
 
 def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -> dict:
     """Run one optimizer step on this rank's micro-batches (collective); return the step's metrics record."""
-    model, mesh, device = state.model, ctx.mesh, ctx.mesh.device
-    lr = ctx.schedule.apply(state.optimizer, state.step)
-    state.optimizer.zero_grad(set_to_none=True)
+    model, engine, mesh, device = state.model, state.engine, ctx.mesh, ctx.mesh.device
+    lr = ctx.schedule.apply(engine.optimizer, state.step)
     metrics = StepMetrics(device)
-    scale = 1.0 / len(micro_batches)
     for mb in micro_batches:
         input_ids = mb["input_ids"].to(device, non_blocking=True)
         labels = mb["labels"].to(device, non_blocking=True)
         with ctx.precision.autocast():
-            out = ctx.forward(input_ids, labels)
-        (out.loss * scale).backward()
+            out = engine.forward(input_ids, labels)
+        engine.backward(out.loss)
         metrics.add(out)
-    parallel.reduce_gradients(model, mesh)
-    max_norm = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm_(model, max_norm, mesh)
-    state.optimizer.step()
+    grad_norm = engine.step()
     update_expert_biases(model, reduce=lambda t: parallel.all_reduce_stats(t, mesh))
     state.step += 1
     state.tokens += ctx.tokens_per_step

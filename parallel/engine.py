@@ -1,0 +1,120 @@
+"""The training engine: the one seam that owns backward, gradient reduction, clipping, the optimizer step and the
+optimizer's state, whatever implements data parallelism underneath.
+
+    engine = build_engine(model, param_groups, cfg, mesh, accum_steps)   # after parallelize and weight loading
+    for each micro-batch:  engine.backward(engine.forward(input_ids, labels).loss)
+    grad_norm = engine.step()                                            # reduce, clip, update, zero gradients
+    engine.save(ckpt_dir) / engine.load(ckpt_dir)                        # this rank's optimizer state
+
+`parallel.zero_stage=0` is `LocalEngine`: moeforge's own data parallelism (`parallel/grads.py`), gradient
+reduction and global-norm clipping over sharded experts. Stages 1–3 are `parallel.zero.DeepSpeedEngine`, which
+hands the same model and optimizer to DeepSpeed ZeRO. The trainer's step reads the same for both.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parallel.grads import BUCKET_BYTES, clip_grad_norm_, reduce_gradients
+from parallel.memory import tensors_in, unique_bytes
+from parallel.mesh import Mesh
+from train.checkpoint import load_torch_file
+
+
+class TrainEngine:
+    """What every engine provides. `model` is the parallelized module (stable state-dict keys); `optimizer` is the
+    torch optimizer whose `param_groups` carry the learning rate the schedule sets."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: callable  # what a training forward pass calls (the model, compiled or wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss, scaled by 1/accum_steps."""
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Collective. Before: each rank holds the accumulated gradients of its own micro-batches. After: the
+        parameters hold the update from the gradient of the global batch's mean loss (clipped to
+        `optim.grad_clip` by its global norm), gradients are cleared. Returns that norm, before clipping."""
+        raise NotImplementedError
+
+    def full_parameters(self):
+        """Context in which every parameter of `model` holds its whole local tensor (ZeRO-3 gathers them); the
+        expert tensors are still this rank's EP shard. Collective on entry and exit."""
+        return contextlib.nullcontext()
+
+    def save(self, ckpt_dir: Path, rank: int) -> None:
+        """Collective: write this rank's optimizer state into `ckpt_dir`."""
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path, rank: int) -> None:
+        """Collective: restore the optimizer state that `save` wrote with the same layout."""
+        raise NotImplementedError
+
+    def has_state(self, ckpt_dir: Path, rank: int) -> bool:
+        """Whether `ckpt_dir` holds this engine's optimizer state for `rank`."""
+        raise NotImplementedError
+
+    def held_bytes(self) -> dict:
+        """Bytes this rank holds now: `params` (the model's weights), `grads` (gradients, whole or partitioned)
+        and `optimizer` (optimizer moments plus any separate fp32 master copy), each tensor counted once."""
+        raise NotImplementedError
+
+
+class LocalEngine(TrainEngine):
+    """Stage 0: plain backward, `reduce_gradients` and `clip_grad_norm_` over the mesh, then the optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, accum_steps: int,
+                 grad_clip: float, compile: bool = False, bucket_mb: float = BUCKET_BYTES / 2**20):
+        self.model, self.optimizer, self.mesh = model, optimizer, mesh
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.forward = torch.compile(model) if compile else model
+        self.loss_scale = 1.0 / accum_steps
+        self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale).backward()
+
+    def step(self) -> float:
+        reduce_gradients(self.model, self.mesh, self.bucket_bytes)
+        grad_norm = clip_grad_norm_(self.model, self.max_norm, self.mesh)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @staticmethod
+    def _file(ckpt_dir: Path, rank: int) -> Path:
+        return Path(ckpt_dir) / f"optimizer_rank{rank}.pt"
+
+    def save(self, ckpt_dir: Path, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), self._file(ckpt_dir, rank))
+
+    def load(self, ckpt_dir: Path, rank: int) -> None:
+        self.optimizer.load_state_dict(load_torch_file(self._file(ckpt_dir, rank)))
+
+    def has_state(self, ckpt_dir: Path, rank: int) -> bool:
+        return self._file(ckpt_dir, rank).is_file()
+
+    def held_bytes(self) -> dict:
+        params = list(self.model.parameters())  # fp32 and updated in place: they are the master weights
+        return {"params": unique_bytes(params),
+                "grads": unique_bytes(p.grad for p in params if p.grad is not None),
+                "optimizer": unique_bytes(tensors_in(list(self.optimizer.state.values())))}
+
+
+def build_engine(model: nn.Module, param_groups: list[dict], optimizer_cls, cfg, mesh: Mesh,
+                 accum_steps: int, run_dir=None) -> TrainEngine:
+    """The engine `parallel.zero_stage` asks for, over an already parallelized model whose weights are final
+    (ZeRO copies them into its partitions here). `param_groups` and `optimizer_cls(groups)` define the
+    optimizer; DeepSpeed stages split the groups into dense and expert groups first. `run_dir` receives the
+    generated DeepSpeed config."""
+    if cfg.parallel.zero_stage == 0:
+        return LocalEngine(model, optimizer_cls(param_groups), mesh, accum_steps, cfg.optim.grad_clip,
+                           compile=cfg.trainer.compile, bucket_mb=cfg.parallel.bucket_mb)
+    from parallel.zero.engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, param_groups, optimizer_cls, cfg, mesh, accum_steps, run_dir)
