@@ -44,11 +44,6 @@ class AllReduceSum:
 
 
 def _check_supported(model: nn.Module, cfg, mesh: Mesh) -> None:
-    if cfg.parallel.zero_stage > 0:
-        raise NotImplementedError(
-            f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO lands in a later issue; "
-            "use parallel.zero_stage=0 (plain data parallel over the expert-data-parallel groups)"
-        )
     if cfg.parallel.ep_size != mesh.ep_size:
         raise ValueError(f"parallel.ep_size={cfg.parallel.ep_size} but the mesh was built with ep_size={mesh.ep_size}")
     validate_parallel_config(cfg, mesh.world_size)

@@ -92,3 +92,47 @@ def test_invalid_values(overrides, match):
 
 def test_errors_are_value_errors():
     assert issubclass(ConfigError, ValueError)
+
+
+# DeepSpeed ZeRO: every check runs before the data and the model are built.
+ZERO4 = ["model=tiny_deepseek_moe", "model.vocab_size=8192", "parallel.ep_size=2", "trainer.global_batch_size=16"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_validate_on_four_ranks(stage):
+    validate_config(load_train_config([*ZERO4, f"parallel.zero_stage={stage}"]), world_size=4)
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["parallel.zero_stage=4"], 4, r"parallel.zero_stage=4 must be 0 .* or a DeepSpeed ZeRO stage 1, 2 or 3"),
+    (["parallel.zero_stage=2", "parallel.ep_size=1"], 1, r"parallel.zero_stage=2 partitions state over ranks"),
+    (["parallel.zero_stage=2", "trainer.compile=true"], 4, r"trainer.compile=true is not supported"),
+    (["parallel.zero_stage=0", "+parallel.deepspeed.gradient_clipping=1.0"], 4,
+     r"parallel.deepspeed=.* parallel.zero_stage=0 does not use DeepSpeed"),
+    (["parallel.zero_stage=2", "+parallel.deepspeed.gradient_clipping=5.0"], 4,
+     r"parallel.deepspeed.gradient_clipping=5.0 contradicts optim.grad_clip \(which gives 1.0\)"),
+    (["parallel.zero_stage=2", "+parallel.deepspeed.zero_optimization.stage=3"], 4,
+     r"parallel.deepspeed.zero_optimization.stage=3 contradicts parallel.zero_stage \(which gives 2\)"),
+    (["parallel.zero_stage=1", "+parallel.deepspeed.train_batch_size=64"], 4,
+     r"parallel.deepspeed.train_batch_size=64 contradicts trainer.global_batch_size"),
+    (["parallel.zero_stage=2", "+parallel.deepspeed.bf16.enabled=true"], 4, r"parallel.deepspeed.bf16.enabled=True"),
+    (["parallel.zero_stage=2", "+parallel.deepspeed.optimizer.type=Adam"], 4,
+     r"parallel.deepspeed.optimizer cannot be set: moeforge owns it through optim"),
+    (["parallel.zero_stage=2", "+parallel.deepspeed.zero_optimization.no_such_knob=1"], 4,
+     r"parallel.deepspeed.zero_optimization is not valid for DeepSpeed: .*no_such_knob"),
+])
+def test_zero_config_errors(overrides, world, match):
+    _check([*ZERO4, *overrides], match, world_size=world)
+
+
+def test_generated_deepspeed_config_follows_the_hydra_config():
+    from parallel.zero.config import deepspeed_config
+
+    cfg = load_train_config([*ZERO4, "parallel.zero_stage=3", "trainer.micro_batch_size=2", "optim.grad_clip=0.5",
+                             "parallel.bucket_mb=8", "+parallel.deepspeed.zero_optimization.overlap_comm=true"])
+    ds = deepspeed_config(cfg, accum_steps=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 8 * 2**20 // 4

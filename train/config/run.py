@@ -3,7 +3,7 @@ trainer and logging. `TrainConfig` is the root that `configs/train.yaml` fills i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from train.config.model import ModelConfig
 
@@ -11,8 +11,14 @@ from train.config.model import ModelConfig
 @dataclass
 class ParallelConfig:
     ep_size: int = 1  # expert-parallel degree; world / ep_size ranks form each expert-data-parallel group
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = plain data parallel)
+    # 0: moeforge's own data parallelism; 1, 2, 3: DeepSpeed ZeRO partitions optimizer state / + gradients /
+    # + parameters (parallel/zero/). The DeepSpeed config is generated from this whole config.
+    zero_stage: int = 0
     backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
+    bucket_mb: float = 32.0  # gradient reduction bucket (MiB of fp32), for stage 0 and DeepSpeed's buckets alike
+    # Extra DeepSpeed config keys merged onto the generated ones, e.g. {zero_optimization: {overlap_comm: true}};
+    # a key that contradicts a value moeforge generates is an error naming both.
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

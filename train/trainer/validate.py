@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from parallel.mesh import validate_parallel_config
+from parallel.zero.config import check_deepspeed_config
 from train.config import TrainConfig
 from train.data import check_batch_sizes
 
@@ -105,7 +106,23 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
         validate_parallel_config(cfg, world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0..3")
+    stage = cfg.parallel.zero_stage
+    _check(stage in (0, 1, 2, 3), f"parallel.zero_stage={stage} must be 0 (moeforge's data parallelism) or a "
+                                  f"DeepSpeed ZeRO stage 1, 2 or 3")
+    _check(cfg.parallel.bucket_mb > 0, f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0")
+    if stage == 0:
+        _check(not cfg.parallel.deepspeed, f"parallel.deepspeed={cfg.parallel.deepspeed} is set but "
+                                           f"parallel.zero_stage=0 does not use DeepSpeed: set parallel.zero_stage")
+        return
+    _check(world > 1, f"parallel.zero_stage={stage} partitions state over ranks, and this run has one: launch "
+                      f"several with torchrun --nproc_per_node=N, or use parallel.zero_stage=0")
+    _check(not cfg.trainer.compile, f"trainer.compile=true is not supported with parallel.zero_stage={stage} "
+                                    f"yet: use trainer.compile=false, or parallel.zero_stage=0")
+    try:  # batch sizes first: the DeepSpeed config is derived from them
+        accum_steps = check_batch_sizes(cfg.trainer, world)
+        check_deepspeed_config(cfg, accum_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_trainer(cfg: TrainConfig, world: int) -> None:
