@@ -49,6 +49,8 @@ def main(dcfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, mesh)
         trainer.fit()
+    except (ConfigError, CheckpointError) as e:  # e.g. a damaged or tampered checkpoint found while resuming
+        sys.exit(f"moeforge: {e}")
     finally:
         if trainer is not None:
             trainer.close()

@@ -45,3 +45,9 @@ def test_two_nodes_on_loopback_follow_single_process(tmp_path):
     limited = _two_nodes(tmp_path / "ep2_m1", cache, ["parallel.ep_size=2", "model.moe.device_limit=1"])
     assert all(r["moe/devices_per_token_max"] <= 1 for r in limited)
     assert sum(r["moe/a2a_tokens_sent"] for r in limited) < sum(r["moe/a2a_tokens_sent"] for r in got)
+
+    # DeepSpeed ZeRO-2 across the two launchers follows moeforge's own data parallelism (stage 0) above
+    zero = _two_nodes(tmp_path / "ep2_zero2", cache, ["parallel.ep_size=2", "parallel.zero_stage=2"])
+    for r_ref, r in zip(got, zero):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert r[key] == pytest.approx(r_ref[key], rel=1e-5, abs=1e-5), (r["step"], key)
