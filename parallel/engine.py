@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class TrainEngine:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    forward: callable  # what a training forward pass calls (the model, compiled or wrapped)
+    forward: Callable  # what a training forward pass calls (the model, compiled or wrapped)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's mean loss, scaled by 1/accum_steps."""

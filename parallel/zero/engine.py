@@ -10,7 +10,7 @@ expert ones over their EDP group; the clipping norm is the global one over all p
 
 Checkpoints: the model's logical weights stay in moeforge's `model.safetensors`; this engine writes DeepSpeed's
 optimizer partitions under `CKPT/deepspeed/` with DeepSpeed's own `save_checkpoint` and reads them back with
-`load_checkpoint` through a `weights_only=True` loader (`SAFE_GLOBALS`), leaving the module's weights alone.
+`load_checkpoint` through a `weights_only=True` loader (`safe_globals()`), leaving the module's weights alone.
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ class DeepSpeedEngine(TrainEngine):
             self.ds.optimizer.update_lp_params()
 
     def has_state(self, ckpt_dir: Path, rank: int) -> bool:
-        return (Path(ckpt_dir) / TAG).is_dir()
+        # DeepSpeed's name for rank r's optimizer partition (r is its rank in the data-parallel world)
+        return (Path(ckpt_dir) / TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
 
     def held_bytes(self) -> dict:
         # Where DeepSpeed 0.19.8 keeps each kind (tests/distributed/test_zero.py checks the totals):

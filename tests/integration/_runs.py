@@ -44,6 +44,13 @@ def train_cli(overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> 
     return run_cli([sys.executable, "-m", "train", *overrides], cache_dir, timeout)
 
 
+def torchrun_cli(nproc: int, overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> str:
+    """`torchrun --standalone --nproc_per_node=nproc -m train ...` (gloo ranks on CPU); returns its output."""
+    proc = run_cli(["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train", *overrides], cache_dir,
+                   timeout)
+    return proc.stdout + proc.stderr
+
+
 def read_metrics(run_dir: Path) -> List[dict]:
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]

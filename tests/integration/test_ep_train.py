@@ -8,11 +8,10 @@ Two routing set-ups of tiny_deepseek_v3:
 """
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, train_cli
+from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,6 @@ COMMON = ["model=tiny_deepseek_v3", f"trainer.max_steps={NUM_STEPS}", "trainer.g
           "logging.progress=false", *FAST_DATA]
 UNGROUPED = ["model.moe.num_groups=1", "model.moe.topk_groups=1"]
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
-
-
-def torchrun(nproc: int, overrides, cache):
-    """`torchrun --standalone --nproc_per_node=nproc -m train ...` in a subprocess; fails with its output."""
-    args = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train", *overrides]
-    proc = subprocess.run(args, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def runs(tmp_path_factory, cache):
             if nproc == 1:
                 train_cli(overrides, cache)
             else:
-                torchrun(nproc, overrides, cache)
+                torchrun_cli(nproc, overrides, cache)
             done[name] = step_records(root / name)
         return done[name]
 

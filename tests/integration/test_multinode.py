@@ -1,6 +1,5 @@
 """Two launcher processes on loopback (a two-node job in miniature) follow the single-process loss curve."""
 import subprocess
-import sys
 
 import pytest
 

@@ -9,12 +9,11 @@ same schedule as one 5-step run.
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, train_cli
+from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +26,7 @@ TOKENS_PER_STEP = 8 * 32
 
 def torchrun2(overrides, cache) -> str:
     """`torchrun --standalone --nproc_per_node=2 -m train parallel.ep_size=2 ...`; returns its output."""
-    args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "train", "parallel.ep_size=2", *overrides]
-    proc = subprocess.run(args, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+    return torchrun_cli(2, ["parallel.ep_size=2", *overrides], cache)
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,20 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, read_metrics, step_records
+from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, torchrun_cli
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
 COMMON = ["model=tiny_deepseek_v3", "model.num_layers=2", "model.d_model=64", "parallel.ep_size=2",
           f"trainer.max_steps={STEPS}", "trainer.global_batch_size=8", "trainer.micro_batch_size=1",
-          "trainer.seq_len=32", "trainer.eval_every=0", "trainer.save_every=3", "logging.progress=false",
+          "trainer.seq_len=32", f"trainer.eval_every={STEPS}", "trainer.save_every=3", "logging.progress=false",
           *FAST_DATA]
 EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm", "lr", "tokens", "moe/a2a_tokens_sent")
 
 
 def torchrun4(overrides, cache) -> str:
-    args = ["torchrun", "--standalone", "--nproc_per_node=4", "-m", "train", *COMMON, *overrides]
-    proc = subprocess.run(args, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+    return torchrun_cli(4, [*COMMON, *overrides], cache)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +62,16 @@ def test_zero_stage_trains_and_resumes_exactly(stage, tmp_path, cache):
     for r, r_ref in zip(got[3:], ref[3:]):
         for key in EXACT_KEYS:
             assert r[key] == r_ref[key], (stage, r["step"], key)
+    assert got[-1]["val_loss"] == ref[-1]["val_loss"]  # evaluation runs the (ZeRO-3: partitioned) model too
+    if stage == 2:  # a rank's DeepSpeed partition gone from a COMPLETE checkpoint: damaged, said in one line
+        damaged = tmp_path / "damaged"
+        cut_back_to_step_3(full, damaged)
+        (damaged / "checkpoints/step_00000003/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+        args = ["torchrun", "--standalone", "--nproc_per_node=4", "-m", "train", *COMMON,
+                f"parallel.zero_stage={stage}", f"trainer.run_dir={damaged}"]
+        proc = subprocess.run(args, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert "the optimizer state of rank 1 is missing" in proc.stderr and "damaged" in proc.stderr
     final = "checkpoints/step_00000005/model.safetensors"
     weights, weights_ref = load_file(resumed / final), load_file(full / final)
     assert weights.keys() == weights_ref.keys()

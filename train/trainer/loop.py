@@ -140,9 +140,8 @@ class Trainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for mb in self.data.val_batches(self.cfg.trainer.eval_batches):
-            with self.precision.autocast():  # the engine's forward: ZeRO-3 gathers partitioned weights in it
-                out = self.state.engine.forward(mb["input_ids"].to(self.mesh.device),
-                                                mb["labels"].to(self.mesh.device))
+            with self.precision.autocast():  # uncompiled; ZeRO-3's module hooks gather partitioned weights here too
+                out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device))
             total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
         model.train()
         total = parallel.all_reduce_stats(total.to(self.mesh.device), self.mesh).cpu()
