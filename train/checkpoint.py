@@ -5,6 +5,7 @@
       config.yaml         the resolved TrainConfig
       tokenizer/          Hugging Face tokenizer files
       train_state*.pt     optimizer, scheduler, data position, RNG, ... (trainer-owned; absent when imported)
+      CHECKSUMS.json      size and SHA-256 of every file above (train/checksums.py), verified before loading
       COMPLETE            written last: a directory without it is an interrupted save and is never resumed from
 
 Saves go to a temporary sibling directory that is renamed into place, so a crash mid-save never leaves a
@@ -23,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from train.checksums import ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -99,6 +101,8 @@ def save_model(ckpt_dir, cfg: TrainConfig, state_dict: Dict[str, torch.Tensor],
 
 
 def mark_complete(ckpt_dir) -> None:
+    """Record the checksums of every file, then write the COMPLETE marker (last, synced)."""
+    write_checksums(ckpt_dir, skip=(COMPLETE_MARKER,))
     marker = Path(ckpt_dir) / COMPLETE_MARKER
     with open(marker, "w") as f:
         f.write("ok\n")
@@ -126,6 +130,14 @@ def load_torch_file(path, allowed_globals=()) -> object:
                               f"one with trainer.resume=<path to checkpoints/step_*>") from None
 
 
+def verify_checkpoint(ckpt_dir, only=None) -> None:
+    """Raise `CheckpointError` when a file of `ckpt_dir` (or of `only`) differs from its saved checksum."""
+    try:
+        verify_checksums(ckpt_dir, only)
+    except ChecksumMismatch as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {e}") from None
+
+
 def load_config(ckpt_dir) -> TrainConfig:
     """The TrainConfig stored with a checkpoint, merged onto the schema so old files gain new defaults."""
     stored = OmegaConf.load(Path(ckpt_dir) / CONFIG_FILE)
@@ -135,6 +147,7 @@ def load_config(ckpt_dir) -> TrainConfig:
 def load_model(path) -> Tuple[TrainConfig, Dict[str, torch.Tensor], Optional[Path]]:
     """(config, state_dict on CPU, tokenizer dir or None) of a run dir's newest checkpoint or one checkpoint."""
     ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt, only=(WEIGHTS_FILE,))
     try:
         state_dict = load_file(str(ckpt / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises several types on truncated/corrupt files

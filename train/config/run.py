@@ -74,6 +74,7 @@ class TrainerConfig:
     seq_len: int = 128
     seed: int = 1234
     save_every: int = 100
+    keep_last: Optional[int] = None  # keep the newest N complete checkpoints (null: all); older ones go after a save
     resume: str = "auto"  # auto | never | a checkpoint path
     init_from: Optional[str] = None
     eval_every: int = 50

@@ -8,8 +8,12 @@
       deepspeed/                                   DeepSpeed's optimizer partitions (parallel.zero_stage=1..3)
       COMPLETE                                     written last
 
-A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes COMPLETE; it never
-overwrites or deletes an existing directory (a leftover temporary directory is moved aside, not removed).
+A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes the checksums and COMPLETE; it
+never overwrites an existing directory (a leftover temporary directory is moved aside, not removed), and deletes
+older complete checkpoints only with `trainer.keep_last=N`, once the new one is complete.
+
+`trainer.resume=auto` takes the newest complete checkpoint whose files match their checksums: a damaged newer one
+(truncated, a flipped byte, a missing rank file) is reported and skipped, never deleted.
 
 Every file is read without unpickling arbitrary objects (safetensors, or `train.checkpoint.load_torch_file`).
 
@@ -20,6 +24,7 @@ and the ZeRO partitioning), otherwise it starts fresh with a warning. Re-shardin
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -71,18 +76,70 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
     if mesh.rank == 0:
         tmp.rename(final)
         ckpt_io.mark_complete(final)
+        if cfg.trainer.keep_last is not None:
+            prune_checkpoints(root, cfg.trainer.keep_last)
     parallel.barrier(mesh)
     return final
 
 
-def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
-    """The checkpoint `trainer.resume` asks for: newest complete one in run_dir (auto), none (never), a path."""
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints under `root` (called right after a save is
+    complete, so the newest is always a finished one); interrupted saves and `.stale_*` leftovers are not
+    touched. Returns the deleted directories."""
+    doomed = [path for _, path in ckpt_io.list_complete(root)[:-keep_last]]
+    for path in doomed:
+        shutil.rmtree(path)
+        log.info("deleted checkpoint %s (trainer.keep_last=%d)", path, keep_last)
+    return doomed
+
+
+def _verified(ckpt_dir: Path) -> Path:
+    """`ckpt_dir` if it can be resumed from and every file matches its checksum, else `CheckpointError`."""
+    check_resumable(ckpt_dir)
+    ckpt_io.verify_checkpoint(ckpt_dir)
+    return ckpt_dir
+
+
+def _newest_intact(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of run_dir whose files are intact; each damaged newer one is reported and
+    skipped (never deleted). None when there is none at all; `CheckpointError` when every one is damaged."""
+    found = ckpt_io.list_complete(run_dir)
+    problems = []
+    for _, ckpt_dir in reversed(found):
+        try:
+            chosen = _verified(ckpt_dir)
+        except ckpt_io.CheckpointError as e:
+            log.warning("%s; trying the previous checkpoint", e)
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint (%d newer one(s) damaged, kept as they are)",
+                        chosen, len(problems))
+        return chosen
+    if problems:
+        raise ckpt_io.CheckpointError(f"every complete checkpoint in {run_dir} is damaged (newest: {problems[0]}): "
+                                      f"nothing was deleted; inspect them or start a new trainer.run_dir")
+    return None
+
+
+def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path, mesh) -> Optional[Path]:
+    """The checkpoint `trainer.resume` asks for, verified against its checksums: with `auto` the newest intact
+    complete one in run_dir (a damaged newer one is reported and skipped), none with `never`, else the given
+    path (which must be intact). Rank 0 reads and hashes; every rank returns its answer (collective)."""
     resume = cfg.trainer.resume
     if resume == "never":
         return None
-    if resume == "auto":
-        return ckpt_io.newest_complete(Path(run_dir))
-    return ckpt_io.resolve_checkpoint(resume)
+    answer = None
+    if mesh.rank == 0:
+        try:
+            answer = ("ok", _newest_intact(Path(run_dir)) if resume == "auto"
+                      else _verified(ckpt_io.resolve_checkpoint(resume)))
+        except ckpt_io.CheckpointError as e:
+            answer = ("error", str(e))
+    status, value = parallel.broadcast_object(answer, mesh)
+    if status == "error":
+        raise ckpt_io.CheckpointError(value)
+    return value
 
 
 def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None) -> Path:

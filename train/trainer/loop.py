@@ -21,12 +21,12 @@ from train.config import TrainConfig
 from train.data import build_data
 from train.flops import flops_per_token
 from train.model import build_model
-from train.trainer.checkpointing import (check_resumable, find_resume_checkpoint, load_weights, resume_from,
-                                        save_checkpoint)
+from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.peak_flops import peak_flops_per_device
 from train.trainer.precision import build_precision
+from train.trainer.preemption import PreemptionGuard
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
 from train.trainer.step import StepContext, train_step
@@ -55,10 +55,9 @@ class Trainer:
         parallel.parallelize(model, cfg, mesh)
         model.train()
 
-        self.resumed_from = find_resume_checkpoint(cfg, self.run_dir)
+        self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
         self.initialised_from: Optional[Path] = None
         if self.resumed_from is not None:
-            check_resumable(self.resumed_from)
             load_weights(model, self.resumed_from, mesh)
         elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
             self.initialised_from = load_weights(model, t.init_from, mesh, cfg.model)
@@ -103,7 +102,12 @@ class Trainer:
 
     def fit(self, stop_at: Optional[int] = None) -> None:
         """Train until `trainer.max_steps`, validating every `eval_every` steps and saving every `save_every`.
-        `stop_at` ends the process early (as a time limit or preemption would) without changing the schedule."""
+        `stop_at` ends the process early (as a time limit or preemption would) without changing the schedule.
+        SIGTERM on any rank ends the run after the current step with a checkpoint (`preemption.py`)."""
+        with PreemptionGuard() as preemption:
+            self._train_until(stop_at, preemption)
+
+    def _train_until(self, stop_at: Optional[int], preemption: PreemptionGuard) -> None:
         t = self.cfg.trainer
         last = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
         while self.state.step < last:
@@ -119,8 +123,15 @@ class Trainer:
                 if val is not None:
                     record["val_loss"] = val
             self.logger.log(record)
-            if step % t.save_every == 0 or step == t.max_steps:
+            saved = step % t.save_every == 0 or step == t.max_steps
+            if saved:
                 self.save()
+            if preemption.requested(self.mesh):
+                if not saved:
+                    self.save()
+                self.logger.info(f"stopping after step {step} on SIGTERM (preemption or time limit) with a complete "
+                                 f"checkpoint; re-run the same command to continue")
+                return
 
     def save(self) -> Optional[Path]:
         path = save_checkpoint(self.state, self.cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
