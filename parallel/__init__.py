@@ -18,6 +18,7 @@ Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differenti
 """
 from parallel.api import (
     Mesh,
+    StepOutcome,
     TrainEngine,
     all_reduce_stats,
     build_engine,
@@ -33,6 +34,6 @@ from parallel.api import (
 )
 
 __all__ = [
-    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
+    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "StepOutcome", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
     "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
 ]

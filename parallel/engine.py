@@ -13,6 +13,8 @@ hands the same model and optimizer to DeepSpeed ZeRO. The trainer's step reads t
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,17 @@ from parallel.grads import BUCKET_BYTES, clip_grad_norm_, reduce_gradients
 from parallel.memory import tensors_in, unique_bytes
 from parallel.mesh import Mesh
 from train.checkpoint import load_torch_file
+
+
+@dataclass
+class StepOutcome:
+    """What `TrainEngine.step()` did. `skipped`: the global gradient norm was not finite, so no parameter and no
+    optimizer state changed (every rank decides alike: the norm is the same on every rank). `nonfinite_params`:
+    names of parameters with non-finite gradients on this rank, where the engine can tell (first few)."""
+
+    grad_norm: float
+    skipped: bool = False
+    nonfinite_params: list = field(default_factory=list)
 
 
 class TrainEngine:
@@ -37,10 +50,11 @@ class TrainEngine:
         """Accumulate the gradient of one micro-batch's mean loss, scaled by 1/accum_steps."""
         raise NotImplementedError
 
-    def step(self) -> float:
+    def step(self) -> StepOutcome:
         """Collective. Before: each rank holds the accumulated gradients of its own micro-batches. After: the
         parameters hold the update from the gradient of the global batch's mean loss (clipped to
-        `optim.grad_clip` by its global norm), gradients are cleared. Returns that norm, before clipping."""
+        `optim.grad_clip` by its global norm), gradients are cleared. Returns that norm, before clipping; a
+        non-finite norm skips the update on every rank (`StepOutcome.skipped`)."""
         raise NotImplementedError
 
     def full_parameters(self):
@@ -80,12 +94,18 @@ class LocalEngine(TrainEngine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.loss_scale).backward()
 
-    def step(self) -> float:
+    def step(self) -> StepOutcome:
         reduce_gradients(self.model, self.mesh, self.bucket_bytes)
-        grad_norm = clip_grad_norm_(self.model, self.max_norm, self.mesh)
-        self.optimizer.step()
+        grad_norm = float(clip_grad_norm_(self.model, self.max_norm, self.mesh))
+        outcome = StepOutcome(grad_norm)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # rare: find the culprits before the gradients go
+            outcome.skipped = True
+            outcome.nonfinite_params = [name for name, p in self.model.named_parameters()
+                                        if p.grad is not None and not torch.isfinite(p.grad).all()][:8]
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return outcome
 
     @staticmethod
     def _file(ckpt_dir: Path, rank: int) -> Path:

@@ -29,7 +29,7 @@ def read_records(run_dir: Path) -> list[dict]:
         for line in f:
             if line.strip():
                 r = json.loads(line)
-                if "step" in r:
+                if "step" in r and "event" not in r:  # event lines (bad_step, spike) are not steps
                     by_step[int(r["step"])] = r
     return [by_step[s] for s in sorted(by_step)]
 

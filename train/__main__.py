@@ -40,6 +40,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(f"moeforge: {e}")
 
     import parallel
+    from train.trainer.health import TrainingStopped
     from train.trainer.loop import Trainer
 
     mesh = parallel.init_distributed(cfg)
@@ -49,7 +50,7 @@ def main(dcfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, mesh)
         trainer.fit()
-    except (ConfigError, CheckpointError) as e:  # e.g. a damaged or tampered checkpoint found while resuming
+    except (ConfigError, CheckpointError, TrainingStopped) as e:  # a tampered checkpoint, too many bad steps, ...
         sys.exit(f"moeforge: {e}")
     finally:
         if trainer is not None:

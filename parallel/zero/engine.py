@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from parallel.engine import TrainEngine
+from parallel.engine import StepOutcome, TrainEngine
 from parallel.memory import tensors_in, unique_bytes
 from parallel.mesh import Mesh
 from parallel.parallelize import expert_parameters
@@ -92,13 +92,16 @@ class DeepSpeedEngine(TrainEngine):
         if not boundary:
             self.ds.step()  # between boundaries DeepSpeed's step only advances its micro-step counter
 
-    def step(self) -> float:
+    def step(self) -> StepOutcome:
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedEngine.step() before the last micro-batch of the step: the data gave "
                                "fewer micro-batches than gradient_accumulation_steps")
-        self.ds.step()
+        skipped_before = self.ds.skipped_steps
+        self.ds.step()  # in fp32 mode ZeRO skips the update itself when the global norm is not finite
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        skipped = self.ds.skipped_steps > skipped_before
+        # ZeRO reports a skipped step's norm as inf, and the culprits are spread over partitions: not named
+        return StepOutcome(float("nan") if norm is None else float(norm), skipped=skipped)
 
     def full_parameters(self):
         if self.stage < 3:

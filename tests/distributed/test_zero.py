@@ -8,6 +8,7 @@ stage 0's within 1e-5 (fp32). SGD is checked besides AdamW because Adam's normal
 scale. The DeepSpeed version these workarounds were measured on is pinned and asserted here.
 """
 import functools
+import math
 from dataclasses import replace
 
 import pytest
@@ -159,3 +160,44 @@ def _memory_is_what_zero_promises(rank, world_size):
 
 def test_per_rank_memory_is_what_zero_promises():
     run_distributed(_memory_is_what_zero_promises, WORLD)
+
+
+def _nan_on_one_rank_skips_the_step_everywhere(rank, world_size):
+    """Steps b0, b1, b2 with a NaN loss injected on rank 1 at b1 end with the weights of steps b0, b2 alone: the
+    bad step changed nothing, on every rank, for stage 0 and for DeepSpeed (constant lr, no bias balancing)."""
+    from parallel import gather_full_state_dict, init_distributed
+    from train.trainer.precision import build_precision
+    from train.trainer.step import StepContext, train_step
+
+    for stage in (0, 2):
+        cfg = make_cfg("tiny_deepseek_moe", stage)
+        mesh = init_distributed(cfg)
+        finals = []
+        for batches in ([0, 1, 2], [0, 2]):
+            state, schedule = build_state(cfg, mesh, "adamw")
+            ctx = StepContext(precision=build_precision(cfg.precision, mesh.device), schedule=schedule, mesh=mesh,
+                              tokens_per_step=0)
+            forward = state.engine.forward
+            records = []
+            for b in batches:
+                if b == 1 and rank == 1:
+                    def poisoned(*args):
+                        out = forward(*args)
+                        out.loss = out.loss * float("nan")
+                        return out
+                    state.engine.forward = poisoned
+                records.append(train_step(state, micro_batches(rank, b), ctx))
+                state.engine.forward = forward
+            if len(batches) == 3:
+                assert [bool(r.get("skipped")) for r in records] == [False, True, False], (stage, rank)
+                assert not math.isfinite(records[1]["grad_norm"])
+                if stage == 0:  # the local engine names the parameters whose gradients went non-finite
+                    assert "embed.weight" in records[1]["nonfinite_params"]
+            with state.engine.full_parameters():
+                finals.append(gather_full_state_dict(state.model, mesh))
+        for name, w in finals[0].items():
+            assert torch.equal(w, finals[1][name]), (stage, name)
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank():
+    run_distributed(_nan_on_one_rank_skips_the_step_everywhere, WORLD)

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration._runs import REPO, env_for, read_metrics, train_cli
 from tests.unit.test_checkpoint_safe_load import plant_payload
+from train.checksums import write_checksums
 
 FAST = ["data.max_corpus_mb=1", "data.tokenizer_vocab_size=512", "model.vocab_size=512", "trainer.seq_len=64",
         "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "logging.wandb=disabled"]
@@ -54,12 +55,16 @@ def test_train_tiny_mixtral_cli(tmp_path, cache_dir):
     assert (run_dir / "plots" / "loss.png").is_file()
     assert (run_dir / "plots" / "expert_load_layer0.png").is_file()
 
-    # A tampered copy: a pickle payload planted in the newest checkpoint is refused, one line, and never runs.
+    # A tampered copy: a pickle payload planted in the newest checkpoint, its checksums rewritten to match (an
+    # attacker can do both), is refused by the loader, one line, and never runs.
     tampered, marker = tmp_path / "tampered", tmp_path / "pwned"
     shutil.copytree(run_dir, tampered)
-    plant_payload(tampered / "checkpoints" / "step_00000006" / "train_state.pt", marker)
+    newest = tampered / "checkpoints" / "step_00000006"
+    plant_payload(newest / "train_state.pt", marker)
+    write_checksums(newest, skip=("COMPLETE",))
     proc = subprocess.run([sys.executable, "-m", "train", "model=tiny_mixtral", "trainer.max_steps=7",
-                           f"trainer.run_dir={tampered}", f"data.cache_dir={cache_dir}", *FAST],
+                           f"trainer.run_dir={tampered}", f"data.cache_dir={cache_dir}", "data.val_fraction=0.05",
+                           *FAST],
                           cwd=REPO, env=env_for(cache_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "train_state.pt was refused" in proc.stderr.strip().splitlines()[-1]

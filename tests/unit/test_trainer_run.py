@@ -201,3 +201,50 @@ def test_bf16_trains_with_fp32_master_weights_and_router(tmp_path, cache_dir):
         out = layer.router(torch.randn(5, layer.router.gate.in_features))
     assert out.logits_TE.dtype == torch.float32 and out.topk_weights_TK.dtype == torch.float32
     del fp32
+
+
+def test_consecutive_bad_steps_stop_the_run_with_the_last_good_weights(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from train.trainer.health import TrainingStopped
+
+    trainer = make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=10", "trainer.save_every=100",
+                           "trainer.max_bad_steps=2")
+    forward = trainer.state.engine.forward
+
+    def poisoned_from_step_3(*args):
+        out = forward(*args)
+        if trainer.state.step >= 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.state.engine.forward = poisoned_from_step_3
+    good = {}
+
+    def keep_weights(record, log=trainer.logger.log):
+        if record["step"] == 2:
+            good.update({k: v.clone() for k, v in trainer.state.model.state_dict().items()})
+        log(record)
+
+    trainer.logger.log = keep_weights
+    with pytest.raises(TrainingStopped, match=r"2 consecutive non-finite steps \(steps 3-4, trainer.max_bad_steps=2; "
+                                              r"non-finite gradients in: .*embed.weight.*\): stopped with the last good "
+                                              r"weights saved in .*step_00000004"):
+        trainer.fit()
+    trainer.close()
+    saved = load_file(tmp_path / "r" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert all(torch.equal(saved[k], good[k]) for k in saved)  # the skipped steps changed nothing
+    lines = records(tmp_path / "r")
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines if r.get("event") == "bad_step"] == [3, 4]
+    assert all(r.get("skipped") for r in lines if r.get("step") in (3, 4) and "loss" in r)
+
+
+def test_loss_spikes_are_events_not_skips():
+    from train.trainer.health import StepHealth
+
+    health = StepHealth(max_bad_steps=3)
+    losses = [5.0, 5.1, 4.9, 5.0, 5.05, 4.95, 5.0, 5.02, 9.0, 5.0]
+    events = [e for step, loss in enumerate(losses, 1) for e in health.observe({"step": step, "loss": loss})]
+    assert [(e["event"], e["step"]) for e in events] == [("spike", 9)]
+    assert health.consecutive_bad == 0 and not health.should_stop

@@ -74,6 +74,7 @@ class TrainerConfig:
     seq_len: int = 128
     seed: int = 1234
     save_every: int = 100
+    max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops with a checkpoint
     keep_last: Optional[int] = None  # keep the newest N complete checkpoints (null: all); older ones go after a save
     resume: str = "auto"  # auto | never | a checkpoint path
     init_from: Optional[str] = None

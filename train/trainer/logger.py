@@ -98,6 +98,15 @@ class RunLogger:
         if step % self.cfg.log_every == 0 or step == 1:
             self.info(f"step {step} " + " ".join(f"{k}={_fmt(record[k])}" for k in _LINE_KEYS if k in record))
 
+    def event(self, event: dict) -> None:
+        """Write one event line (`{"event": name, "step": ..., ...}`) to metrics.jsonl and the log."""
+        if not self.is_main:
+            return
+        self.metrics_file.write(json.dumps(event) + "\n")
+        self.metrics_file.flush()
+        self.info(f"{event['event']} at step {event['step']}: "
+                  + " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "step")))
+
     def info(self, message: str) -> None:
         """A plain line for batch-system logs (written above the progress bar when there is one)."""
         if not self.is_main:

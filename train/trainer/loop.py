@@ -26,6 +26,7 @@ from train.trainer.logger import RunLogger
 from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.peak_flops import peak_flops_per_device
 from train.trainer.precision import build_precision
+from train.trainer.health import StepHealth, TrainingStopped
 from train.trainer.preemption import PreemptionGuard
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
@@ -110,6 +111,7 @@ class Trainer:
     def _train_until(self, stop_at: Optional[int], preemption: PreemptionGuard) -> None:
         t = self.cfg.trainer
         last = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+        health = StepHealth(t.max_bad_steps)
         while self.state.step < last:
             start = time.perf_counter()
             micro_batches = self.data.next_global_batch_for_rank()
@@ -123,6 +125,10 @@ class Trainer:
                 if val is not None:
                     record["val_loss"] = val
             self.logger.log(record)
+            for event in health.observe(record):
+                self.logger.event(event)
+            if health.should_stop:
+                self._stop_on_bad_steps(health, record)
             saved = step % t.save_every == 0 or step == t.max_steps
             if saved:
                 self.save()
@@ -132,6 +138,16 @@ class Trainer:
                 self.logger.info(f"stopping after step {step} on SIGTERM (preemption or time limit) with a complete "
                                  f"checkpoint; re-run the same command to continue")
                 return
+
+    def _stop_on_bad_steps(self, health: StepHealth, record: dict) -> None:
+        """Save the last good state (skipped steps changed no weight or optimizer state) and stop."""
+        path = self.save() or (Path(self.run_dir) / "checkpoints")
+        where = ", ".join(record.get("nonfinite_params", [])[:4]) or "not known (partitioned gradients)"
+        raise TrainingStopped(
+            f"{health.consecutive_bad} consecutive non-finite steps (steps {health.bad_steps[0]}-{health.bad_steps[-1]}, "
+            f"trainer.max_bad_steps={health.max_bad_steps}; non-finite gradients in: {where}): stopped with the last "
+            f"good weights saved in {path}. Lower optim.lr or raise optim.warmup_steps, check the data of those steps, "
+            f"then re-run the same command to continue from that checkpoint")
 
     def save(self) -> Optional[Path]:
         path = save_checkpoint(self.state, self.cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)

@@ -7,8 +7,10 @@ Order (each line's why):
 3. `engine.step()`: the ranks' gradients combine into the gradient of the global batch's mean loss, are
    clipped by their global norm (over sharded experts and ZeRO partitions alike) and applied. The engine is
    moeforge's own data parallelism at `parallel.zero_stage=0` and DeepSpeed ZeRO at 1–3 (`parallel/engine.py`);
+   A non-finite global gradient norm (a NaN or inf loss on any rank makes it so) skips the update on every rank:
+   the record says `skipped` and names the parameters with non-finite gradients where the engine can tell;
 4. then the expert-selection biases move from this step's loads summed over all ranks, so replicated biases
-   stay identical on every rank.
+   stay identical on every rank (loads are counts, finite even on a skipped step).
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
             out = engine.forward(input_ids, labels)
         engine.backward(out.loss)
         metrics.add(out)
-    grad_norm = engine.step()
+    outcome = engine.step()
     update_expert_biases(model, reduce=lambda t: parallel.all_reduce_stats(t, mesh))
     state.step += 1
     state.tokens += ctx.tokens_per_step
     record = {"step": state.step}
     record.update(metrics.finalize(mesh, bias_stats(model)))
-    record.update(tokens=state.tokens, lr=lr, grad_norm=float(grad_norm))
+    record.update(tokens=state.tokens, lr=lr, grad_norm=outcome.grad_norm)
+    if outcome.skipped:
+        record.update(skipped=True, nonfinite_params=outcome.nonfinite_params)
     return record

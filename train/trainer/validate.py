@@ -136,6 +136,7 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     _check(1 <= t.seq_len <= cfg.model.max_seq_len,
            f"trainer.seq_len={t.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}")
     _check(t.save_every >= 1, f"trainer.save_every={t.save_every} must be >= 1")
+    _check(t.max_bad_steps >= 1, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1")
     _check(t.keep_last is None or t.keep_last >= 1,
            f"trainer.keep_last={t.keep_last} must be >= 1 (or null to keep every checkpoint)")
     _check(t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 disables validation)")
