@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from train.checkpoint import CheckpointError
 from train.config import CONFIG_DIR, register_configs
 from train.trainer import typed_config, validate_config
-from train.trainer.validate import ConfigError
+from train.trainer.validate import ConfigError, config_warnings
 from train.trainer.init_from import apply_init_from
 
 register_configs()
@@ -36,6 +36,9 @@ def main(dcfg: DictConfig) -> None:
     try:
         apply_init_from(cfg, HydraConfig.get().overrides.task)  # the checkpoint's architecture, before validation
         validate_config(cfg)  # before any process group, file or tensor exists
+        if os.environ.get("RANK", "0") == "0":
+            for warning in config_warnings(cfg):
+                print(f"moeforge: warning: {warning}", file=sys.stderr)
     except (ConfigError, CheckpointError) as e:  # the message names the field and the fix; a traceback adds nothing
         sys.exit(f"moeforge: {e}")
 

@@ -92,3 +92,20 @@ def test_invalid_config_fails_fast_with_the_field_name(tmp_path, cache_dir, over
     assert proc.stderr.strip().splitlines()[-1].startswith(f"moeforge: {field}")  # one line, no traceback
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_no_secret_or_environment_reaches_the_run_dir(tmp_path, cache_dir):
+    """API keys and the environment stay out of every file a run writes (config, logs, metrics, checkpoints,
+    wandb's offline files), whatever the environment holds."""
+    run_dir = tmp_path / "run"
+    env = env_for(cache_dir)
+    env.update(WANDB_API_KEY="sentinel0key0" + "0" * 27, HF_TOKEN="hf_sentinel1token", MOEFORGE_PROBE="sentinel2env")
+    subprocess.run([sys.executable, "-m", "train", "model=tiny_mixtral", "trainer.max_steps=2",
+                    "logging.wandb=offline", f"trainer.run_dir={run_dir}", f"data.cache_dir={cache_dir}",
+                    *[o for o in FAST if not o.startswith("logging.wandb")]],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and (run_dir / "wandb").is_dir()
+    leaked = [str(p) for p in files if b"sentinel" in p.read_bytes()]
+    assert not leaked, leaked

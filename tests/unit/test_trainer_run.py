@@ -248,3 +248,19 @@ def test_loss_spikes_are_events_not_skips():
     events = [e for step, loss in enumerate(losses, 1) for e in health.observe({"step": step, "loss": loss})]
     assert [(e["event"], e["step"]) for e in events] == [("spike", 9)]
     assert health.consecutive_bad == 0 and not health.should_stop
+
+
+@pytest.mark.parametrize("name", ["train_state.pt", "train_state_rank0.pt", "optimizer_rank0.pt"])
+def test_a_planted_payload_in_each_kind_of_pt_file_is_refused(tmp_path, cache_dir, name):
+    """Checksums rewritten to match (an attacker can do that too): the weights_only loader is what refuses."""
+    from tests.unit.test_checkpoint_safe_load import plant_payload
+    from train.checkpoint import CheckpointError
+    from train.checksums import write_checksums
+
+    run(tmp_path / "r", cache_dir, "trainer.max_steps=1", "trainer.save_every=1")
+    ckpt, marker = tmp_path / "r" / "checkpoints" / "step_00000001", tmp_path / "pwned"
+    plant_payload(ckpt / name, marker)
+    write_checksums(ckpt, skip=("COMPLETE",))
+    with pytest.raises(CheckpointError, match=rf"{name} was refused: .*GLOBAL (posix|os)\.system"):
+        make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=2", "trainer.save_every=1")
+    assert not marker.exists()

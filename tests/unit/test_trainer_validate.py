@@ -136,3 +136,37 @@ def test_generated_deepspeed_config_follows_the_hydra_config():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["overlap_comm"] is True
     assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 8 * 2**20 // 4
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.moe.capacity_factor=0.3"], r"model.moe.capacity_factor=0.3 would drop at least 70% of the token "
+                                        r"assignments .* use >= 1.0"),
+    (["model.moe.device_capacity_factor=0.2"], r"model.moe.device_capacity_factor=0.2 would drop at least 80%"),
+])
+def test_capacity_that_drops_most_tokens_is_rejected(overrides, match):
+    _check(overrides, match)
+
+
+def test_suspicious_but_workable_settings_are_warned_about():
+    from train.trainer.validate import config_warnings
+
+    assert config_warnings(load_train_config([])) == []
+    warned = config_warnings(load_train_config(["optim.lr=0.5", "model.moe.capacity_factor=0.8"]))
+    assert len(warned) == 2 and warned[0].startswith("optim.lr=0.5 is outside")
+    assert "capacity_factor=0.8 < 1 drops at least 20%" in warned[1]
+
+
+def test_data_smaller_than_one_global_batch_is_an_error_before_the_model(tmp_path):
+    """The data module's own check (train/data/__init__.py), before any model is built."""
+    from parallel import Mesh
+    from train.trainer.loop import Trainer
+
+    text = tmp_path / "tiny.jsonl"
+    text.write_text('{"text": "just a few words, far too little data for a batch"}\n')
+    cfg = load_train_config(["data=files", f"data.paths=[{text}]", "data.tokenizer_vocab_size=300",
+                             "model.vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}", "trainer.seq_len=16",
+                             f"trainer.run_dir={tmp_path / 'run'}"])
+    validate_config(cfg, world_size=1)
+    with pytest.raises(ValueError, match=r"the corpus gives \d+ training sequences .* fewer than one global "
+                                         r"batch \(trainer.global_batch_size=16\)"):
+        Trainer(cfg, Mesh())

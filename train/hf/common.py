@@ -192,6 +192,9 @@ def read_hf_weights(hf_dir: Path) -> StateDict:
     elif index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [hf_dir / s for s in shards]
+        outside = [s for s, f in zip(shards, files) if f.resolve().parent != hf_dir.resolve()]
+        if outside:  # an index is input like any other: it names files of this folder, nothing elsewhere
+            raise HFConversionError(f"{index} names shard files outside {hf_dir}: {outside[:3]}")
     else:
         files = sorted(hf_dir.glob("*.safetensors"))
     if not files:

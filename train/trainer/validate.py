@@ -24,6 +24,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("stdlib", "hf", "files")
+MIN_CAPACITY_FACTOR = 0.5  # below it most token assignments are dropped
+SANE_LR = (1e-6, 1e-2)  # AdamW peak learning rates outside this range are almost always a typo
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,21 @@ def typed_config(dcfg) -> TrainConfig:
         return OmegaConf.to_object(dcfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} must be set (it is ??? in its config group): pass {e.full_key}=...") from e
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that can work but usually are mistakes: printed before any work, the run goes on."""
+    found = []
+    lo, hi = SANE_LR
+    if not lo <= cfg.optim.lr <= hi:
+        found.append(f"optim.lr={cfg.optim.lr} is outside [{lo:g}, {hi:g}], where AdamW pretraining learning rates "
+                     f"lie (1e-4 to 3e-3 at scale): check for a typo")
+    for name in ("capacity_factor", "device_capacity_factor"):
+        c = getattr(cfg.model.moe, name)
+        if c is not None and c < 1.0:
+            found.append(f"model.moe.{name}={c} < 1 drops at least {1 - c:.0%} of the token assignments even when "
+                         f"perfectly balanced")
+    return found
 
 
 def validate_config(cfg: TrainConfig, world_size: int | None = None) -> None:
@@ -94,10 +111,14 @@ def _validate_model(cfg: TrainConfig) -> None:
         _check(moe.topk_groups * per_group >= k,
                f"model.moe.topk_groups={moe.topk_groups} groups of {per_group} experts cannot hold top_k={k} "
                f"experts: raise model.moe.topk_groups or lower model.moe.top_k")
-    _check(moe.capacity_factor is None or moe.capacity_factor > 0,
-           f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 or null (dropless)")
-    _check(moe.device_capacity_factor is None or moe.device_capacity_factor > 0,
-           f"model.moe.device_capacity_factor={moe.device_capacity_factor} must be > 0 or null (dropless)")
+    for name in ("capacity_factor", "device_capacity_factor"):
+        # capacity = factor x the average load, so a factor c < 1 drops at least 1 - c of the assignments: below
+        # MIN_CAPACITY_FACTOR most of the batch would be dropped, which no recipe in the literature does
+        c = getattr(moe, name)
+        _check(c is None or c >= MIN_CAPACITY_FACTOR,
+               f"model.moe.{name}={c} would drop at least {1 - c:.0%} of the token assignments "
+               f"(capacity = {name} x the average load): use >= 1.0 (1.25 is GShard's), or null for dropless"
+               if c is not None and c > 0 else f"model.moe.{name}={c} must be > 0 or null (dropless)")
     _check(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
 
 
