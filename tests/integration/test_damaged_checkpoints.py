@@ -19,11 +19,6 @@ EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     """A run stopped at step 4 (checkpoints 2 and 4) and the uninterrupted 6-step run."""
     root = tmp_path_factory.mktemp("runs")

@@ -24,11 +24,6 @@ LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     """Run dirs by name, each trained on first use (so each test pays only for the runs it needs)."""
     root = tmp_path_factory.mktemp("runs")

@@ -23,11 +23,6 @@ COMMON = ["model=tiny_mixtral", "data.max_corpus_mb=1", "data.tokenizer_vocab_si
 EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def wait_for_step(run_dir, step: int, proc, timeout=240) -> None:
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout

@@ -30,11 +30,6 @@ def torchrun2(overrides, cache) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def stopped_at_3(tmp_path_factory, cache):
     """A 2-rank run dir holding the checkpoint of step 3 (tests resume copies of it)."""
     run_dir = tmp_path_factory.mktemp("two_ranks") / "run"

@@ -30,11 +30,6 @@ def torchrun4(overrides, cache) -> str:
     return torchrun_cli(4, [*COMMON, *overrides], cache)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def cut_back_to_step_3(src, dst):
     """A copy of run dir `src` as it was right after step 3 was saved."""
     shutil.copytree(src, dst)
