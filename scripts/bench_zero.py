@@ -37,6 +37,7 @@ def micro_batches(cfg, mesh, accum: int, step: int) -> list[dict]:
 def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     from parallel import build_engine, init_distributed, parallelize
     from train.config import load_train_config
+    from train.data import check_batch_sizes
     from train.model import build_model
     from train.trainer.optim import optimizer_factory, param_groups
     from train.trainer.precision import build_precision
@@ -47,7 +48,7 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     extra = ["+parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"] if stage == 3 else []
     cfg = load_train_config([*DEFAULTS, *overrides, f"parallel.zero_stage={stage}", *extra])
     mesh = init_distributed(cfg)
-    accum = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * mesh.world_size)
+    accum = check_batch_sizes(cfg.trainer, mesh.world_size)
     torch.manual_seed(cfg.trainer.seed)
     model = parallelize(build_model(cfg.model).to(mesh.device), cfg, mesh)
     engine = build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg,

@@ -144,10 +144,12 @@ def load_config(ckpt_dir) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
 
 
-def load_model(path) -> Tuple[TrainConfig, Dict[str, torch.Tensor], Optional[Path]]:
-    """(config, state_dict on CPU, tokenizer dir or None) of a run dir's newest checkpoint or one checkpoint."""
+def load_model(path, verify: bool = True) -> Tuple[TrainConfig, Dict[str, torch.Tensor], Optional[Path]]:
+    """(config, state_dict on CPU, tokenizer dir or None) of a run dir's newest checkpoint or one checkpoint. The
+    weights file is checked against its saved checksum first, unless the caller has verified it (`verify=False`)."""
     ckpt = resolve_checkpoint(path)
-    verify_checkpoint(ckpt, only=(WEIGHTS_FILE,))
+    if verify:
+        verify_checkpoint(ckpt, only=(WEIGHTS_FILE,))
     try:
         state_dict = load_file(str(ckpt / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises several types on truncated/corrupt files

@@ -61,7 +61,7 @@ class DeepSpeedEngine(TrainEngine):
     def __init__(self, model: nn.Module, param_groups: list[dict], optimizer_cls, cfg, mesh: Mesh,
                  accum_steps: int, run_dir=None):
         deepspeed = import_deepspeed()
-        self.stage, self.mesh = cfg.parallel.zero_stage, mesh
+        self.stage = cfg.parallel.zero_stage
         ds_config = check_deepspeed_config(cfg, accum_steps)
         if run_dir is not None and mesh.rank == 0:
             write_config(ds_config, run_dir)

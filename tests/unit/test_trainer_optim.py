@@ -5,7 +5,7 @@ import torch
 
 from train.config import OptimConfig, load_train_config
 from train.model import build_model
-from train.trainer.optim import build_optimizer
+from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.precision import build_precision
 from train.config import PrecisionConfig
 
@@ -14,7 +14,8 @@ def test_decay_on_matrices_only():
     cfg = load_train_config(["model=tiny_deepseek_v3"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    optim_cfg = OptimConfig(weight_decay=0.1)
+    opt = optimizer_factory(optim_cfg)(param_groups(model, optim_cfg.weight_decay))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0

@@ -142,13 +142,14 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path, mesh) -> Optional[Pa
     return value
 
 
-def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None) -> Path:
+def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None, verify: bool = True) -> Path:
     """Load only the model weights of a checkpoint (trainer.init_from); returns the resolved checkpoint dir.
     With `model_cfg`, the weights are first checked against the logical shapes that config builds (a clear
     error naming each mismatching tensor), and expert selection biases the checkpoint lacks start at zero
-    (a zero bias routes exactly as no bias; see train/trainer/init_from.py)."""
+    (a zero bias routes exactly as no bias; see train/trainer/init_from.py). `verify=False` skips the checksum
+    of the weights file, for a checkpoint `find_resume_checkpoint` has just verified whole."""
     ckpt_dir = ckpt_io.resolve_checkpoint(path)
-    _, state_dict, _ = ckpt_io.load_model(ckpt_dir)
+    _, state_dict, _ = ckpt_io.load_model(ckpt_dir, verify=verify)
     if model_cfg is not None:
         state_dict = _fit_to_config(state_dict, model_cfg, ckpt_dir)
     parallel.load_full_state_dict(model, state_dict, mesh)

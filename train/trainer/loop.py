@@ -58,8 +58,8 @@ class Trainer:
 
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
         self.initialised_from: Optional[Path] = None
-        if self.resumed_from is not None:
-            load_weights(model, self.resumed_from, mesh)
+        if self.resumed_from is not None:  # verified file by file by find_resume_checkpoint: not hashed again
+            load_weights(model, self.resumed_from, mesh, verify=False)
         elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
             self.initialised_from = load_weights(model, t.init_from, mesh, cfg.model)
 

@@ -38,8 +38,3 @@ def optimizer_factory(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Op
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r}: only adamw is implemented")
     return functools.partial(torch.optim.AdamW, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer of `cfg` over `model`'s parameter groups, as stage 0 builds it."""
-    return optimizer_factory(cfg)(param_groups(model, cfg.weight_decay))

@@ -6,7 +6,7 @@ Order (each line's why):
    is the gradient of the mean loss over the rank's slice (equal micro-batch sizes everywhere);
 3. `engine.step()`: the ranks' gradients combine into the gradient of the global batch's mean loss, are
    clipped by their global norm (over sharded experts and ZeRO partitions alike) and applied. The engine is
-   moeforge's own data parallelism at `parallel.zero_stage=0` and DeepSpeed ZeRO at 1–3 (`parallel/engine.py`);
+   moeforge's own data parallelism at `parallel.zero_stage=0` and DeepSpeed ZeRO at 1–3 (`parallel/engine.py`).
    A non-finite global gradient norm (a NaN or inf loss on any rank makes it so) skips the update on every rank:
    the record says `skipped` and names the parameters with non-finite gradients where the engine can tell;
 4. then the expert-selection biases move from this step's loads summed over all ranks, so replicated biases
