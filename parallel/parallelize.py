@@ -20,6 +20,8 @@ of every device's budget), so drops differ from a single process on the global b
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -67,16 +69,26 @@ def shard_experts(experts: nn.Module, ep_size: int, ep_rank: int) -> None:
     experts.num_global_experts = num_global
 
 
-def parallelize(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
-    """Apply expert parallelism to a built model, in place; returns it.
+def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = None) -> nn.Module:
+    """Decide what this rank owns, then (for a model on the meta device) allocate and initialise only that; in
+    place, returns the model. Create the optimizer (`build_engine`) afterwards.
 
-    Before: every rank holds the same full model (all experts), on `mesh.device`. After, for every MoE layer
-    (main blocks and MTP blocks): (1) the stacked experts hold only this rank's E/ep_size experts; (2) an
-    `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the model's `LocalDispatcher`
-    stays when ep_size = 1); (3) `num_devices` = ep_size, which drives device-limited routing and the
-    device/communication balance maps; (4) `count_reducer` sums balance counts over the whole world, so f terms
-    and load statistics describe the global batch. Create the optimizer after this call. Gradients are made
-    equal to the single-process reference by `reduce_gradients` (scaling derived in this module's docstring).
+    The fixed order:
+      1. expert sharding: for every MoE layer (main and MTP blocks) the stacked experts keep only this rank's
+         E/ep_size experts; an `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the
+         model's `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size drives the device balance
+         maps and device capacity; `count_reducer` sums balance counts over the whole world, so f terms and
+         load statistics describe the global batch;
+      2. activation checkpointing (`trainer.activation_checkpointing`);
+      3. materialisation: a model built on the meta device (`torch.device("meta")`) is allocated on
+         `mesh.device` only now, so no rank ever allocates an expert it does not own, and initialised with
+         `init_seed` per logical tensor (`MoETransformer.init_weights`): the same values one process gives
+         the unsharded model after `torch.manual_seed`;
+      4. compile and 5. ZeRO wrap the module in `build_engine`, once the weights are final (a resume or
+         `init_from` overwrites them between 3 and 4, and ZeRO copies them into its partitions).
+    A model that is already materialised (every rank built the whole model) is sliced in step 1 instead.
+    Gradients are made equal to the single-process reference by `reduce_gradients` (scaling derived in this
+    module's docstring).
     """
     _check_supported(model, cfg, mesh)
     reducer = AllReduceSum() if mesh.world_size > 1 else None
@@ -90,7 +102,18 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
         layer.num_devices = mesh.ep_size
         if reducer is not None:
             layer.count_reducer = reducer
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, mesh.device, init_seed)
     return model
+
+
+def materialize(model: nn.Module, device, init_seed: Optional[int]) -> None:
+    """Allocate a (sharded) meta-device model's tensors on `device` and initialise them from `init_seed`."""
+    if init_seed is None:
+        raise ValueError("parallelize: the model is on the meta device; pass init_seed (train.model.draw_init_seed())"
+                         " so its tensors can be initialised once allocated")
+    model.to_empty(device=device)
+    model.init_weights(init_seed)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -4,6 +4,7 @@ Shapes: B batch, T tokens, D model dim, V vocabulary.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -15,6 +16,7 @@ from torch import nn
 from train.config.model import ModelConfig
 from train.model.attention import KVCache
 from train.model.block import Block
+from train.model.moe.experts import GroupedExperts
 from train.model.moe.layer import MoELayer, MoELayerOutput
 from train.model.mtp import MTPModule, shift_left
 from train.model.norms import NORMS, build_norm
@@ -80,42 +82,45 @@ class MoETransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: Union[int, torch.Generator, None] = None) -> None:
         """normal(0, init_std) for every weight matrix (linears, embedding, stacked experts), zeros for biases
-        and persistent buffers (e.g. the expert selection bias), ones for norms; RoPE tables recomputed.
+        and buffers (the expert selection bias, load counters), ones for norms; RoPE tables recomputed.
 
         Every matrix gets the same std, as in HF's DeepSeek/Mixtral/DBRX `_init_weights`: no depth-scaled
-        output projections, so a fresh model follows the reference recipe. `seed`: an int (one generator per
-        device, seeded with it), a generator (on the parameters' device), or None for the global RNG.
-        Parameters are visited main model first and MTP last; meta tensors are skipped.
+        output projections, so a fresh model follows the reference recipe.
+
+        `seed` an int: every logical tensor draws from its own generator, seeded from (seed, its name) and, for
+        stacked experts, (seed, name, global expert index) (`tensor_seed`). So a rank that holds only some
+        experts (`expert_offset`, set by `parallel/`) initialises them exactly as one process initialises the
+        whole model, whatever the layout and in any order. A generator, or None (the global RNG): one stream
+        over the parameters in order (main model first, MTP last), for callers that want that. Meta tensors
+        are skipped.
         """
         self.tie_weights()
-        generators: dict[torch.device, torch.Generator] = {}
-
-        def generator_for(device: torch.device) -> Optional[torch.Generator]:
-            if seed is None or isinstance(seed, torch.Generator):
-                return seed
-            if device not in generators:
-                generators[device] = torch.Generator(device=device).manual_seed(seed)
-            return generators[device]
-
         std = self.cfg.init_std
         done: set[int] = set()
-        for module in self.modules():
+        for prefix, module in self.named_modules():
             if isinstance(module, RotaryEmbedding):
                 if not module.inv_freq.is_meta:
                     module.reset_parameters()
                 continue
-            for p in module.parameters(recurse=False):
+            for name, p in module.named_parameters(recurse=False):
                 if id(p) in done or p.is_meta:
                     continue
                 done.add(id(p))
                 if isinstance(module, NORMS):
                     p.fill_(1.0)
-                elif p.dim() >= 2:
-                    p.normal_(0.0, std, generator=generator_for(p.device))
-                else:
+                elif p.dim() < 2:
                     p.zero_()
-            for name, b in module.named_buffers(recurse=False):
-                if name not in module._non_persistent_buffers_set and b.is_floating_point() and not b.is_meta:
+                elif not isinstance(seed, int):
+                    p.normal_(0.0, std, generator=seed)
+                elif isinstance(module, GroupedExperts):
+                    first = getattr(module, "expert_offset", 0)
+                    for i in range(p.shape[0]):  # one generator per global expert
+                        gen = _generator(seed, f"{prefix}.{name}", p.device, first + i)
+                        p[i].normal_(0.0, std, generator=gen)
+                else:
+                    p.normal_(0.0, std, generator=_generator(seed, f"{prefix}.{name}", p.device))
+            for b in module.buffers(recurse=False):  # the expert bias, and counters such as expert_load_E
+                if not b.is_meta:
                     b.zero_()
 
     def forward(
@@ -175,11 +180,29 @@ def new_kv_caches(model: MoETransformer) -> list[KVCache]:
     return model.new_kv_caches()
 
 
+def tensor_seed(seed: int, name: str, index: Optional[int] = None) -> int:
+    """The seed of one logical tensor (or of expert `index` of a stacked expert tensor): a hash of the run's
+    init seed and the tensor's name in the unsharded model, so it does not depend on which rank draws it."""
+    key = f"{seed}/{name}" if index is None else f"{seed}/{name}/{index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _generator(seed: int, name: str, device: torch.device, index: Optional[int] = None) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(tensor_seed(seed, name, index))
+
+
+def draw_init_seed() -> int:
+    """The init seed, drawn from the global RNG: `torch.manual_seed(s)` before it alone fixes the weights."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())
+
+
 def build_model(cfg: ModelConfig) -> MoETransformer:
     """Construct the model on the current default device (use `torch.device("meta")` for full sizes) and
-    initialise it from the global RNG (a seed drawn before construction, so `torch.manual_seed` alone fixes
-    the weights, independent of what construction consumes)."""
-    seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+    initialise it from a seed drawn from the global RNG before construction (`draw_init_seed`), so
+    `torch.manual_seed` alone fixes the weights, independent of what construction consumes. The trainer builds
+    on the meta device instead and lets `parallel.parallelize` allocate and initialise each rank's share with
+    the same seed: the tensors equal this function's."""
+    seed = draw_init_seed()
     model = MoETransformer(cfg)
     model.init_weights(seed)
     return model

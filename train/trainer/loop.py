@@ -1,8 +1,8 @@
 """`Trainer`: builds one run (data, model, optimizer, state, logger), trains it, validates, checkpoints.
 
 Build order and why: data first (its tokenizer fixes the vocabulary the model must cover); the model is
-built and initialised from `trainer.seed` on every rank identically, moved to the device, then
-`parallel.parallelize` shards it; a resume (or `init_from`) then overwrites its weights; only then is the engine
+built on the meta device, then `parallel.parallelize` decides what this rank owns and allocates and initialises
+only that (seeded from `trainer.seed` per logical tensor, so every layout starts from the same weights); a resume (or `init_from`) then overwrites its weights; only then is the engine
 (optimizer, and under ZeRO its partitions, which copy the weights) built over the parallelized parameters, and a
 resume restores the engine's optimizer state, counters and data position.
 """
@@ -20,7 +20,8 @@ import parallel
 from train.config import TrainConfig
 from train.data import build_data
 from train.flops import flops_per_token
-from train.model import build_model
+from train.model import MoETransformer
+from train.model.transformer import draw_init_seed
 from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.optim import optimizer_factory, param_groups
@@ -51,9 +52,11 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}: raise model.vocab_size or lower data.tokenizer_vocab_size")
 
-        seed_everything(t.seed)  # the same weights on every rank
-        model = build_model(cfg.model).to(mesh.device)
-        parallel.parallelize(model, cfg, mesh)
+        seed_everything(t.seed)  # the same init seed on every rank
+        init_seed = draw_init_seed()
+        with torch.device("meta"):  # nothing allocated: parallelize allocates only what this rank owns
+            model = MoETransformer(cfg.model)
+        parallel.parallelize(model, cfg, mesh, init_seed=init_seed)
         model.train()
 
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
