@@ -11,10 +11,13 @@ Public API (the trainer calls only these):
 - `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: global-norm clipping over sharded experts.
 - `all_reduce_stats(tensor, mesh)`: sum of a statistics tensor over every rank.
 - `gather_full_state_dict(model, mesh)` / `load_full_state_dict(model, sd, mesh)`: logical (unsharded) weights.
-- `barrier(mesh)`, `broadcast_object(obj, mesh)`, `shutdown(mesh)`: process-group housekeeping.
+- `barrier(mesh)`, `broadcast_object(obj, mesh)`, `gather_objects(obj, mesh)`, `shutdown(mesh)`: housekeeping.
+- `parallel.sharded_checkpoint`: weights and optimizer state saved per rank in logical coordinates (DCP),
+  read back into any layout.
 
 Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differentiable all-to-all),
-`dispatcher` (`AllToAllDispatcher`), `parallelize`, `grads`, `state_dict`, `engine`, `zero` (DeepSpeed).
+`dispatcher` (`AllToAllDispatcher`), `parallelize`, `grads`, `state_dict`, `engine`, `sharded_checkpoint`,
+`zero` (DeepSpeed).
 """
 from parallel.api import (
     Mesh,
@@ -24,6 +27,7 @@ from parallel.api import (
     build_engine,
     barrier,
     broadcast_object,
+    gather_objects,
     clip_grad_norm_,
     gather_full_state_dict,
     init_distributed,
@@ -35,5 +39,5 @@ from parallel.api import (
 
 __all__ = [
     "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "StepOutcome", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
-    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
+    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "gather_objects", "shutdown",
 ]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from parallel.engine import StepOutcome, TrainEngine, build_engine
 from parallel.grads import all_reduce_stats, clip_grad_norm_, reduce_gradients
-from parallel.mesh import Mesh, barrier, broadcast_object, init_distributed, shutdown
+from parallel.mesh import Mesh, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from parallel.parallelize import parallelize
 from parallel.state_dict import gather_full_state_dict, load_full_state_dict
 
 __all__ = [
     "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "StepOutcome", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
-    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "shutdown",
+    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "gather_objects", "shutdown",
 ]

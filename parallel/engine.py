@@ -4,7 +4,7 @@ optimizer's state, whatever implements data parallelism underneath.
     engine = build_engine(model, param_groups, cfg, mesh, accum_steps)   # after parallelize and weight loading
     for each micro-batch:  engine.backward(engine.forward(input_ids, labels).loss)
     grad_norm = engine.step()                                            # reduce, clip, update, zero gradients
-    engine.save(ckpt_dir) / engine.load(ckpt_dir)                        # this rank's optimizer state
+    engine.export_state() / engine.import_state(...)                     # logical optimizer state (checkpoints)
 
 `parallel.zero_stage=0` is `LocalEngine`: moeforge's own data parallelism (`parallel/grads.py`), gradient
 reduction and global-norm clipping over sharded experts. Stages 1–3 are `parallel.zero.DeepSpeedEngine`, which
@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,7 +23,6 @@ from torch import nn
 from parallel.grads import BUCKET_BYTES, clip_grad_norm_, reduce_gradients
 from parallel.memory import tensors_in, unique_bytes
 from parallel.mesh import Mesh
-from train.checkpoint import load_torch_file
 
 
 @dataclass
@@ -62,16 +60,16 @@ class TrainEngine:
         expert tensors are still this rank's EP shard. Collective on entry and exit."""
         return contextlib.nullcontext()
 
-    def save(self, ckpt_dir: Path, rank: int) -> None:
-        """Collective: write this rank's optimizer state into `ckpt_dir`."""
+    def export_state(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Collective (every rank iterates to the end): for every parameter of `model`, in `named_parameters()`
+        order, (name, {"param": weights, kind: optimizer state ...}), each tensor this rank's whole local
+        tensor (its experts, unpartitioned), fp32. What `parallel.sharded_checkpoint` saves."""
         raise NotImplementedError
 
-    def load(self, ckpt_dir: Path, rank: int) -> None:
-        """Collective: restore the optimizer state that `save` wrote with the same layout."""
-        raise NotImplementedError
-
-    def has_state(self, ckpt_dir: Path, rank: int) -> bool:
-        """Whether `ckpt_dir` holds this engine's optimizer state for `rank`."""
+    def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Collective: set the optimizer state of the named parameters from whole local tensors (the shapes
+        `export_state` gives, any layout's checkpoint read in this one's). Called in batches that cover every
+        parameter once, in `named_parameters()` order."""
         raise NotImplementedError
 
     def held_bytes(self) -> dict:
@@ -107,18 +105,16 @@ class LocalEngine(TrainEngine):
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
 
-    @staticmethod
-    def _file(ckpt_dir: Path, rank: int) -> Path:
-        return Path(ckpt_dir) / f"optimizer_rank{rank}.pt"
+    def export_state(self):
+        for name, p in self.model.named_parameters():
+            yield name, {"param": p.detach(), **self.optimizer.state.get(p, {})}
 
-    def save(self, ckpt_dir: Path, rank: int) -> None:
-        torch.save(self.optimizer.state_dict(), self._file(ckpt_dir, rank))
-
-    def load(self, ckpt_dir: Path, rank: int) -> None:
-        self.optimizer.load_state_dict(load_torch_file(self._file(ckpt_dir, rank)))
-
-    def has_state(self, ckpt_dir: Path, rank: int) -> bool:
-        return self._file(ckpt_dir, rank).is_file()
+    def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, kinds in states.items():
+            p = params[name]
+            # scalars (AdamW's step) stay on the CPU as torch's optimizers keep them; the rest on the device
+            self.optimizer.state[p] = {k: (v.to(p.device) if v.dim() else v.clone()) for k, v in kinds.items()}
 
     def held_bytes(self) -> dict:
         params = list(self.model.parameters())  # fp32 and updated in place: they are the master weights

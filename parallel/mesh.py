@@ -170,6 +170,15 @@ def broadcast_object(obj, mesh: Mesh):
     return box[0]
 
 
+def gather_objects(obj, mesh: Mesh) -> list:
+    """Before: each rank holds its own `obj` (picklable). After: every rank returns [rank 0's, rank 1's, ...]."""
+    if mesh.world_size == 1:
+        return [obj]
+    out = [None] * mesh.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown(mesh: Mesh) -> None:
     """Destroy the default process group if one exists (safe to call on one process)."""
     if dist.is_available() and dist.is_initialized():

@@ -1,7 +1,10 @@
 """The on-disk checkpoint layout and the model-weights part of it.
 
     RUN_DIR/checkpoints/step_00000100/
-      model.safetensors   logical (unsharded) weights, keys = MoETransformer.state_dict() names
+      state/              sharded weights and optimizer state in logical coordinates, one file per rank plus
+                          an index (parallel/sharded_checkpoint.py): what training writes
+      model.safetensors   logical (unsharded) weights, keys = MoETransformer.state_dict() names: what
+                          `convert_hf.py import` and `scripts/upcycle.py` write (a checkpoint has one or the other)
       config.yaml         the resolved TrainConfig
       tokenizer/          Hugging Face tokenizer files
       train_state*.pt     optimizer, scheduler, data position, RNG, ... (trainer-owned; absent when imported)
@@ -18,11 +21,14 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import parallel.sharded_checkpoint as sharded
 
 from train.checksums import ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
@@ -42,8 +48,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def has_weights(ckpt_dir: Path) -> bool:
+    """Whether `ckpt_dir` holds model weights in either format (sharded state/ or model.safetensors)."""
+    return (Path(ckpt_dir) / WEIGHTS_FILE).is_file() or sharded.has_state(ckpt_dir)
+
+
 def is_complete(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / COMPLETE_MARKER).is_file() and (ckpt_dir / WEIGHTS_FILE).is_file()
+    return (ckpt_dir / COMPLETE_MARKER).is_file() and has_weights(ckpt_dir)
 
 
 def list_complete(run_or_ckpts_dir: Path) -> list[Tuple[int, Path]]:
@@ -70,7 +81,7 @@ def resolve_checkpoint(path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist: pass a run dir or a checkpoints/step_* dir")
-    if (p / WEIGHTS_FILE).is_file():
+    if has_weights(p):
         if not (p / COMPLETE_MARKER).is_file():
             raise CheckpointError(
                 f"{p} has no {COMPLETE_MARKER} marker: the save was interrupted; use an earlier checkpoint")
@@ -79,6 +90,13 @@ def resolve_checkpoint(path) -> Path:
     if newest is None:
         raise CheckpointError(f"no complete checkpoint under {p} (expected {p}/checkpoints/step_*/{COMPLETE_MARKER})")
     return newest
+
+
+def save_run_files(ckpt_dir, cfg: TrainConfig, tokenizer_dir=None) -> None:
+    """The config and tokenizer that every checkpoint carries next to its weights."""
+    OmegaConf.save(OmegaConf.structured(cfg), Path(ckpt_dir) / CONFIG_FILE)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        shutil.copytree(tokenizer_dir, Path(ckpt_dir) / TOKENIZER_DIR, dirs_exist_ok=True)
 
 
 def save_model(ckpt_dir, cfg: TrainConfig, state_dict: Dict[str, torch.Tensor],
@@ -94,15 +112,14 @@ def save_model(ckpt_dir, cfg: TrainConfig, state_dict: Dict[str, torch.Tensor],
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt", "producer": "moeforge"})
-    OmegaConf.save(OmegaConf.structured(cfg), ckpt_dir / CONFIG_FILE)
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        shutil.copytree(tokenizer_dir, ckpt_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+    save_run_files(ckpt_dir, cfg, tokenizer_dir)
     return ckpt_dir
 
 
-def mark_complete(ckpt_dir) -> None:
-    """Record the checksums of every file, then write the COMPLETE marker (last, synced)."""
-    write_checksums(ckpt_dir, skip=(COMPLETE_MARKER,))
+def mark_complete(ckpt_dir, known_checksums: Optional[dict] = None) -> None:
+    """Record the checksums of every file (those in `known_checksums` were hashed by the ranks that wrote
+    them), then write the COMPLETE marker (last, synced)."""
+    write_checksums(ckpt_dir, skip=(COMPLETE_MARKER,), known=known_checksums)
     marker = Path(ckpt_dir) / COMPLETE_MARKER
     with open(marker, "w") as f:
         f.write("ok\n")
@@ -144,15 +161,86 @@ def load_config(ckpt_dir) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
 
 
+def weight_names(ckpt_dir) -> list[str]:
+    """The logical weight names a checkpoint holds (either format), without reading any tensor."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
+            return list(f.keys())
+    return sharded.logical_weight_names(ckpt_dir)
+
+
+def weight_shapes(ckpt_dir) -> dict[str, tuple]:
+    """name → logical shape of every weight a checkpoint holds, from its headers or index (no tensor read)."""
+    return {k: v[0] for k, v in _weight_index(ckpt_dir).items()}
+
+
+def weight_dtypes(ckpt_dir) -> list:
+    return [v[1] for v in _weight_index(ckpt_dir).values()]
+
+
+def _weight_index(ckpt_dir) -> dict[str, tuple]:
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        out = {}
+        with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+        return out
+    idx = sharded.index(ckpt_dir)
+    out = {}
+    for name in sharded.logical_weight_names(ckpt_dir):
+        if sharded.model_key(name) in idx:
+            out[name] = idx[sharded.model_key(name)]
+        else:
+            count = sum(1 for k in idx if k.startswith(sharded.model_key(name) + "/expert/"))
+            shape, dtype = idx[sharded.model_key(name, 0)]
+            out[name] = ((count, *shape), dtype)
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8,
+                       "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def iter_weights(ckpt_dir, names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, logical CPU tensor) of a checkpoint's weights, one at a time (either format), so a consumer that
+    converts or copies each tensor never holds two copies of the model."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        if (ckpt_dir / WEIGHTS_FILE).is_file():
+            with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
+                for name in (list(names) if names is not None else list(f.keys())):
+                    yield name, f.get_tensor(name)
+        else:
+            yield from sharded.iter_logical_weights(ckpt_dir, names)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and DCP raise several types on truncated/corrupt files
+        raise CheckpointError(f"the weights in {ckpt_dir} are unreadable ({e}); the checkpoint is corrupt") from e
+
+
 def load_model(path, verify: bool = True) -> Tuple[TrainConfig, Dict[str, torch.Tensor], Optional[Path]]:
     """(config, state_dict on CPU, tokenizer dir or None) of a run dir's newest checkpoint or one checkpoint. The
-    weights file is checked against its saved checksum first, unless the caller has verified it (`verify=False`)."""
+    weight files are checked against their saved checksums first, unless the caller has verified them
+    (`verify=False`). Tied weights appear under both names, as in the model's `state_dict()`."""
     ckpt = resolve_checkpoint(path)
     if verify:
-        verify_checkpoint(ckpt, only=(WEIGHTS_FILE,))
-    try:
-        state_dict = load_file(str(ckpt / WEIGHTS_FILE))
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise CheckpointError(f"{ckpt / WEIGHTS_FILE} is unreadable ({e}); the checkpoint is corrupt") from e
+        verify_checkpoint(ckpt, only=weight_files(ckpt))
+    cfg = load_config(ckpt)
+    state_dict = dict(iter_weights(ckpt))
+    if cfg.model.tie_embeddings and "embed.weight" in state_dict:
+        state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
     tok = ckpt / TOKENIZER_DIR
-    return load_config(ckpt), state_dict, (tok if tok.is_dir() else None)
+    return cfg, state_dict, (tok if tok.is_dir() else None)
+
+
+def weight_files(ckpt_dir) -> list[str]:
+    """The files (relative paths) that hold a checkpoint's weights: what to verify before reading them."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        return [WEIGHTS_FILE]
+    state = ckpt_dir / sharded.STATE_DIR
+    return sorted(p.relative_to(ckpt_dir).as_posix() for p in state.iterdir() if p.is_file())

@@ -28,14 +28,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(ckpt_dir, skip: Iterable[str] = ()) -> Path:
-    """Record size and SHA-256 of every file under `ckpt_dir` (except `skip` and the checksum file itself)."""
+def checksum_entries(ckpt_dir, rel_paths: Iterable[str]) -> dict:
+    """{relative path: {bytes, sha256}} of the given files of `ckpt_dir` (each rank hashes what it wrote)."""
+    root = Path(ckpt_dir)
+    return {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_of(root / rel)} for rel in rel_paths}
+
+
+def write_checksums(ckpt_dir, skip: Iterable[str] = (), known: Optional[dict] = None) -> Path:
+    """Record size and SHA-256 of every file under `ckpt_dir` (except `skip` and the checksum file itself).
+    `known`: entries already computed (by the ranks that wrote those files), not hashed again."""
     root = Path(ckpt_dir)
     skip = {CHECKSUM_FILE, *skip}
-    entries = {}
+    entries = dict(known or {})
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel not in skip:
+        if rel not in skip and rel not in entries:
             entries[rel] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     out = root / CHECKSUM_FILE
     out.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")

@@ -71,15 +71,32 @@ def load_for_inference(checkpoint: str, device: str = "cpu"):
     """(model, tokenizer) from a run dir or checkpoint dir."""
     from transformers import AutoTokenizer
 
-    from train.checkpoint import load_model
-    from train.model import build_model
+    from train import checkpoint as ckpt_io
+    from train.model import MoETransformer
 
-    cfg, state_dict, tok_dir = load_model(checkpoint)
-    if tok_dir is None:
+    ckpt = ckpt_io.resolve_checkpoint(checkpoint)
+    tok_dir = ckpt / ckpt_io.TOKENIZER_DIR
+    if not tok_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer/ directory; cannot encode the prompt")
-    model = build_model(cfg.model)
-    model.load_state_dict(state_dict)
-    return model.to(device), AutoTokenizer.from_pretrained(str(tok_dir))
+    ckpt_io.verify_checkpoint(ckpt, only=ckpt_io.weight_files(ckpt))
+    cfg = ckpt_io.load_config(ckpt)
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(0)  # RoPE tables and buffers; every weight is overwritten below
+    targets = model.state_dict()
+    loaded = set()
+    for name, tensor in ckpt_io.iter_weights(ckpt):  # streamed: one tensor read at a time, copied in place
+        if name not in targets:
+            raise ckpt_io.CheckpointError(f"{ckpt} holds {name}, which model config {cfg.model.name!r} does not "
+                                          f"build: check {ckpt}/config.yaml")
+        targets[name].copy_(tensor)
+        loaded.add(name)
+    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    missing = sorted(set(targets) - loaded - tied)
+    if missing:
+        raise ckpt_io.CheckpointError(f"{ckpt} lacks weights the model needs: {missing[:6]}")
+    return model, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def main(argv: List[str]) -> None:

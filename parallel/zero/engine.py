@@ -8,14 +8,17 @@ What ZeRO partitions, per rank (W ranks, EP degree ep, so each expert has W/ep r
 Gradient semantics equal `parallel/grads.py`: every gradient is divided by W, dense ones reduced over the world,
 expert ones over their EDP group; the clipping norm is the global one over all partitions.
 
-Checkpoints: the model's logical weights stay in moeforge's `model.safetensors`; this engine writes DeepSpeed's
-optimizer partitions under `CKPT/deepspeed/` with DeepSpeed's own `save_checkpoint` and reads them back with
-`load_checkpoint` through a `weights_only=True` loader (`safe_globals()`), leaving the module's weights alone.
+Checkpoints go through DeepSpeed's per-parameter state API (`safe_get_full_fp32_param`,
+`safe_get_full_optimizer_state`, `safe_set_full_optimizer_state`): `export_state` hands each parameter's whole
+local weights and optimizer state to `parallel.sharded_checkpoint`, which stores them in logical coordinates, and
+`import_state` writes them back into this engine's partitions whatever layout saved them. DeepSpeed's own
+`save_checkpoint` files are per-rank partitions of flat buffers that its consolidation tools cannot read for
+stacked experts (../shared/notes/deepspeed.md), so they would not reshard.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
+import torch
 from torch import nn
 
 from parallel.engine import StepOutcome, TrainEngine
@@ -24,31 +27,12 @@ from parallel.mesh import Mesh
 from parallel.parallelize import expert_parameters
 from parallel.zero.config import check_deepspeed_config, write_config
 from parallel.zero.runtime import (adopt_mesh_groups, expert_marker, import_deepspeed, tag_expert_params)
-from train.checkpoint import load_torch_file
 
-TAG = "deepspeed"  # CKPT/deepspeed/: DeepSpeed's files of one checkpoint
-RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what save_checkpoint copies beside them
-
-
-def safe_globals() -> list:
-    """The classes DeepSpeed 0.19.8 pickles into its optimizer files besides tensors and plain data: its loss
-    scaler (a plain attribute holder; fp32 runs keep it at scale 1), the ZeRO stage enum and the fragment address
-    (a named tuple of ints). Nothing else is unpickled."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _named_groups(param_groups: list[dict]) -> list[dict]:
     """DeepSpeed's group splitter keys groups by name."""
     return [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(param_groups)]
-
-
-def _keep_module_weights(src, dst) -> None:
-    """`load_checkpoint`'s module loader, replaced: DeepSpeed's module file holds rank 0's expert shards under the
-    logical names, and the weights have already come from model.safetensors (each rank its own shards)."""
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -78,13 +62,9 @@ class DeepSpeedEngine(TrainEngine):
         self.optimizer = optimizer_cls(groups)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                                 dist_init_required=False)
-        self.ds.checkpoint_engine.load = self._safe_load
         self.model = model
+        self.device = mesh.device
         self.forward = self.ds  # the engine's forward runs ZeRO's hooks and bookkeeping around the model's
-
-    @staticmethod
-    def _safe_load(path, map_location=None):
-        return load_torch_file(path, safe_globals())
 
     def backward(self, loss) -> None:
         boundary = self.ds.is_gradient_accumulation_boundary()
@@ -110,25 +90,60 @@ class DeepSpeedEngine(TrainEngine):
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
-    def save(self, ckpt_dir: Path, rank: int) -> None:
-        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
-        if rank == 0:  # DeepSpeed's consolidation scripts fail on stacked experts; model.safetensors is the
-            for script in RECOVERY_SCRIPTS:  # consolidated copy, so they would only mislead
-                (Path(ckpt_dir) / script).unlink(missing_ok=True)
+    def _zero_optimizer_state(self, kinds: dict[str, torch.Tensor]) -> None:
+        """Give every flat fp32 partition the state `kinds` names (zeros; scalars as given) where it has none
+        yet: a fresh engine has no optimizer state until its first step, and the setters write into it."""
+        inner = self.ds.optimizer.optimizer
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                if not inner.state.get(flat):
+                    inner.state[flat] = {k: (torch.zeros_like(flat) if v.dim() else torch.zeros_like(v))
+                                         for k, v in kinds.items()}
 
-    def load(self, ckpt_dir: Path, rank: int) -> None:
-        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False,
-                                          custom_load_fn=_keep_module_weights)
-        if path is None:
-            raise FileNotFoundError(f"{ckpt_dir}/{TAG}: DeepSpeed found no checkpoint to load")
+    def _link_state(self) -> None:
+        """DeepSpeed 0.19.8 links each parameter's optimizer-state fragments only after the FIRST param group's
+        step (`stage_1_and_2.py:2987`); the expert group comes last, so without this the per-parameter getters
+        fail on the ranks holding a piece of it. Re-linking is cheap and idempotent."""
         if self.stage < 3:
-            # ZeRO-1/2 keep separate fp32 partitions; refresh the model's tensors from the restored ones
-            self.ds.optimizer.update_lp_params()
+            self.ds.optimizer._hp_optimizer_states_linked = False
+            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
 
-    def has_state(self, ckpt_dir: Path, rank: int) -> bool:
-        # DeepSpeed's name for rank r's optimizer partition (r is its rank in the data-parallel world)
-        return (Path(ckpt_dir) / TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    def _flat_state(self) -> dict:
+        """One flat partition's optimizer state (all partitions step together: same step count)."""
+        inner = self.ds.optimizer.optimizer
+        return next((st for st in inner.state.values() if st), {})
+
+    def export_state(self):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        flat = self._flat_state()
+        full_kinds = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]
+        scalars = {k: v.detach().clone() for k, v in flat.items() if torch.is_tensor(v) and v.dim() == 0}
+        if full_kinds:
+            self._link_state()
+        for name, p in self.model.named_parameters():  # each getter is a collective over p's partition group
+            states = {"param": safe_get_full_fp32_param(p)}
+            for kind in full_kinds:
+                states[kind] = safe_get_full_optimizer_state(p, kind)
+            yield name, {**states, **scalars}
+
+    def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if not states:
+            return
+        example = next(iter(states.values()))
+        self._zero_optimizer_state(example)
+        for st in self.ds.optimizer.optimizer.state.values():  # scalars (the step) are per flat partition
+            for k, v in example.items():
+                if v.dim() == 0:
+                    st[k] = v.clone()
+        self._link_state()
+        params = dict(self.model.named_parameters())
+        for name, kinds in states.items():
+            for kind, value in kinds.items():
+                if value.dim() > 0:
+                    safe_set_full_optimizer_state(params[name], value.to(self.device), kind)
 
     def held_bytes(self) -> dict:
         # Where DeepSpeed 0.19.8 keeps each kind (tests/distributed/test_zero.py checks the totals):

@@ -1,5 +1,5 @@
-"""Checkpoint files are loaded without running code: `torch.load(weights_only=True)` plus, for DeepSpeed's
-optimizer files only, the three DeepSpeed classes they contain."""
+"""Checkpoint files are loaded without running code: `torch.load(weights_only=True)` for the trainer's files and
+DCP's tensors, and an allow-list of DCP's metadata classes for a sharded checkpoint's index."""
 from __future__ import annotations
 
 import os
@@ -32,26 +32,16 @@ def test_a_planted_pickle_payload_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_deepspeed_allow_list_admits_only_its_three_classes(tmp_path):
-    from parallel.zero.engine import DeepSpeedEngine, safe_globals
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+def test_a_planted_payload_in_a_sharded_checkpoint_index_is_refused_and_never_runs(tmp_path):
+    """DCP's own reader unpickles `.metadata` with plain `pickle.load`; ours admits only its metadata classes."""
+    import pickle
 
-    assert len(safe_globals()) == 3
-    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "w": torch.ones(2)},
-               tmp_path / "optim.pt")
-    loaded = DeepSpeedEngine._safe_load(str(tmp_path / "optim.pt"))
-    assert loaded["zero_stage"] == ZeroStageEnum.gradients and loaded["loss_scaler"].cur_scale == 1.0
+    from parallel.sharded_checkpoint import ShardedCheckpointError, index
+
+    (tmp_path / "state").mkdir()
     marker = tmp_path / "pwned"
-    plant_payload(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
-    with pytest.raises(CheckpointError, match="was refused"):
-        DeepSpeedEngine._safe_load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    (tmp_path / "state" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ShardedCheckpointError, match=r"\.metadata is unreadable or was altered \((posix|os)\.system is "
+                                                     r"not part of a checkpoint index\)"):
+        index(tmp_path)
     assert not marker.exists()
-
-
-def test_a_truncated_file_is_reported_as_damaged(tmp_path):
-    torch.save({"w": torch.ones(1000)}, tmp_path / "optimizer_rank0.pt")
-    data = (tmp_path / "optimizer_rank0.pt").read_bytes()
-    (tmp_path / "optimizer_rank0.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="optimizer_rank0.pt is unreadable .* damaged"):
-        load_torch_file(tmp_path / "optimizer_rank0.pt")

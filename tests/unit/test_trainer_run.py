@@ -99,7 +99,8 @@ def test_resume_is_exact(tmp_path, cache_dir):
     assert any("expert_bias" in n and t.abs().sum() > 0 for n, t in sd_full.items())
     for step in (3, 6):
         d = tmp_path / "split" / "checkpoints" / f"step_{step:08d}"
-        for f in ("COMPLETE", "model.safetensors", "config.yaml", "train_state.pt", "train_state_rank0.pt"):
+        for f in ("COMPLETE", "state/.metadata", "state/__0_0.distcp", "config.yaml", "train_state.pt",
+                  "train_state_rank0.pt", "CHECKSUMS.json"):
             assert (d / f).exists(), (d, f)
 
 
@@ -148,9 +149,9 @@ def test_save_never_overwrites_and_sets_leftovers_aside(tmp_path, cache_dir):
     assert (ckpts / "step_00000001" / "COMPLETE").is_file() and (ckpts / "step_00000002" / "COMPLETE").is_file()
     stale = sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".stale_"))
     assert len(stale) == 2 and sum((ckpts / name / "junk").exists() for name in stale) == 1
-    weights = (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns
+    weights = (ckpts / "step_00000002" / "state" / "__0_0.distcp").stat().st_mtime_ns
     assert trainer.save() is None  # already complete: left untouched
-    assert (ckpts / "step_00000002" / "model.safetensors").stat().st_mtime_ns == weights
+    assert (ckpts / "step_00000002" / "state" / "__0_0.distcp").stat().st_mtime_ns == weights
 
 
 def test_damaged_checkpoints_give_clear_errors_and_are_kept(tmp_path, cache_dir):
@@ -158,11 +159,11 @@ def test_damaged_checkpoints_give_clear_errors_and_are_kept(tmp_path, cache_dir)
 
     run(tmp_path / "r", cache_dir, "trainer.max_steps=2", "trainer.save_every=2")
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000002"
-    weights = ckpt / "model.safetensors"
+    weights = ckpt / "state" / "__0_0.distcp"
     good = weights.read_bytes()
 
     weights.write_bytes(good[: len(good) // 2])  # truncated by a full disk, say
-    with pytest.raises(CheckpointError, match=r"every complete checkpoint .* damaged .*model.safetensors has \d+ "
+    with pytest.raises(CheckpointError, match=r"every complete checkpoint .* damaged .*__0_0.distcp has \d+ "
                                               r"bytes, \d+ were saved \(truncated\?\)"):
         make_trainer(tmp_path / "r", cache_dir, "trainer.max_steps=4", "trainer.save_every=2")
     assert weights.read_bytes() == good[: len(good) // 2]  # nothing was overwritten
@@ -204,7 +205,7 @@ def test_bf16_trains_with_fp32_master_weights_and_router(tmp_path, cache_dir):
 
 
 def test_consecutive_bad_steps_stop_the_run_with_the_last_good_weights(tmp_path, cache_dir):
-    from safetensors.torch import load_file
+    from train.checkpoint import iter_weights
 
     from train.trainer.health import TrainingStopped
 
@@ -232,7 +233,7 @@ def test_consecutive_bad_steps_stop_the_run_with_the_last_good_weights(tmp_path,
                                               r"weights saved in .*step_00000004"):
         trainer.fit()
     trainer.close()
-    saved = load_file(tmp_path / "r" / "checkpoints" / "step_00000004" / "model.safetensors")
+    saved = dict(iter_weights(tmp_path / "r" / "checkpoints" / "step_00000004"))
     assert all(torch.equal(saved[k], good[k]) for k in saved)  # the skipped steps changed nothing
     lines = records(tmp_path / "r")
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
@@ -250,7 +251,7 @@ def test_loss_spikes_are_events_not_skips():
     assert health.consecutive_bad == 0 and not health.should_stop
 
 
-@pytest.mark.parametrize("name", ["train_state.pt", "train_state_rank0.pt", "optimizer_rank0.pt"])
+@pytest.mark.parametrize("name", ["train_state.pt", "train_state_rank0.pt"])
 def test_a_planted_payload_in_each_kind_of_pt_file_is_refused(tmp_path, cache_dir, name):
     """Checksums rewritten to match (an attacker can do that too): the weights_only loader is what refuses."""
     from tests.unit.test_checkpoint_safe_load import plant_payload

@@ -221,6 +221,51 @@ def write_hf_weights(state: StateDict, out_dir: Path) -> None:
     save_file(tensors, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
 
 
+class ShardedSafetensorsWriter:
+    """Writes tensors as they come into safetensors shards of at most `max_shard_bytes` (one tensor larger than
+    that gets a shard of its own); `finish()` names them as `save_pretrained` does: one `model.safetensors` when
+    everything fits in one, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        self.out, self.max = Path(out_dir), max_shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if any(name in keys for _, keys in self.files) or name in self.pending:
+            return  # already written (the same tensor reached from two blocks)
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous().clone()  # unshared: safetensors refuses views
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.out / f".shard{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / "model.safetensors")
+            return
+        n, weight_map = len(self.files), {}
+        for i, (path, keys) in enumerate(self.files, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def copy_tokenizer_files(src: Optional[Path], dst: Path) -> bool:
     """Copy the tokenizer files found in `src` into `dst`; True when a tokenizer was copied."""
     if src is None or not Path(src).is_dir():

@@ -81,36 +81,73 @@ def published_config(name: str) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def export_checkpoint(ckpt, out) -> Path:
-    """Write the HF folder `out` for the checkpoint (or a run dir's newest checkpoint) `ckpt`."""
-    from train.checkpoint import load_model
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what `save_pretrained` writes per shard by default ("5GB")
 
-    train_cfg, state, tokenizer_dir = load_model(ckpt)
+
+def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the HF folder `out` for the checkpoint (or a run dir's newest checkpoint) `ckpt`, either format
+    (sharded `state/` or `model.safetensors`).
+
+    Streaming: the weights are read one block at a time (the model's global tensors, then each layer, then each
+    MTP module), converted and written, so the host holds one block and its HF tensors, never the model twice.
+    The family's `to_hf` runs on the block's real tensors with every other tensor on the meta device (free);
+    only outputs computed from real tensors are written. Past `max_shard_bytes` the weights go to
+    `model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json`, as `save_pretrained` does."""
+    from train import checkpoint as ckpt_io
+
+    ckpt_dir = ckpt_io.resolve_checkpoint(ckpt)
+    ckpt_io.verify_checkpoint(ckpt_dir, only=ckpt_io.weight_files(ckpt_dir))
+    train_cfg = ckpt_io.load_config(ckpt_dir)
+    tokenizer_dir = ckpt_dir / ckpt_io.TOKENIZER_DIR
     cfg = train_cfg.model
     module = module_for_family(cfg.family)
-    common.check_shapes(expected_state(cfg), state, f"checkpoint {ckpt} does not match its config.yaml")
+    expected = expected_state(cfg)
+    shapes = ckpt_io.weight_shapes(ckpt_dir)
+    if cfg.tie_embeddings and "embed.weight" in shapes:
+        shapes.setdefault("lm_head.weight", shapes["embed.weight"])
+    common.check_shapes(expected, {k: torch.empty(v, device="meta") for k, v in shapes.items()},
+                        f"checkpoint {ckpt} does not match its config.yaml")
     flat = flatten_granularity(cfg)
     module.check_exportable(flat)
     hf_config = module.hf_config(flat)
-    hf_state = module.to_hf(flat, state)
-    hf_config.dtype = _common_dtype(hf_state)
+    hf_config.dtype = _common_dtype(ckpt_io.weight_dtypes(ckpt_dir))
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HFConversionError(f"export target {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    has_tokenizer = common.copy_tokenizer_files(tokenizer_dir, out)
+    has_tokenizer = common.copy_tokenizer_files(tokenizer_dir if tokenizer_dir.is_dir() else None, out)
     if has_tokenizer:
         _set_special_tokens(hf_config, out)
     hf_config.save_pretrained(str(out))
     _save_generation_config(hf_config, out)
-    common.write_hf_weights(hf_state, out)
+    writer = common.ShardedSafetensorsWriter(out, max_shard_bytes)
+    stored = ckpt_io.weight_names(ckpt_dir)  # a sharded checkpoint stores a tied head once, as embed.weight
+    for block in _blocks(stored):
+        real = dict(ckpt_io.iter_weights(ckpt_dir, block))
+        if cfg.tie_embeddings and "embed.weight" in real:
+            real["lm_head.weight"] = real["embed.weight"]
+        for key, value in module.to_hf(flat, {**expected, **real}).items():
+            if not value.is_meta:
+                writer.add(key, value)
+        del real
+    writer.finish()
     log.info("exported %s (%s) to %s%s", ckpt, cfg.family, out, "" if has_tokenizer else " (no tokenizer)")
     return out
 
 
-def _common_dtype(state: StateDict) -> torch.dtype:
-    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+def _blocks(names: list[str]) -> list[list[str]]:
+    """Our weight names grouped as the export streams them: per layer, per MTP module, the rest first."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") and len(parts) > 2 else ""
+        groups.setdefault(key, []).append(name)
+    return [groups[k] for k in groups]
+
+
+def _common_dtype(dtypes) -> torch.dtype:
+    floats = {d for d in dtypes if d.is_floating_point}
     return floats.pop() if len(floats) == 1 else torch.float32
 
 

@@ -1,11 +1,13 @@
 """Saving and resuming `TrainState` in the layout of `train/checkpoint.py` (docs/ARCHITECTURE.md).
 
     RUN_DIR/checkpoints/step_00000100/
-      model.safetensors, config.yaml, tokenizer/   via train.checkpoint.save_model (rank 0, logical weights)
+      state/                                       weights and optimizer state, sharded in logical coordinates:
+                                                   each rank writes its share in parallel, an index ties them
+                                                   (parallel/sharded_checkpoint.py, torch.distributed.checkpoint)
+      config.yaml, tokenizer/                      rank 0
       train_state.pt                               step, tokens, data position, scheduler, wandb id, layout
       train_state_rank{r}.pt                       rank r's RNG states
-      optimizer_rank{r}.pt                         rank r's optimizer state (parallel.zero_stage=0)
-      deepspeed/                                   DeepSpeed's optimizer partitions (parallel.zero_stage=1..3)
+      CHECKSUMS.json                               every file's SHA-256, each hashed by the rank that wrote it
       COMPLETE                                     written last
 
 A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes the checksums and COMPLETE; it
@@ -15,11 +17,12 @@ older complete checkpoints only with `trainer.keep_last=N`, once the new one is 
 `trainer.resume=auto` takes the newest complete checkpoint whose files match their checksums: a damaged newer one
 (truncated, a flipped byte, a missing rank file) is reported and skipped, never deleted.
 
-Every file is read without unpickling arbitrary objects (safetensors, or `train.checkpoint.load_torch_file`).
+Every file is read without unpickling arbitrary objects (DCP's index through an allow-list, tensors and the
+trainer's files with `weights_only=True`, or safetensors).
 
-Resuming on a different world size / ep_size / ZeRO stage restores the weights and the data position exactly;
-the optimizer state is restored only when the layout matches (it is per-rank and follows the expert sharding
-and the ZeRO partitioning), otherwise it starts fresh with a warning. Re-sharding it is a later improvement.
+Resuming on any world size, `ep_size` and ZeRO stage restores the weights, the optimizer state and the data
+position exactly: every rank reads the logical tensors it holds in the new layout. The RNG states are per rank and
+are restored when the world size is unchanged (they drive only noisy routers and jitter).
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ from typing import Optional
 import torch
 
 import parallel
+import parallel.sharded_checkpoint as sharded
 from train import checkpoint as ckpt_io
+from train.checksums import checksum_entries
 from train.config import TrainConfig
 from train.trainer.state import TrainState
 
@@ -56,9 +61,7 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
     root = Path(run_dir) / "checkpoints"
     final = root / ckpt_io.step_dir_name(state.step)
     tmp = root / f".tmp_{final.name}"
-    with state.engine.full_parameters():  # collective: before any early return
-        weights = parallel.gather_full_state_dict(state.model, mesh)
-    if ckpt_io.is_complete(final):
+    if parallel.broadcast_object(ckpt_io.is_complete(final) if mesh.rank == 0 else None, mesh):
         if mesh.rank == 0:
             log.warning("checkpoint %s already exists; not overwriting it", final)
         return None
@@ -67,15 +70,20 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
         for leftover in (tmp, final):  # an interrupted save: kept for inspection, moved out of the way
             if leftover.exists():
                 leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
-        ckpt_io.save_model(tmp, cfg, weights, tokenizer_dir)
+        tmp.mkdir()
+        ckpt_io.save_run_files(tmp, cfg, tokenizer_dir)
         torch.save(state.common_state_dict(layout_of(mesh, cfg)), tmp / COMMON_FILE)
     parallel.barrier(mesh)
+    owned = sharded.collect_owned(state.model, state.engine.export_state(), mesh)  # collective under ZeRO
+    sharded.save(owned, tmp, mesh)  # collective: every rank writes its share
+    del owned
     torch.save(state.rank_state_dict(), tmp / rank_file(mesh.rank))
-    state.engine.save(tmp, mesh.rank)  # collective under DeepSpeed
-    parallel.barrier(mesh)
+    mine = [rank_file(mesh.rank)] + [f"{sharded.STATE_DIR}/{p.name}" for p in (tmp / sharded.STATE_DIR).iterdir()
+                                     if p.name.startswith(f"__{mesh.rank}_")]
+    hashed = parallel.gather_objects(checksum_entries(tmp, mine), mesh)  # each rank hashes its files
     if mesh.rank == 0:
         tmp.rename(final)
-        ckpt_io.mark_complete(final)
+        ckpt_io.mark_complete(final, {k: v for part in hashed for k, v in part.items()})
         if cfg.trainer.keep_last is not None:
             prune_checkpoints(root, cfg.trainer.keep_last)
     parallel.barrier(mesh)
@@ -143,12 +151,23 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path, mesh) -> Optional[Pa
 
 
 def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None, verify: bool = True) -> Path:
-    """Load only the model weights of a checkpoint (trainer.init_from); returns the resolved checkpoint dir.
-    With `model_cfg`, the weights are first checked against the logical shapes that config builds (a clear
-    error naming each mismatching tensor), and expert selection biases the checkpoint lacks start at zero
-    (a zero bias routes exactly as no bias; see train/trainer/init_from.py). `verify=False` skips the checksum
-    of the weights file, for a checkpoint `find_resume_checkpoint` has just verified whole."""
+    """Load only the model weights of a checkpoint (resume, trainer.init_from); returns the resolved checkpoint
+    dir. Collective. A sharded checkpoint is read in place, each rank its own tensors (any layout saved it); a
+    `model.safetensors` one (imported) is read whole and sliced. With `model_cfg`, the weights are first checked
+    against the logical shapes that config builds (a clear error naming each mismatching tensor), and expert
+    selection biases the checkpoint lacks start at zero (a zero bias routes exactly as no bias; see
+    train/trainer/init_from.py). `verify=False` skips the checksums of the weight files, for a checkpoint
+    `find_resume_checkpoint` has just verified whole."""
     ckpt_dir = ckpt_io.resolve_checkpoint(path)
+    if sharded.has_state(ckpt_dir):
+        if verify and mesh.rank == 0:
+            ckpt_io.verify_checkpoint(ckpt_dir, only=ckpt_io.weight_files(ckpt_dir))
+        parallel.barrier(mesh)
+        try:
+            sharded.load_model_weights(model, ckpt_dir, mesh)
+        except sharded.ShardedCheckpointError as e:
+            raise ckpt_io.CheckpointError(str(e)) from None
+        return ckpt_dir
     _, state_dict, _ = ckpt_io.load_model(ckpt_dir, verify=verify)
     if model_cfg is not None:
         state_dict = _fit_to_config(state_dict, model_cfg, ckpt_dir)
@@ -186,22 +205,27 @@ def check_resumable(ckpt_dir: Path) -> None:
 
 
 def resume_from(state: TrainState, ckpt_dir: Path, cfg: TrainConfig, mesh) -> None:
-    """Restore counters, data position, RNG and (when the layout matches) the engine's optimizer state. The
-    weights were loaded before the engine was built (`load_weights`), because ZeRO copies them at build time."""
+    """Restore counters, data position, RNG (same world size) and the engine's optimizer state, resharded into
+    this run's layout. The weights were loaded before the engine was built (`load_weights`), because ZeRO
+    copies them at build time. Collective."""
     check_resumable(ckpt_dir)
     common = ckpt_io.load_torch_file(ckpt_dir / COMMON_FILE)
     state.load_common_state_dict(common)
-    layout = layout_of(mesh, cfg)
-    if common.get("layout") == layout:
+    saved = common.get("layout") or {}
+    if saved.get("world_size") == mesh.world_size:
         rank_path = ckpt_dir / rank_file(mesh.rank)
-        for present, what in ((rank_path.is_file(), rank_path),
-                              (state.engine.has_state(ckpt_dir, mesh.rank), f"the optimizer state of rank {mesh.rank}")):
-            if not present:  # marked COMPLETE yet a rank's file is gone: damaged, not a layout change
-                raise ckpt_io.CheckpointError(
-                    f"{what} is missing from {ckpt_dir}, saved with this run's layout; the checkpoint is damaged: "
-                    f"resume from an earlier one with trainer.resume=<path to checkpoints/step_*>")
+        if not rank_path.is_file():  # marked COMPLETE yet a rank's file is gone: damaged
+            raise ckpt_io.CheckpointError(
+                f"{rank_path} is missing from {ckpt_dir}, saved with this run's world size; the checkpoint is "
+                f"damaged: resume from an earlier one with trainer.resume=<path to checkpoints/step_*>")
         state.load_rank_state_dict(ckpt_io.load_torch_file(rank_path))
-        state.engine.load(ckpt_dir, mesh.rank)
-    elif mesh.rank == 0:
-        log.warning("checkpoint layout %s differs from this run's %s: weights and data position restored, "
-                    "optimizer state starts fresh", common.get("layout"), layout)
+    if not sharded.has_state(ckpt_dir):
+        if mesh.rank == 0:
+            log.warning("%s holds no sharded optimizer state (an older checkpoint format): weights and data "
+                        "position restored, optimizer state starts fresh", ckpt_dir)
+        return
+    for batch in sharded.read_optimizer_state(state.model, ckpt_dir, mesh):
+        state.engine.import_state(batch)
+    if mesh.rank == 0 and saved and saved != layout_of(mesh, cfg):
+        log.info("resharded checkpoint %s from layout %s to %s (weights and optimizer state)", ckpt_dir, saved,
+                 layout_of(mesh, cfg))
