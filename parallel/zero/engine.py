@@ -90,15 +90,20 @@ class DeepSpeedEngine(TrainEngine):
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
+    def _flat_partitions(self) -> list:
+        """The fp32 flat partitions the inner torch optimizer keys its state by (ZeRO-1/2 and ZeRO-3 name them
+        differently; their param groups may hold other views)."""
+        zero = self.ds.optimizer
+        return list(zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups)
+
     def _zero_optimizer_state(self, kinds: dict[str, torch.Tensor]) -> None:
         """Give every flat fp32 partition the state `kinds` names (zeros; scalars as given) where it has none
         yet: a fresh engine has no optimizer state until its first step, and the setters write into it."""
         inner = self.ds.optimizer.optimizer
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                if not inner.state.get(flat):
-                    inner.state[flat] = {k: (torch.zeros_like(flat) if v.dim() else torch.zeros_like(v))
-                                         for k, v in kinds.items()}
+        for flat in self._flat_partitions():
+            if not inner.state.get(flat):
+                inner.state[flat] = {k: (torch.zeros_like(flat) if v.dim() else torch.zeros_like(v))
+                                     for k, v in kinds.items()}
 
     def _link_state(self) -> None:
         """DeepSpeed 0.19.8 links each parameter's optimizer-state fragments only after the FIRST param group's
@@ -134,10 +139,11 @@ class DeepSpeedEngine(TrainEngine):
             return
         example = next(iter(states.values()))
         self._zero_optimizer_state(example)
-        for st in self.ds.optimizer.optimizer.state.values():  # scalars (the step) are per flat partition
+        inner = self.ds.optimizer.optimizer
+        for flat in self._flat_partitions():  # scalars (the step) are per flat partition
             for k, v in example.items():
                 if v.dim() == 0:
-                    st[k] = v.clone()
+                    inner.state[flat][k] = v.clone()
         self._link_state()
         params = dict(self.model.named_parameters())
         for name, kinds in states.items():

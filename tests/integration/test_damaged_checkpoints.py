@@ -38,8 +38,8 @@ def flip_a_byte(path):
 
 
 @pytest.mark.parametrize("damage,file,reason", [
-    (truncate, "model.safetensors", "truncated"),
-    (flip_a_byte, "optimizer_rank0.pt", "corrupted"),
+    (truncate, "state/__0_0.distcp", "truncated"),
+    (flip_a_byte, "state/.metadata", "corrupted"),
 ])
 def test_resume_skips_a_damaged_newest_checkpoint(runs, cache, tmp_path, damage, file, reason):
     stopped, full = runs

@@ -1,17 +1,16 @@
-"""Resuming a run through the command line: on the same world size it is exact; on a different one the
-weights and the data position are exact and the optimizer state starts fresh (it is per-rank and follows the
-expert sharding; see train/trainer/checkpointing.py).
+"""Resuming a run through the command line: on the same layout it is bit-exact; on any other world size,
+`ep_size` or ZeRO stage the sharded checkpoint is read into the new layout, weights and optimizer state, and the
+loss curve continues the uninterrupted run's (train/trainer/checkpointing.py, parallel/sharded_checkpoint.py).
 
-The first run (2 ranks, ep_size=2) stops at step 3 with a checkpoint. The lr schedule is a function of the
-step alone and all steps here are in warmup, so stopping with max_steps=3 and resuming with max_steps=5 is the
-same schedule as one 5-step run.
+The lr schedule is a function of the step alone and all steps here are in warmup, so stopping with max_steps=N
+and resuming with a larger max_steps is the same schedule as one uninterrupted run.
 """
 from __future__ import annotations
 
 import shutil
 
 import pytest
-from safetensors.torch import load_file
+from train.checkpoint import iter_weights
 
 from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
 
@@ -38,24 +37,51 @@ def stopped_at_3(tmp_path_factory, cache):
     return run_dir
 
 
-def test_resume_two_ranks_on_one_rank_continues_weights_and_data(tmp_path, cache, stopped_at_3):
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(stopped_at_3, run_dir)
-    proc = train_cli([*COMMON, "trainer.max_steps=5", f"trainer.run_dir={run_dir}"], cache)
-    train_cli([*COMMON, "trainer.max_steps=5", f"trainer.run_dir={tmp_path / 'ref'}"], cache)
-    got, ref = step_records(run_dir), step_records(tmp_path / "ref")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]  # the same metrics.jsonl continues
-    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref] == [s * TOKENS_PER_STEP for s in range(1, 6)]
-    assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref], rel=1e-12)
-    # Step 4's losses and gradient norm come from the restored weights on step 4's batch, before any update
-    # uses the (fresh) optimizer state: they match the uninterrupted run. Steps 1-3 were taken on 2 ranks,
-    # equal to one rank up to float reduction order.
-    for r, r_ref in zip(got[:4], ref[:4]):
+def run_layout(world: int, ep: int, zero: int, max_steps: int, run_dir, cache) -> str:
+    overrides = [*COMMON, *RESHARD, f"trainer.max_steps={max_steps}", f"trainer.run_dir={run_dir}",
+                 f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}"]
+    if world == 1:
+        proc = train_cli(overrides, cache)
+        return proc.stdout + proc.stderr
+    return torchrun_cli(world, overrides, cache)
+
+
+# Every step in warmup (the schedule is then a function of the step alone: stopping at max_steps=2 and resuming
+# with 4 is the same schedule as one 6-step run), and a checkpoint at every stop.
+RESHARD = ["optim.warmup_steps=20", "trainer.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """One process, ZeRO 0, six steps: the curve every resharded chain must continue."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_layout(1, 1, 0, 6, run_dir, cache)
+    return step_records(run_dir)
+
+
+@pytest.mark.parametrize("chain", [
+    # (world, ep_size, zero_stage) for steps 1-2, 3-4, 5-6
+    [(2, 2, 2), (4, 4, 2), (1, 1, 0)],  # the issue's chain: grow the world and ep, then one process
+    [(2, 2, 1), (2, 1, 1), (2, 2, 3)],  # ep 2 -> ep 1 on the same ranks, then a change of ZeRO stage
+], ids=["2ep2z2-4ep4z2-1z0", "2ep2z1-2ep1z1-2ep2z3"])
+def test_resharded_resume_continues_the_uninterrupted_curve(chain, tmp_path, cache, uninterrupted):
+    """Weights AND optimizer state are restored in every new layout: after a resume the Adam moments must be the
+    old ones, or step 4's update (and so the losses of steps 5 and 6) would differ from the reference."""
+    run_dir = tmp_path / "run"
+    for i, (world, ep, zero) in enumerate(chain):
+        out = run_layout(world, ep, zero, 2 * (i + 1), run_dir, cache)
+        if i:
+            assert "resumed from" in out and "starts fresh" not in out, out[-2000:]
+    got = step_records(run_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # one metrics.jsonl, continued
+    assert [r["tokens"] for r in got] == [s * TOKENS_PER_STEP for s in range(1, 7)]
+    for r, r_ref in zip(got, uninterrupted):
         for key in LOSS_KEYS:
-            assert r[key] == pytest.approx(r_ref[key], abs=1e-4), (r["step"], key)
-    assert got[3]["grad_norm"] == pytest.approx(ref[3]["grad_norm"], rel=1e-3)
-    # Step 5 follows an update with fresh Adam moments, so it is not compared; the run says so.
-    assert "optimizer state starts fresh" in proc.stdout + proc.stderr
+            assert r[key] == pytest.approx(r_ref[key], abs=1e-4), (chain, r["step"], key)
+        assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-3), (chain, r["step"])
+    # the last checkpoint, written by the last layout, holds the same logical weights as the reference run would
+    final = dict(iter_weights(run_dir / "checkpoints" / "step_00000006"))
+    assert final and all("/" not in name for name in final)
 
 
 def test_resume_on_the_same_two_ranks_is_exact(tmp_path, cache, stopped_at_3):
@@ -69,8 +95,8 @@ def test_resume_on_the_same_two_ranks_is_exact(tmp_path, cache, stopped_at_3):
     for r, r_ref in zip(got, ref):
         for key in (*LOSS_KEYS, "tokens", "lr", "grad_norm", "moe/a2a_tokens_sent"):
             assert r[key] == r_ref[key], (r["step"], key)
-    final = "checkpoints/step_00000005/model.safetensors"
-    weights, weights_ref = load_file(run_dir / final), load_file(tmp_path / "ref" / final)
+    final = "checkpoints/step_00000005"
+    weights, weights_ref = dict(iter_weights(run_dir / final)), dict(iter_weights(tmp_path / "ref" / final))
     assert weights.keys() == weights_ref.keys()
     for name, w in weights.items():
         assert w.equal(weights_ref[name]), name

@@ -106,6 +106,6 @@ def test_no_secret_or_environment_reaches_the_run_dir(tmp_path, cache_dir):
                     *[o for o in FAST if not o.startswith("logging.wandb")]],
                    cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".safetensors" for p in files) and (run_dir / "wandb").is_dir()
+    assert any(p.suffix == ".distcp" for p in files) and (run_dir / "wandb").is_dir()
     leaked = [str(p) for p in files if b"sentinel" in p.read_bytes()]
     assert not leaked, leaked

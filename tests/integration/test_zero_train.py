@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-from safetensors.torch import load_file
+from train.checkpoint import iter_weights
 
 from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, torchrun_cli
 
@@ -45,8 +45,8 @@ def test_zero_stage_trains_and_resumes_exactly(stage, tmp_path, cache):
     ds_config = json.loads((full / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["gradient_accumulation_steps"] == 2
     ckpt = full / "checkpoints" / "step_00000003"
-    assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed").is_dir()
-    assert not (ckpt / "zero_to_fp32.py").exists()
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "state" / ".metadata").is_file()
+    assert sorted(p.name for p in (ckpt / "state").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
 
     resumed = tmp_path / "resumed"
     cut_back_to_step_3(full, resumed)
@@ -58,18 +58,18 @@ def test_zero_stage_trains_and_resumes_exactly(stage, tmp_path, cache):
         for key in EXACT_KEYS:
             assert r[key] == r_ref[key], (stage, r["step"], key)
     assert got[-1]["val_loss"] == ref[-1]["val_loss"]  # evaluation runs the (ZeRO-3: partitioned) model too
-    if stage == 2:  # a rank's DeepSpeed partition gone: the checksums catch it, one line
+    if stage == 2:  # a rank's shard gone: the checksums catch it, one line
         damaged = tmp_path / "damaged"
         cut_back_to_step_3(full, damaged)
-        (damaged / "checkpoints/step_00000003/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+        (damaged / "checkpoints/step_00000003/state/__1_0.distcp").unlink()
         args = ["torchrun", "--standalone", "--nproc_per_node=4", "-m", "train", *COMMON,
                 f"parallel.zero_stage={stage}", f"trainer.run_dir={damaged}"]
         proc = subprocess.run(args, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
         said = [line for line in proc.stderr.splitlines() if line.startswith("moeforge: ")]
-        assert said and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in said[0] and "damaged" in said[0]
-    final = "checkpoints/step_00000005/model.safetensors"
-    weights, weights_ref = load_file(resumed / final), load_file(full / final)
+        assert said and "state/__1_0.distcp is missing" in said[0] and "damaged" in said[0]
+    final = "checkpoints/step_00000005"
+    weights, weights_ref = dict(iter_weights(resumed / final)), dict(iter_weights(full / final))
     assert weights.keys() == weights_ref.keys()
     for name, w in weights.items():
         assert w.equal(weights_ref[name]), (stage, name)
