@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from train.checksums import ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
+from train.config.routing import stored_routing_groups
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -141,7 +142,9 @@ def verify_checkpoint(ckpt_dir, only=None) -> None:
 def load_config(ckpt_dir) -> TrainConfig:
     """The TrainConfig stored with a checkpoint, merged onto the schema so old files gain new defaults."""
     stored = OmegaConf.load(Path(ckpt_dir) / CONFIG_FILE)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
+    cfg.model.moe.routing_groups = stored_routing_groups(cfg.model.moe, cfg.parallel.ep_size)  # files from before it
+    return cfg
 
 
 def load_model(path, verify: bool = True) -> Tuple[TrainConfig, Dict[str, torch.Tensor], Optional[Path]]:
