@@ -5,12 +5,17 @@ expert sharding; see train/trainer/checkpointing.py).
 The first run (2 ranks, ep_size=2) stops at step 3 with a checkpoint. The lr schedule is a function of the
 step alone and all steps here are in warmup, so stopping with max_steps=3 and resuming with max_steps=5 is the
 same schedule as one 5-step run.
+
+Routing is device-limited (`model.moe.device_limit=1`): the 2-rank run resolves `model.moe.routing_groups` to 2 and
+stores it, so the run resumed on one rank must keep routing over 2 groups (one process alone would resolve 1,
+which limits nothing); its reference is a one-rank run told `routing_groups=2`.
 """
 from __future__ import annotations
 
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
@@ -19,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["model=tiny_deepseek_v3", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
           "trainer.seq_len=32", "trainer.eval_every=0", "trainer.save_every=3", "logging.progress=false",
-          *FAST_DATA]
+          "model.moe.device_limit=1", *FAST_DATA]
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 TOKENS_PER_STEP = 8 * 32
 
@@ -42,7 +47,8 @@ def test_resume_two_ranks_on_one_rank_continues_weights_and_data(tmp_path, cache
     run_dir = tmp_path / "resumed"
     shutil.copytree(stopped_at_3, run_dir)
     proc = train_cli([*COMMON, "trainer.max_steps=5", f"trainer.run_dir={run_dir}"], cache)
-    train_cli([*COMMON, "trainer.max_steps=5", f"trainer.run_dir={tmp_path / 'ref'}"], cache)
+    train_cli([*COMMON, "model.moe.routing_groups=2", "trainer.max_steps=5", f"trainer.run_dir={tmp_path / 'ref'}"],
+              cache)
     got, ref = step_records(run_dir), step_records(tmp_path / "ref")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]  # the same metrics.jsonl continues
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref] == [s * TOKENS_PER_STEP for s in range(1, 6)]
@@ -56,6 +62,7 @@ def test_resume_two_ranks_on_one_rank_continues_weights_and_data(tmp_path, cache
     assert got[3]["grad_norm"] == pytest.approx(ref[3]["grad_norm"], rel=1e-3)
     # Step 5 follows an update with fresh Adam moments, so it is not compared; the run says so.
     assert "optimizer state starts fresh" in proc.stdout + proc.stderr
+    assert OmegaConf.load(run_dir / "checkpoints" / "step_00000005" / "config.yaml").model.moe.routing_groups == 2
 
 
 def test_resume_on_the_same_two_ranks_is_exact(tmp_path, cache, stopped_at_3):
