@@ -74,8 +74,9 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
     (main blocks and MTP blocks): (1) the stacked experts hold only this rank's E/ep_size experts; (2) an
     `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the model's `LocalDispatcher`
     stays when ep_size = 1); (3) `num_devices` = ep_size, the expert→device map of the device/communication
-    balance terms and statistics (routing counts the model's `moe.routing_groups`, whatever the layout); (4) `count_reducer` sums balance counts over the whole world, so f terms
-    and load statistics describe the global batch. Create the optimizer after this call. Gradients are made
+    balance terms and statistics (routing counts the model's `moe.routing_groups`, whatever the layout);
+    (4) `count_reducer` sums balance counts over the whole world, so f terms and load statistics describe the
+    global batch. Create the optimizer after this call. Gradients are made
     equal to the single-process reference by `reduce_gradients` (scaling derived in this module's docstring).
     """
     _check_supported(model, cfg, mesh)
