@@ -89,11 +89,8 @@ def validate_parallel_config(cfg, world_size: int) -> None:
             f"model.moe.num_routed_experts={n} (num_experts={moe.num_experts}, granularity={moe.granularity}) is "
             f"not divisible by parallel.ep_size={ep}: choose an ep_size that divides {n}"
         )
-    if moe.device_limit is not None and not 1 <= moe.device_limit <= ep:
-        raise ValueError(
-            f"model.moe.device_limit={moe.device_limit} must be between 1 and parallel.ep_size={ep} "
-            f"(or null for unlimited)"
-        )
+    # No rule ties model.moe.device_limit to ep_size: it counts the model's routing groups, which need not be
+    # this layout's devices (train/config/routing.py; the trainer checks them).
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

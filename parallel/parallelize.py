@@ -76,8 +76,9 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = No
     The fixed order:
       1. expert sharding: for every MoE layer (main and MTP blocks) the stacked experts keep only this rank's
          E/ep_size experts; an `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the
-         model's `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size drives the device balance
-         maps and device capacity; `count_reducer` sums balance counts over the whole world, so f terms and
+         model's `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size is the expert→device map
+         of the device/communication balance terms, statistics and device capacity (routing counts the model's
+         `moe.routing_groups`, whatever the layout); `count_reducer` sums balance counts over the whole world, so f terms and
          load statistics describe the global batch;
       2. activation checkpointing (`trainer.activation_checkpointing`);
       3. materialisation: a model built on the meta device (`torch.device("meta")`) is allocated on

@@ -32,6 +32,7 @@ import parallel.sharded_checkpoint as sharded
 
 from train.checksums import ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
+from train.config.routing import stored_routing_groups
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -158,7 +159,9 @@ def verify_checkpoint(ckpt_dir, only=None) -> None:
 def load_config(ckpt_dir) -> TrainConfig:
     """The TrainConfig stored with a checkpoint, merged onto the schema so old files gain new defaults."""
     stored = OmegaConf.load(Path(ckpt_dir) / CONFIG_FILE)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
+    cfg.model.moe.routing_groups = stored_routing_groups(cfg.model.moe, cfg.parallel.ep_size)  # files from before it
+    return cfg
 
 
 def weight_names(ckpt_dir) -> list[str]:

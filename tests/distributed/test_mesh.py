@@ -24,7 +24,6 @@ def test_single_process_mesh_is_trivial():
     [
         (["parallel.ep_size=4"], 6, "parallel.ep_size"),  # world not divisible
         (["parallel.ep_size=3"], 3, "model.moe.num_routed_experts"),  # 16 experts over 3 ranks
-        (["parallel.ep_size=2", "model.moe.num_groups=1", "model.moe.device_limit=3"], 4, "model.moe.device_limit"),
         (["parallel.ep_size=2"], 1, "parallel.ep_size"),  # single process cannot be expert parallel
     ],
 )

@@ -1,8 +1,9 @@
-"""Logical checkpoints of a sharded model, and device-limited routing under expert parallelism."""
+"""Logical checkpoints of a sharded model, and device-limited routing under expert parallelism: it bounds the
+devices and the traffic, and with the model's routing groups it computes the same function on any layout."""
 import torch
 
 from tests.distributed._spawn import run_distributed
-from tests.distributed.test_expert_parallel import B_LOCAL, batch, build, make_cfg
+from tests.distributed.test_expert_parallel import ATOL, B_LOCAL, RTOL, batch, build, make_cfg
 
 
 def _check_state_dict(rank, world_size):
@@ -68,7 +69,36 @@ def _check_device_limit(rank, world_size):
         assert sent < previous, (m, sent, previous)
         assert sent <= naive
         previous = sent
+    _check_same_logits_on_every_layout(rank, world_size, x, y)
 
 
-def test_device_limit_bounds_devices_and_traffic():
+def _limited_cfg(ep_size: int):
+    cfg = make_cfg(ep_size, device_limit=2)
+    cfg.model.moe.routing_groups = 4  # what a run on 4 ranks resolves and stores
+    return cfg
+
+
+def _check_same_logits_on_every_layout(rank, world_size, x, y):
+    """A model with device_limit=2 over routing_groups=4 gives the same logits in one process (the global batch)
+    and on this rank's slice with ep 4 (one EP group of the 4 ranks) and ep 2 (two EP groups of 2 ranks): the
+    layout changes where experts live, not which experts a token uses."""
+    from parallel import parallelize
+    from parallel.mesh import build_mesh
+
+    x_all, y_all = batch(world_size, 0)
+    mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    with torch.no_grad():
+        ref = build(_limited_cfg(1))(x_all, y_all).logits[mine]
+        unlimited = build(make_cfg(1))(x_all, y_all).logits[mine]
+        assert (ref - unlimited).abs().max() > 1e-3  # the limit changes the function, so the test means something
+        for ep in (4, 2):
+            cfg = _limited_cfg(ep)
+            mesh = build_mesh(rank, world_size, ep, torch.device("cpu"))
+            out = parallelize(build(cfg), cfg, mesh)(x, y)
+            torch.testing.assert_close(out.logits, ref, atol=ATOL, rtol=RTOL, msg=f"ep {ep}")
+            if ep == 4:  # the routing groups are the devices: the limit bounds the devices per token
+                assert max(s["devices_per_token_max"] for s in out.moe_stats) <= 2
+
+
+def test_device_limit_bounds_devices_and_traffic_and_routing_groups_fix_the_function():
     run_distributed(_check_device_limit, 4)

@@ -39,6 +39,7 @@ def runs(tmp_path_factory, cache):
             done[name] = step_records(root / name)
         return done[name]
 
+    get.root = root
     return get
 
 
@@ -66,6 +67,23 @@ def test_device_limit_caps_devices_and_all_to_all_traffic(runs):
     sent_limited = sum(r["moe/a2a_tokens_sent"] for r in limited)
     sent_unlimited = sum(r["moe/a2a_tokens_sent"] for r in unlimited)
     assert 0 < sent_limited < sent_unlimited
+
+    # The run resolved its routing groups to its ep_size and stored them, so the checkpoint's model is
+    # device-limited in one process too (train.generate, evaluation, a resume on fewer ranks).
+    import torch
+
+    from train.checkpoint import load_model
+    from train.model import build_model
+
+    cfg, state, _ = load_model(runs.root / "ep4_m2")
+    assert (cfg.model.moe.device_limit, cfg.model.moe.routing_groups) == (2, 4)
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    for _, layer in model.moe_layers():
+        layer.num_devices = 4  # only the statistics read it: they count the run's 4 devices
+    with torch.no_grad():
+        out = model(torch.randint(0, cfg.model.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0)))
+    assert max(s["devices_per_token_max"] for s in out.moe_stats) <= 2
 
 
 def test_ep2_with_two_expert_data_parallel_groups_follows_single_process(runs):

@@ -4,12 +4,17 @@ loss curve continues the uninterrupted run's (train/trainer/checkpointing.py, pa
 
 The lr schedule is a function of the step alone and all steps here are in warmup, so stopping with max_steps=N
 and resuming with a larger max_steps is the same schedule as one uninterrupted run.
+
+Routing is device-limited (`model.moe.device_limit=1`): the first run (2 ranks) resolves `model.moe.routing_groups`
+to 2 and stores it, so every later layout must keep routing over 2 groups (one process alone would resolve 1,
+which limits nothing); the one-process reference is told `routing_groups=2`.
 """
 from __future__ import annotations
 
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 from train.checkpoint import iter_weights
 
 from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
@@ -18,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["model=tiny_deepseek_v3", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
           "trainer.seq_len=32", "trainer.eval_every=0", "trainer.save_every=3", "logging.progress=false",
-          *FAST_DATA]
+          "model.moe.device_limit=1", *FAST_DATA]
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 TOKENS_PER_STEP = 8 * 32
 
@@ -37,9 +42,9 @@ def stopped_at_3(tmp_path_factory, cache):
     return run_dir
 
 
-def run_layout(world: int, ep: int, zero: int, max_steps: int, run_dir, cache) -> str:
+def run_layout(world: int, ep: int, zero: int, max_steps: int, run_dir, cache, *extra) -> str:
     overrides = [*COMMON, *RESHARD, f"trainer.max_steps={max_steps}", f"trainer.run_dir={run_dir}",
-                 f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}"]
+                 f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}", *extra]
     if world == 1:
         proc = train_cli(overrides, cache)
         return proc.stdout + proc.stderr
@@ -55,7 +60,7 @@ RESHARD = ["optim.warmup_steps=20", "trainer.save_every=2"]
 def uninterrupted(tmp_path_factory, cache):
     """One process, ZeRO 0, six steps: the curve every resharded chain must continue."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_layout(1, 1, 0, 6, run_dir, cache)
+    run_layout(1, 1, 0, 6, run_dir, cache, "model.moe.routing_groups=2")
     return step_records(run_dir)
 
 
@@ -80,8 +85,10 @@ def test_resharded_resume_continues_the_uninterrupted_curve(chain, tmp_path, cac
             assert r[key] == pytest.approx(r_ref[key], abs=1e-4), (chain, r["step"], key)
         assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-3), (chain, r["step"])
     # the last checkpoint, written by the last layout, holds the same logical weights as the reference run would
-    final = dict(iter_weights(run_dir / "checkpoints" / "step_00000006"))
-    assert final and all("/" not in name for name in final)
+    final = run_dir / "checkpoints" / "step_00000006"
+    assert OmegaConf.load(final / "config.yaml").model.moe.routing_groups == 2  # resolved once, kept
+    weights = dict(iter_weights(final))
+    assert weights and all("/" not in name for name in weights)
 
 
 def test_resume_on_the_same_two_ranks_is_exact(tmp_path, cache, stopped_at_3):

@@ -87,6 +87,10 @@ OURS_CASES = {
                          "model.moe.num_groups=1", "model.moe.topk_groups=1", "model.moe.routed_scaling_factor=1.0"],
     "deepseek_v3": ["model=tiny_deepseek_v3", *_SMALL, *_MLA, "model.attention.q_lora_rank=24",
                     "model.moe.num_groups=4", "model.moe.topk_groups=2", "model.mtp_depth=1"],
+    # Device-limited routing over 4 routing groups, 2 allowed: V2's group_limited_greedy (n_group 4, topk_group 2).
+    "deepseek_v2_device_limited": ["model=tiny_deepseek_v2", *_SMALL, *_MLA, "model.attention.q_lora_rank=24",
+                                   "model.moe.num_groups=1", "model.moe.topk_groups=1", "model.moe.device_limit=2",
+                                   "model.moe.routing_groups=4"],
 }
 
 
@@ -233,6 +237,19 @@ def test_unrepresentable_setting_is_a_clear_error(tmp_path):
                             "model.moe.num_shared_experts=1"])
     with pytest.raises(HFConversionError, match="mixtral.*shared experts"):
         export_checkpoint(ckpt, tmp_path / "hf")
+
+
+def test_device_limited_routing_exports_as_v2_groups_or_is_refused(tmp_path):
+    limited = ["model.num_layers=2", "model.vocab_size=64", "model.moe.num_groups=1", "model.moe.topk_groups=1",
+               "model.moe.device_limit=2", "model.moe.routing_groups=4"]
+    out = export_checkpoint(_save(tmp_path / "v2", ["model=tiny_deepseek_v2", *limited]), tmp_path / "v2" / "hf")
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["n_group"], hf["topk_group"], hf["topk_method"]) == (4, 2, "group_limited_greedy")
+    with pytest.raises(HFConversionError, match="deepseek_v3.*device_limit below moe.routing_groups"):
+        export_checkpoint(_save(tmp_path / "v3", ["model=tiny_deepseek_v3", *limited]), tmp_path / "v3" / "hf")
+    with pytest.raises(HFConversionError, match="mixtral.*device-limited routing is DeepSeek-V2's"):
+        export_checkpoint(_save(tmp_path / "mx", ["model=tiny_mixtral", *limited[:2], "model.moe.device_limit=1",
+                                                  "model.moe.routing_groups=2"]), tmp_path / "mx" / "hf")
 
 
 def test_weight_shape_mismatch_is_a_clear_error(tmp_path):

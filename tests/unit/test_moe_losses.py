@@ -58,6 +58,29 @@ def test_comm_balance(M):
     assert math.isclose(got.item(), ref, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("E_,G_,groups,M,reach", [
+    (16, 4, None, None, 4),  # not device-limited: every device
+    (16, 4, 4, 2, 2),  # routing groups = devices (a new run's default): the device limit itself
+    (16, 2, 4, 3, 2),  # two groups per device: never more than the 2 devices there are
+    (16, 8, 4, 2, 4),  # a group spans 2 devices: 2 groups reach 4
+    (12, 3, 4, 1, 2),  # groups of 3 over devices of 4: group 1 (experts 3-5) straddles devices 0 and 1
+])
+def test_max_devices_per_token(E_, G_, groups, M, reach):
+    assert losses.max_devices_per_token(E_, G_, groups, M) == reach
+
+
+def test_comm_balance_counts_the_layouts_devices_with_routing_groups():
+    # 16 experts, routing groups of 4 (2 allowed) on 8 devices: the term is V2's over the 8 real devices with
+    # M = the 4 devices a token can reach.
+    layer = _layer(num_experts=16, top_k=4, comm_balance_coef=1.0, device_limit=2, routing_groups=4)
+    layer.num_devices = 8
+    x = torch.randn(2, 6, 16)
+    _, out = layer(x)
+    r = layer.router(x.view(-1, 16))
+    sent = losses.token_device_mask(r.topk_ids_TK, 16, 8).sum(0).float()
+    assert torch.allclose(out.aux_terms["comm_balance"], losses.comm_balance_loss(sent, r.scores_TE, 12, 4))
+
+
 def test_seq_balance():
     B, S = 2, 2  # sequences = tokens {0,1} and {2,3}
     total = 0.0

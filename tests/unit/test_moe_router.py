@@ -121,6 +121,50 @@ def test_device_limit_takes_the_place_of_config_groups():
     ids_TK = r(torch.randn(64, D)).topk_ids_TK
     assert ((ids_TK // 4).min(dim=1).values == (ids_TK // 4).max(dim=1).values).all()
 
+def test_routing_groups_make_routing_independent_of_the_layout():
+    # 16 experts in 4 routing groups of 4, top-6 within the best 2 groups: the same ids on 1, 2 and 4 devices.
+    torch.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(num_experts=16, top_k=6, expert_hidden=16, device_limit=2, routing_groups=4))
+    torch.nn.init.normal_(layer.router.gate.weight, std=1.0)
+    x_TD = torch.randn(64, D)
+    ids = {}
+    for G in (1, 2, 4):
+        layer.num_devices = G
+        ids[G] = layer.router(x_TD).topk_ids_TK.sort(dim=-1).values
+    assert torch.equal(ids[1], ids[2]) and torch.equal(ids[1], ids[4])
+    scores_TE = layer.router(x_TD).scores_TE
+    for t in range(64):  # by hand: the 2 groups with the best single expert, then the top 6 inside them
+        row = scores_TE[t].tolist()
+        best = sorted(range(4), key=lambda g: -max(row[4 * g: 4 * g + 4]))[:2]
+        allowed = {4 * g + j for g in best for j in range(4)}
+        assert ids[1][t].tolist() == _naive_topk(row, 6, allowed)
+    free = Router(D, MoEConfig(num_experts=16, top_k=6, expert_hidden=16))
+    free.gate.weight.data.copy_(layer.router.gate.weight)
+    assert not torch.equal(free(x_TD).topk_ids_TK.sort(dim=-1).values, ids[1])  # the limit did something
+
+
+def test_routing_groups_need_not_be_the_devices():
+    # 4 routing groups of 4 experts, 2 allowed, on 8 devices of 2 experts: a group spans 2 devices, so a token
+    # reaches at most 4 devices, which the layer's device statistics (over the 8 real devices) show.
+    torch.manual_seed(1)
+    layer = MoELayer(D, MoEConfig(num_experts=16, top_k=6, expert_hidden=16, device_limit=2, routing_groups=4))
+    torch.nn.init.normal_(layer.router.gate.weight, std=1.0)
+    layer.num_devices = 8
+    _, out = layer(torch.randn(2, 32, D))
+    assert out.stats["tokens_per_device_G"].shape == (8,)
+    assert 2 < out.stats["devices_per_token_max"] <= 4
+
+
+@pytest.mark.parametrize("groups,limit,match", [
+    (3, 1, r"model.moe.routing_groups=3 must divide the 16 routed experts"),
+    (4, 5, r"model.moe.device_limit=5 must be between 1 and model.moe.routing_groups=4"),
+    (8, 2, r"model.moe.device_limit=2 groups of 2 experts cannot hold top_k=6"),
+])
+def test_bad_routing_groups_name_the_fields(groups, limit, match):
+    with pytest.raises(ValueError, match=match):
+        Router(D, MoEConfig(num_experts=16, top_k=6, expert_hidden=16, device_limit=limit, routing_groups=groups))
+
+
 def _copy_hf_experts(layer: MoELayer, hf_experts, F_: int) -> None:
     # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2); y = linear(h, down_proj[e]).
     layer.experts.w_gate_EDF.data.copy_(hf_experts.gate_up_proj[:, :F_, :].transpose(1, 2))

@@ -78,8 +78,13 @@ class MoEConfig:
     num_groups: int = 1
     topk_groups: int = 1
     group_score: str = "max"  # max (V2) or top2_sum (V3)
-    # Top-M device-limited routing over the expert-parallel devices; null = unlimited.
+    # Top-M device-limited routing (DeepSeek-V2): a token uses experts of at most `device_limit` of the
+    # `routing_groups` contiguous expert blocks; null = unlimited.
     device_limit: Optional[int] = None
+    # The blocks the device limit counts. Part of the model, not of the layout: null is resolved once, at a run's
+    # first start, to its parallel.ep_size, and the stored value is kept by every later resume, init_from,
+    # generate and export whatever their ep_size (train/config/routing.py states the rule).
+    routing_groups: Optional[int] = None
     # Token capacity per expert as a multiple of the even share; null = dropless.
     capacity_factor: Optional[float] = None
     # Token capacity per expert-parallel device (DeepSeek-V2 token dropping): each device takes at most this

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from train.config.routing import device_limit_groups
+
 StateDict = Dict[str, torch.Tensor]
 
 # Files a Hugging Face tokenizer folder may hold (AutoTokenizer reads whichever are present).
@@ -311,6 +313,8 @@ def check_topk_softmax_routing(cfg: Any, family: str) -> None:
     require(m.first_k_dense == 0 and m.layer_freq == 1, family,
             "dense layers (moe.first_k_dense / moe.layer_freq): every layer of the HF class is MoE")
     require(m.num_groups == 1, family, "moe.num_groups > 1 (group-limited routing is DeepSeek's)")
+    require(device_limit_groups(m) is None, family,
+            "moe.device_limit below moe.routing_groups (device-limited routing is DeepSeek-V2's)")
     require(m.routed_scaling_factor == 1.0, family, "moe.routed_scaling_factor != 1")
     require(not m.uses_expert_bias, family, "moe.bias_update_rate > 0 (expert selection bias is DeepSeek-V3's)")
     require(m.capacity_factor is None, family, "moe.capacity_factor is set (HF inference is dropless)")

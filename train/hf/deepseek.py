@@ -10,6 +10,11 @@ does not run it.
 What transformers computes differs from DeepSeek's reference code in two places the checks below enforce:
 DeepseekV2's router ignores `norm_topk_prob` and every layer from `first_k_dense_replace` on is MoE (no
 `moe_layer_freq`).
+
+Device-limited routing (`moe.device_limit` = M below `moe.routing_groups` = G) takes the place of the node groups
+in our router; V2 exports it as what it is, `group_limited_greedy` with `n_group` = G and `topk_group` = M (a group
+scores as its best expert in both). V3 scores a group by its top-2 sum, so a V3 model with an active device limit
+is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 
 from train.config.model import ModelConfig
+from train.config.routing import device_limit_groups
 from train.hf import common, rope
 from train.hf.common import Field, HFConversionError, StateDict, Weight, require
 
@@ -96,6 +102,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     require(m.capacity_factor is None, f, "moe.capacity_factor is set (HF inference is dropless)")
     require(m.num_experts % m.num_groups == 0, f, "moe.num_groups does not divide the routed experts")
     if v3:
+        require(device_limit_groups(m) is None, f, "moe.device_limit below moe.routing_groups (DeepseekV3 scores a "
+                                                   "group by its top-2 sum, device-limited routing by its best "
+                                                   "expert): export as family deepseek_v2 or drop the limit")
         require(m.scoring == "sigmoid", f, f"moe.scoring={m.scoring!r} (DeepseekV3 routes with sigmoid)")
         require(m.num_groups == 1 or m.group_score == "top2_sum", f,
                 "moe.group_score must be top2_sum with groups (DeepseekV3 scores a group by its top-2 sum)")
@@ -118,13 +127,16 @@ def hf_config(cfg: ModelConfig) -> Any:
     v3 = cfg.family == "deepseek_v3"
     m = cfg.moe
     kwargs = common.fields_to_hf(FIELDS + (V3_FIELDS if v3 else ()), cfg)
+    limited = device_limit_groups(m)  # V2 only (check_exportable): it replaces the node groups
+    if limited is not None:
+        kwargs.update(n_group=limited[0], topk_group=limited[1])
     kwargs.update(
         num_key_value_heads=cfg.attention.num_heads,  # MLA expands keys/values per head
         rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", attention_dropout=0.0,
         moe_layer_freq=1, architectures=[ARCHITECTURES[cfg.family]],
         # Read by DeepSeek's reference code and other runtimes; transformers infers them from the class.
         scoring_func="sigmoid" if v3 else "softmax",
-        topk_method="noaux_tc" if v3 else ("group_limited_greedy" if m.num_groups > 1 else "greedy"),
+        topk_method="noaux_tc" if v3 else ("group_limited_greedy" if kwargs["n_group"] > 1 else "greedy"),
     )
     return (DeepseekV3Config if v3 else DeepseekV2Config)(**kwargs)
 

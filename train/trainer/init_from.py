@@ -9,6 +9,9 @@ The rule (the one place it is stated; the Trainer and `python -m train` follow i
   except those the user set explicitly as `model.<field>=...` on the command line: those win.
 - An explicit command-line `model.<field>=...` for any other (architecture) field must agree with the
   checkpoint; a different value is a `ConfigError` naming the field.
+- `moe.routing_groups` is architecture (it decides which experts a device-limited token may use), except that a
+  checkpoint storing null (no device limit was ever resolved) takes the command line's value, or is resolved to
+  this run's ep_size at its first start (train/config/routing.py).
 - `model.moe.bias_update_rate=0` on a checkpoint that holds expert selection biases is an error (it would
   drop the biases and change routing); a positive rate on a checkpoint without them starts them at zero.
 - With `data.tokenizer=builtin` and a `tokenizer/` in the checkpoint, the run trains with the checkpoint's
@@ -32,6 +35,9 @@ from train.config import ModelConfig, TrainConfig
 from train.trainer.validate import ConfigError
 
 log = logging.getLogger("train")
+
+# Architecture fields a checkpoint may leave unresolved (null): the run's value is taken then.
+RESOLVED_ONCE = ("moe.routing_groups",)
 
 TRAINING_KNOBS = (
     "name", "max_seq_len", "init_std", "mtp_loss_weight",
@@ -87,6 +93,9 @@ def merge_model_config(run: ModelConfig, ckpt: ModelConfig, explicit: Sequence[s
         if path in TRAINING_KNOBS:
             continue
         mine, theirs = _select(run, path), _select(ckpt, path)
+        if path in RESOLVED_ONCE and theirs is None:
+            _set(merged, path, mine)
+            continue
         if isinstance(mine, dict) and isinstance(theirs, dict):  # a whole sub-config: knobs were taken above
             for knob in covered:
                 mine.pop(knob[len(path) + 1:], None)

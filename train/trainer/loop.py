@@ -1,10 +1,13 @@
 """`Trainer`: builds one run (data, model, optimizer, state, logger), trains it, validates, checkpoints.
 
-Build order and why: data first (its tokenizer fixes the vocabulary the model must cover); the model is
-built on the meta device, then `parallel.parallelize` decides what this rank owns and allocates and initialises
-only that (seeded from `trainer.seed` per logical tensor, so every layout starts from the same weights); a resume (or `init_from`) then overwrites its weights; only then is the engine
-(optimizer, and under ZeRO its partitions, which copy the weights) built over the parallelized parameters, and a
-resume restores the engine's optimizer state, counters and data position.
+Build order and why: the checkpoint to resume, if any, is found first, because the model's routing groups come
+from it (train/config/routing.py: fixed at a run's first start, kept whatever the new ep_size); data next (its
+tokenizer fixes the vocabulary the model must cover); the model is built on the meta device, then
+`parallel.parallelize` decides what this rank owns and allocates and initialises only that (seeded from
+`trainer.seed` per logical tensor, so every layout starts from the same weights); a resume (or `init_from`) then
+overwrites its weights; only then is the engine (optimizer, and under ZeRO its partitions, which copy the weights)
+built over the parallelized parameters, and a resume restores the engine's optimizer state, resharded into this
+layout, counters and data position.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 import parallel
+from train.checkpoint import load_config
 from train.config import TrainConfig
+from train.config.routing import resolve_routing_groups
 from train.data import build_data
 from train.flops import flops_per_token
 from train.model import MoETransformer
@@ -46,6 +51,8 @@ class Trainer:
         self.is_main = mesh.rank == 0
         self._warned_no_val = False
         t = cfg.trainer
+        self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
+        self._resolve_routing_groups()
         self.precision = build_precision(cfg.precision, mesh.device)
         self.data = build_data(cfg, mesh.rank, mesh.dp_size, self.is_main, barrier=lambda: parallel.barrier(mesh))
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -59,7 +66,6 @@ class Trainer:
         parallel.parallelize(model, cfg, mesh, init_seed=init_seed)
         model.train()
 
-        self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
         self.initialised_from: Optional[Path] = None
         if self.resumed_from is not None:  # verified file by file by find_resume_checkpoint: not hashed again
             load_weights(model, self.resumed_from, mesh, verify=False)
@@ -91,6 +97,17 @@ class Trainer:
                          f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
                          f"device {mesh.device}, precision {cfg.precision.name}, "
                          f"MFU against {self.peak_flops:.3g} FLOP/s per device")
+
+    def _resolve_routing_groups(self) -> None:
+        """Set `model.moe.routing_groups` for this run (the stored value of the checkpoint it resumes, else this
+        run's ep_size when a device limit is set), before the model is built; it goes into every config.yaml."""
+        moe = self.cfg.model.moe
+        stored = load_config(self.resumed_from).model.moe if self.resumed_from is not None else None
+        try:
+            moe.routing_groups = resolve_routing_groups(moe, self.mesh.ep_size, stored,
+                                                        f"the checkpoint {self.resumed_from} being resumed")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _write_config(self) -> None:
         """The resolved config at RUN_DIR/config.yaml; a resumed run with a changed config keeps the old file

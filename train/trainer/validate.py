@@ -13,6 +13,7 @@ from pathlib import Path
 from parallel.mesh import validate_parallel_config
 from parallel.zero.config import check_deepspeed_config
 from train.config import TrainConfig
+from train.config.routing import check_group_limit, resolve_routing_groups
 from train.data import check_batch_sizes
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
@@ -102,15 +103,13 @@ def _validate_model(cfg: TrainConfig) -> None:
     _check(1 <= k <= n,
            f"model.moe.top_k={moe.top_k} gives {k} active routed experts (granularity={moe.granularity}) but there "
            f"are {n} routed experts: set model.moe.top_k between 1 and {moe.num_experts}")
-    _check(moe.num_groups >= 1 and n % moe.num_groups == 0,
-           f"model.moe.num_groups={moe.num_groups} must divide the {n} routed experts: pick a divisor of {n}")
-    _check(1 <= moe.topk_groups <= moe.num_groups,
-           f"model.moe.topk_groups={moe.topk_groups} must be between 1 and model.moe.num_groups={moe.num_groups}")
-    if moe.num_groups > 1:
-        per_group = n // moe.num_groups
-        _check(moe.topk_groups * per_group >= k,
-               f"model.moe.topk_groups={moe.topk_groups} groups of {per_group} experts cannot hold top_k={k} "
-               f"experts: raise model.moe.topk_groups or lower model.moe.top_k")
+    try:  # the group rules live with the routing config, which the router checks too
+        check_group_limit(n, k, moe.num_groups, moe.topk_groups, "model.moe.num_groups", "model.moe.topk_groups")
+        if moe.routing_groups is not None:
+            check_group_limit(n, k, moe.routing_groups, moe.device_limit, "model.moe.routing_groups",
+                              "model.moe.device_limit")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in ("capacity_factor", "device_capacity_factor"):
         # capacity = factor x the average load, so a factor c < 1 drops at least 1 - c of the assignments: below
         # MIN_CAPACITY_FACTOR most of the batch would be dropped, which no recipe in the literature does
@@ -125,6 +124,10 @@ def _validate_model(cfg: TrainConfig) -> None:
 def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     try:  # the layout rules live with the code that builds the layout
         validate_parallel_config(cfg, world)
+        if not _may_resume(cfg.trainer):
+            # The routing groups a new run's first start resolves (the trainer resolves them again, with the
+            # checkpoint's value when it resumes one: then the stored groups, not this ep_size, bound the limit).
+            resolve_routing_groups(cfg.model.moe, cfg.parallel.ep_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     stage = cfg.parallel.zero_stage
@@ -144,6 +147,16 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
         check_deepspeed_config(cfg, accum_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _may_resume(t) -> bool:
+    """Whether the run may continue a checkpoint: `trainer.resume` is a path, or `auto` with a complete checkpoint
+    in `trainer.run_dir` (a multirun job's own sub-directory is not known yet: its parent is looked at)."""
+    from train.checkpoint import newest_complete
+
+    if t.resume == "never":
+        return False
+    return t.resume != "auto" or (bool(t.run_dir) and newest_complete(Path(t.run_dir)) is not None)
 
 
 def _validate_trainer(cfg: TrainConfig, world: int) -> None:

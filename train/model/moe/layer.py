@@ -5,6 +5,10 @@ K active routed experts, N routed rows, G devices.
 
 Routing and expert computation are separate steps with `self.dispatcher` as the seam: `parallel/` replaces
 the dispatcher, slices `self.experts` to the local experts, and sets `num_devices` and `count_reducer`.
+
+Which experts a token may use never depends on `num_devices`: the device limit counts the model's
+`moe.routing_groups` (train/config/routing.py). `num_devices` is the layout, and what measures the layout reads
+it: the device and communication balance terms, the per-device statistics and the device capacity.
 """
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ class MoELayer(nn.Module):
 
     @property
     def num_devices(self) -> int:
-        """Expert-parallel devices; experts live on them in contiguous blocks of E / num_devices."""
+        """Expert-parallel devices (ep_size); experts live on them in contiguous blocks of E / num_devices. The
+        routing reads it only while `moe.routing_groups` is unresolved (see the router)."""
         return self.router.num_devices
 
     @num_devices.setter
@@ -114,7 +119,11 @@ class MoELayer(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Balance terms, the bias load and stats, all from the router's selection before capacity drops
         (per-device and per-expert): they are meant to steer what the router chooses. `kept_ids_TK` only feeds
-        `dropped_frac`, the fraction of assignments dropped by either."""
+        `dropped_frac`, the fraction of assignments dropped by either.
+
+        The device terms (V2's L_DevBal and L_CommBal, defined there over D device groups) and the per-device
+        statistics use the G = `num_devices` devices of the current layout (ep_size), not the routing groups:
+        they measure the computation and traffic of the devices that really exist in this run."""
         moe, E, K, G = self.moe, self.num_experts, self.top_k, self.num_devices
         ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
         with torch.no_grad():
@@ -143,9 +152,10 @@ class MoELayer(nn.Module):
                 counts_E, probs_TE, n_tok, K, G
             )
         if moe.comm_balance_coef:
-            limit = moe.device_limit if moe.device_limit is not None else G
+            groups = self.router.routing_groups if self.router.routing_groups is not None else G
+            reach = losses.max_devices_per_token(E, G, groups, moe.device_limit)
             aux["comm_balance"] = moe.comm_balance_coef * losses.comm_balance_loss(
-                num_tokens_sent_G.float(), probs_TE, n_tok, min(limit, G)
+                num_tokens_sent_G.float(), probs_TE, n_tok, reach
             )
         if moe.seq_balance_coef:
             aux["seq_balance"] = moe.seq_balance_coef * losses.seq_balance_loss(

@@ -9,6 +9,8 @@ the global token count); the probability terms P are differentiable and local to
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -60,12 +62,27 @@ def device_balance_loss(
     return (f_GE.mean(dim=-1) * p_GE.sum(dim=-1)).sum()
 
 
+def max_devices_per_token(num_experts: int, num_devices: int, routing_groups: Optional[int],
+                          device_limit: Optional[int]) -> int:
+    """The most of the `num_devices` devices (contiguous blocks of E/G experts) one token can reach when it may
+    use `device_limit` of `routing_groups` contiguous expert blocks: M times the most devices one block spans, at
+    most G. G without a limit; exactly M when the routing groups are the devices."""
+    if device_limit is None or routing_groups is None:
+        return num_devices
+    per_device, per_group = num_experts // num_devices, num_experts // routing_groups
+    span = max((g * per_group + per_group - 1) // per_device - (g * per_group) // per_device + 1
+               for g in range(routing_groups))
+    return min(num_devices, device_limit * span)
+
+
 def comm_balance_loss(
     num_tokens_sent_G: torch.Tensor, probs_TE: torch.Tensor, num_tokens: float, device_limit: int
 ) -> torch.Tensor:
     """sum_d f''_d P''_d: f''_d = D/(M T) * (tokens sent to device d), P''_d = sum of d's P_j (V2 eq. 18-20).
 
-    M is the device limit (the number of devices when routing is not device-limited).
+    D counts the devices of the current layout (G = ep_size), as V2 does. M, V2's device limit, is here the most
+    devices a token can reach (`max_devices_per_token`): the device limit when the routing groups are the devices
+    (a new run's default), the number of devices when routing is not device-limited.
     """
     G = num_tokens_sent_G.shape[0]
     f_G = num_tokens_sent_G * (G / (device_limit * num_tokens))

@@ -1,7 +1,7 @@
 """Token-to-expert router: fp32 gate, three scoring rules, group- and device-limited selection.
 
 Shape legend: T tokens, D model dim, E routed experts, K active routed experts per token,
-G expert groups (or devices), M groups (devices) a token may use.
+G expert groups (node groups, or the routing groups of the device limit), M groups a token may use.
 
 The selection mirrors Hugging Face's reference code so converted checkpoints route identically:
 `softmax_topk` = DeepseekV2TopkRouter, `topk_softmax` = MixtralTopKRouter / DBRX (p=1 normalisation),
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config.model import MoEConfig
+from train.config.routing import check_group_limit
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -60,9 +61,10 @@ def group_limited_mask(
 class Router(nn.Module):
     """Scores T tokens against E routed experts and picks K per token.
 
-    `num_devices` (set by `parallel/` through the MoE layer) enables device-limited routing when
-    `moe.device_limit` is set: the experts are split into `num_devices` contiguous blocks (the expert→device
-    map) and each token may use at most `device_limit` of them.
+    With `moe.device_limit` = M, each token may use experts of at most M of the `moe.routing_groups` contiguous
+    expert blocks (train/config/routing.py): a property of the model, the same on any number of ranks. Only a
+    config whose `routing_groups` is unresolved (null: a model built by hand, never one a run or checkpoint
+    holds) falls back to `num_devices`, the expert-parallel devices `parallel/` sets through the MoE layer.
     """
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
@@ -71,16 +73,19 @@ class Router(nn.Module):
         if moe.scoring not in SCORINGS:
             raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {moe.scoring!r}")
         if moe.num_groups > 1:
-            _check_groups(E, K, moe.num_groups, moe.topk_groups, "moe.num_groups", "moe.topk_groups")
+            check_group_limit(E, K, moe.num_groups, moe.topk_groups, "model.moe.num_groups", "model.moe.topk_groups")
             if moe.group_score == "top2_sum" and E // moe.num_groups < 2:
                 raise ValueError("moe.group_score=top2_sum needs at least 2 experts per group")
+        if moe.routing_groups is not None:
+            check_group_limit(E, K, moe.routing_groups, moe.device_limit, "model.moe.routing_groups",
+                              "model.moe.device_limit")
         self.num_experts, self.top_k = E, K
         self.scoring = moe.scoring
         self.norm_topk_prob = moe.norm_topk_prob
         self.routed_scaling_factor = moe.routed_scaling_factor
         self.num_groups, self.topk_groups, self.group_score = moe.num_groups, moe.topk_groups, moe.group_score
-        self.device_limit = moe.device_limit
-        self.num_devices = 1
+        self.device_limit, self.routing_groups = moe.device_limit, moe.routing_groups
+        self.num_devices = 1  # the layout; read only while routing_groups is unresolved
         self.gate = nn.Linear(d_model, E, bias=False)
         if moe.uses_expert_bias:
             self.register_buffer("expert_bias_E", torch.zeros(E, dtype=torch.float32), persistent=True)
@@ -90,17 +95,18 @@ class Router(nn.Module):
     def _selection_groups(self) -> Optional[tuple[int, int, str]]:
         """(G, M, group score) of the active group restriction, or None when selection is unrestricted.
 
-        When `moe.device_limit` is set and the experts really live on several devices, the device limit takes
-        the place of the config's node groups (V3's n_group/topk_group): both are the same mechanism, and under
-        expert parallelism the devices are the unit whose traffic is being bounded.
+        When `moe.device_limit` restricts the selection (fewer than all routing groups), it takes the place of
+        the config's node groups (V3's n_group/topk_group): both are the same mechanism, and the routing groups
+        are the unit whose traffic is being bounded (the devices of the run that fixed them).
         """
-        if self.device_limit is not None and self.num_devices > 1 and self.device_limit < self.num_devices:
-            _check_groups(
-                self.num_experts, self.top_k, self.num_devices, self.device_limit, "num_devices", "moe.device_limit"
-            )
-            # A device scores as its best expert (V2's device-limited routing): a device holding one strongly
+        G = self.routing_groups if self.routing_groups is not None else self.num_devices
+        if self.device_limit is not None and self.device_limit < G:
+            if self.routing_groups is None:  # a resolved value was checked at construction
+                check_group_limit(self.num_experts, self.top_k, G, self.device_limit, "num_devices",
+                                  "model.moe.device_limit")
+            # A group scores as its best expert (V2's device-limited routing): a group holding one strongly
             # matching expert wins over one with several mediocre ones, keeping the top experts reachable.
-            return self.num_devices, self.device_limit, "max"
+            return G, self.device_limit, "max"
         if self.num_groups > 1:
             return self.num_groups, self.topk_groups, self.group_score
         return None
@@ -132,11 +138,3 @@ class Router(nn.Module):
         topk_weights_TK = topk_weights_TK * self.routed_scaling_factor
         return RouterOutput(logits_TE, scores_TE, topk_ids_TK, topk_weights_TK)
 
-
-def _check_groups(E: int, K: int, G: int, M: int, g_name: str, m_name: str) -> None:
-    if E % G != 0:
-        raise ValueError(f"{g_name}={G} must divide the number of routed experts {E}")
-    if not 1 <= M <= G:
-        raise ValueError(f"{m_name}={M} must be in [1, {g_name}={G}]")
-    if M * (E // G) < K:
-        raise ValueError(f"{m_name}={M} groups of {E // G} experts cannot hold the {K} active experts")
