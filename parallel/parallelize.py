@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.mesh import Mesh, validate_parallel_config
 
@@ -90,6 +91,7 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
         layer.num_devices = mesh.ep_size
         if reducer is not None:
             layer.count_reducer = reducer
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)  # wraps whatever dispatcher is installed
     return model
 
 
