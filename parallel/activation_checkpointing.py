@@ -5,21 +5,22 @@
 - `none`: autograd keeps every tensor the backward needs.
 - `full`: every transformer block (the main blocks and each MTP module's block) keeps only its input; its whole
   forward runs again in backward: norms, attention, router, the dispatch all-to-alls, the expert GEMMs, combine.
-- `selective`: recomputes only what is cheap to redo and never a communication or a matmul outside attention.
-    recomputed: in `Block.token_mixing` (attn_norm, the attention core: RoPE, scores/softmax/SDPA, masks, the
-      residual add, ffn_norm) every op except the projection GEMMs; in the experts, the shared experts and the
-      dense FFNs, the SwiGLU activation `silu(x W_gate) * (x W_up)`.
-    kept: the outputs of every projection GEMM (q/k/v/o, MLA's low-rank projections, the expert and shared
-      expert gate/up/down GEMMs, dense FFN GEMMs) and everything of the MoE sublayer outside the experts: the
-      router's logits, scores and top-k, capacity drops, the dispatched rows and the all-to-all results, the
-      combine's gate weights, and the balance terms' inputs. The MoE sublayer's routing and communication
-      never run twice, so `selective` has none of the recompute hazards below.
+- `selective`: recomputes only cheap ops, never a collective, a routing decision or a projection GEMM.
+    recomputed: in `Block.token_mixing`, attn_norm, RoPE, the attention core (scores, masks, softmax/SDPA), the
+      residual add and ffn_norm; in the routed experts, the shared experts and the dense FFNs, the SwiGLU
+      activation `silu(x W_gate) * (x W_up)`.
+    kept: the output of every `mm`/`addmm`/`_grouped_mm` in those regions (q/k/v/o and MLA's low-rank
+      projections, the expert, shared-expert and dense FFN gate/up/down GEMMs; o_proj's output too, which no
+      backward op needs: a policy sees ops, not their consumers), and everything of the MoE sublayer outside
+      its experts, which is not wrapped at all: the router's logits, scores and top-k, capacity drops, the
+      dispatched rows and all-to-all results, the combine's gate weights and the balance terms' inputs.
+    The MoE sublayer's routing and communication never run twice, so `selective` has none of the hazards below.
 
 Hazards of recomputing a whole MoE block (`full`), and how each is handled:
 - the all-to-all dispatcher runs again in backward (`exchange_counts` and the token all-to-all), collective over
   the EP group. Every rank's backward graph has the same structure, so every rank recomputes the same blocks
-  in the same order and the collectives match (`tests/distributed/test_expert_parallel.py` checks gradients
-  against the single-process reference with `full`);
+  in the same order and the collectives match (`tests/distributed/test_expert_parallel.py` checks `full`'s
+  gradients against expert parallelism without checkpointing);
 - `count_reducer` (an all-reduce over the world) is not run again: the first forward records its result and the
   recompute replays it, after checking that the recomputed local counts equal the recorded ones (a routing
   that changed between forward and recompute is an error, not silently different gradients);
@@ -33,7 +34,11 @@ and any call that passes a `KVCache` (a recompute would append the keys and valu
 
 Each wrapped method is replaced by an instance attribute (`module.forward`, `block.token_mixing`), so parameter
 names, state-dict keys and module hooks are untouched. Non-reentrant `torch.utils.checkpoint` throughout
-(it allows outputs that are not tensors, such as `MoELayerOutput`, and nested autograd).
+(it allows outputs that are not tensors, such as `MoELayerOutput`, and nested autograd). `selective` uses a
+`create_selective_checkpoint_contexts` policy because it can keep a GEMM's output while recomputing the cheap
+ops around it inside one region, which region boundaries alone cannot express. Checked by hand beyond the
+tests: the same gradients under `trainer.compile=true` (Dynamo falls back to eager at the MoE layer's host
+syncs) and the same losses and weights as stage 0 under ZeRO-3 (4 ranks, ep_size 2).
 """
 from __future__ import annotations
 
