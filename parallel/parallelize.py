@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.mesh import Mesh, validate_parallel_config
 
@@ -103,6 +104,7 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = No
         layer.num_devices = mesh.ep_size
         if reducer is not None:
             layer.count_reducer = reducer
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)  # wraps whatever dispatcher is installed
     if any(p.is_meta for p in model.parameters()):
         materialize(model, mesh.device, init_seed)
     return model

@@ -6,7 +6,9 @@ rank (with `num_devices` = ep_size so device/comm balance terms see the same exp
 that `parallelize` makes expert-parallel and that processes only this rank's slice. Compared: logits, every
 loss term (mean over ranks vs reference), global load counts, every gradient after `reduce_gradients`
 (expert gradients against the reference's slice), the clipped gradients, and the parameters after 3 AdamW
-steps with expert-bias updates in between.
+steps with expert-bias updates in between. Where a case names an activation-checkpointing mode, a third copy
+recomputes its blocks in backward and must match the expert-parallel model exactly: under `full` the recompute
+runs the dispatch all-to-alls again inside backward, on every rank in the same order.
 """
 import pytest
 import torch
@@ -17,13 +19,14 @@ B_LOCAL, S = 2, 8
 ATOL = RTOL = 1e-5
 
 
-def make_cfg(ep_size: int, device_limit=None):
+def make_cfg(ep_size: int, device_limit=None, checkpointing="none"):
     from train.config import load_train_config
 
     o = ["model=tiny_deepseek_v3", f"parallel.ep_size={ep_size}", "trainer.device=cpu", "model.vocab_size=96",
          "model.d_model=48", "model.num_layers=2", "model.dense_hidden=64", "model.moe.expert_hidden=16",
          "model.moe.expert_balance_coef=0.01", "model.moe.device_balance_coef=0.02",
-         "model.moe.comm_balance_coef=0.03", "model.moe.seq_balance_coef=0.01", "model.moe.z_loss_coef=0.001"]
+         "model.moe.comm_balance_coef=0.03", "model.moe.seq_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
+         f"trainer.activation_checkpointing={checkpointing}"]
     if device_limit is not None:  # device-limited routing replaces group-limited routing
         o += ["model.moe.num_groups=1", f"model.moe.device_limit={device_limit}"]
     return load_train_config(o)
@@ -53,7 +56,23 @@ def _ref_grad(ref_params, name, p):
     return g if g.shape == p.shape else None
 
 
-def _check_against_reference(rank, world_size, ep_size, device_limit):
+def _check_same_as_without_checkpointing(model_ac, model, out, x, y):
+    """`model_ac` (blocks recomputed in backward) against `model` on this rank's slice, before any reduction:
+    every loss term, the routing statistics, the expert-bias loads and every local gradient."""
+    out_ac = model_ac(x, y)
+    out_ac.loss.backward()
+    for name in ("loss", "lm_loss", "aux_loss", "mtp_loss"):
+        torch.testing.assert_close(getattr(out_ac, name), getattr(out, name), atol=0, rtol=1e-6, msg=name)
+    for st_ac, st in zip(out_ac.moe_stats, out.moe_stats, strict=True):
+        for key in ("tokens_per_expert_E", "tokens_received_per_device_G", "a2a_tokens_sent"):
+            assert torch.equal(torch.as_tensor(st_ac[key]), torch.as_tensor(st[key])), key
+    for (_, a), (_, b) in zip(model_ac.moe_layers(), model.moe_layers()):
+        assert torch.equal(a.expert_load_E, b.expert_load_E)  # counted once, not again in the recompute
+    for (name, p_ac), p in zip(model_ac.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p_ac.grad, p.grad, atol=1e-7, rtol=1e-6, msg=f"checkpointed grad {name}")
+
+
+def _check_against_reference(rank, world_size, ep_size, device_limit, checkpointing="none"):
     from parallel import clip_grad_norm_, init_distributed, parallelize, reduce_gradients, all_reduce_stats
     from parallel.dispatcher import AllToAllDispatcher
     from train.model.moe.bias import update_expert_biases
@@ -64,6 +83,8 @@ def _check_against_reference(rank, world_size, ep_size, device_limit):
     for _, layer in ref.moe_layers():
         layer.num_devices = ep_size
     model = parallelize(build(cfg), cfg, mesh)
+    cfg_ac = make_cfg(ep_size, device_limit, checkpointing)
+    model_ac = parallelize(build(cfg_ac), cfg_ac, mesh) if checkpointing != "none" else None
     layers = list(model.moe_layers())
     assert len(layers) == 2  # the main MoE block and the MTP block
     for _, layer in layers:
@@ -87,6 +108,8 @@ def _check_against_reference(rank, world_size, ep_size, device_limit):
         out = model(x[mine], y[mine])
         out_ref.loss.backward()
         out.loss.backward()
+        if model_ac is not None:
+            _check_same_as_without_checkpointing(model_ac, model, out, x[mine], y[mine])
 
         if step == 0:
             torch.testing.assert_close(out.logits, out_ref.logits[mine], atol=ATOL, rtol=RTOL)
@@ -116,6 +139,11 @@ def _check_against_reference(rank, world_size, ep_size, device_limit):
         opt_ref.zero_grad(), opt.zero_grad()
         update_expert_biases(ref)
         update_expert_biases(model, reduce=lambda t: all_reduce_stats(t, mesh))
+        if model_ac is not None:  # follow the updated weights and biases; start the next step's loads afresh
+            model_ac.load_state_dict(model.state_dict())
+            model_ac.zero_grad()
+            for _, layer in model_ac.moe_layers():
+                layer.expert_load_E.zero_()
 
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, expert_slice(name, ref_params[name]), atol=ATOL, rtol=RTOL, msg=name)
@@ -125,8 +153,9 @@ def _check_against_reference(rank, world_size, ep_size, device_limit):
 
 
 @pytest.mark.parametrize(
-    "world_size,ep_size,device_limit",
-    [(2, 1, None), (2, 2, None), (4, 2, None), (4, 4, None), (4, 4, 2), (4, 2, 1)],
+    "world_size,ep_size,device_limit,checkpointing",
+    [(2, 1, None, "none"), (2, 2, None, "full"), (4, 2, None, "none"), (4, 4, None, "none"), (4, 4, 2, "selective"),
+     (4, 2, 1, "none")],
 )
-def test_matches_single_process_reference(world_size, ep_size, device_limit):
-    run_distributed(_check_against_reference, world_size, ep_size, device_limit)
+def test_matches_single_process_reference(world_size, ep_size, device_limit, checkpointing):
+    run_distributed(_check_against_reference, world_size, ep_size, device_limit, checkpointing)

@@ -82,6 +82,9 @@ class TrainerConfig:
     eval_batches: int = 4
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    # none | full | selective: recompute activations in backward (parallel/activation_checkpointing.py says what
+    # each mode keeps); gradients are those of `none`.
+    activation_checkpointing: str = "none"
     # Per-device peak FLOP/s for MFU; null picks the dense bf16 peak from the GPU's name (1e12 on CPU).
     peak_flops: Optional[float] = None
 

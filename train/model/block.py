@@ -44,12 +44,20 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden)
 
+    def token_mixing(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything before the feed-forward: `h = x + attn(attn_norm(x))` and the FFN's input `ffn_norm(h)`.
+        A method of its own so `parallel/activation_checkpointing.py` can recompute it as one region."""
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, kv_cache)
+        return h_BTD, self.ffn_norm(h_BTD)
+
     def forward(
         self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, kv_cache)
+        h_BTD, ffn_in_BTD = self.token_mixing(x_BTD, positions_T, kv_cache)
         if self.is_moe:
-            y_BTD, moe_out = self.ffn(self.ffn_norm(x_BTD))
+            y_BTD, moe_out = self.ffn(ffn_in_BTD)
         else:
-            y_BTD, moe_out = self.ffn(self.ffn_norm(x_BTD)), None
-        return x_BTD + y_BTD, moe_out
+            y_BTD, moe_out = self.ffn(ffn_in_BTD), None
+        return h_BTD + y_BTD, moe_out

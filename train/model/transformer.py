@@ -68,10 +68,13 @@ class MoETransformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def blocks(self) -> list[Block]:
+        """Every transformer block: the main ones in order, then each MTP module's block."""
+        return [*self.layers, *(m.block for m in self.mtp)]
+
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(layer index, MoELayer) for every MoE layer, main blocks first, then MTP blocks (num_layers + k - 1)."""
-        blocks = [*self.layers, *(m.block for m in self.mtp)]
-        for block in blocks:
+        for block in self.blocks():
             if isinstance(block.ffn, MoELayer):
                 yield block.layer_idx, block.ffn
 

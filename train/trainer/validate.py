@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp8")
 SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 DATA_SOURCES = ("stdlib", "hf", "files")
 MIN_CAPACITY_FACTOR = 0.5  # below it most token assignments are dropped
 SANE_LR = (1e-6, 1e-2)  # AdamW peak learning rates outside this range are almost always a typo
@@ -176,6 +177,7 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     _check(t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 disables validation)")
     _check(t.eval_batches >= 1, f"trainer.eval_batches={t.eval_batches} must be >= 1")
     _one_of("trainer.device", t.device, DEVICES)
+    _one_of("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     if t.resume not in ("auto", "never"):
         _check(Path(t.resume).expanduser().exists(),
                f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint or run dir")

@@ -52,6 +52,8 @@ class MoELayer(nn.Module):
 
     `count_reducer(t) -> t` is applied to the packed, non-differentiable count statistics (identity here;
     `parallel/` installs an all-reduce sum over data-parallel ranks so f terms and stats cover the whole batch).
+    `count_load`: whether a training forward adds its selections to `expert_load_E` (the bias update's input);
+    activation checkpointing turns it off while it recomputes a forward whose selections were already counted.
     """
 
     def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02) -> None:
@@ -64,6 +66,7 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.count_load = True
         if moe.uses_expert_bias:
             # Selections since the last bias update; not checkpointed (the update happens every step).
             self.register_buffer("expert_load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
@@ -130,7 +133,7 @@ class MoELayer(nn.Module):
             selected_E = losses.expert_counts(ids_TK, E)
             device_mask_TG = losses.token_device_mask(ids_TK, E, G)
             num_dropped = (kept_ids_TK < 0).sum()
-            if self.training and self.expert_load_E is not None:
+            if self.training and self.count_load and self.expert_load_E is not None:
                 self.expert_load_E += selected_E.long()
             # One reduction for all counts (a single all-reduce under data parallelism). fp64 keeps counts
             # of large global batches exact.
