@@ -110,7 +110,8 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
 
     `exported` is the engine's `export_state()`: for every parameter (same order on every rank; collective
     under ZeRO) a dict kind → this rank's whole local tensor, with kind "param" for the weights. Tensors this
-    rank does not write are dropped as soon as they are seen, so the host holds only its share."""
+    rank does not write are dropped as soon as they are seen, so the host holds only its share; CPU tensors are
+    kept as views (no copy), so save before the next optimizer step changes them."""
     slices = expert_slices(model)
     buffers = persistent_buffers(model)
     params = dict(model.named_parameters())
@@ -127,11 +128,11 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
         for kind, t in states.items():
             make = (lambda e, n=name: model_key(n, e)) if kind == "param" else (lambda e, n=name, k=kind: optim_key(n, k, e))
             for key, expert, piece in _pieces(make, name, t, slices.get(name), shape):
-                if writer(name, expert) == mesh.rank:
-                    owned[key] = piece.detach().to("cpu", copy=True).contiguous()
+                if writer(name, expert) == mesh.rank:  # a view: DCP copies one tensor at a time as it writes
+                    owned[key] = piece.detach().cpu()
     for name, b in buffers.items():
         if writers.dense(name) == mesh.rank:
-            owned[model_key(name)] = b.detach().to("cpu", copy=True)
+            owned[model_key(name)] = b.detach().cpu()
     return owned
 
 
