@@ -105,6 +105,7 @@ def test_checkpointing_orders_the_modes():
     assert by_mode["full"] < by_mode["selective"] < by_mode["none"]
 
 
+@pytest.mark.slow  # builds the 683B-parameter model on the meta device (~10 s on 2 cores)
 def test_cli_on_full_size_deepseek_v3():
     """The INTERFACE command: ZeRO-1 keeps whole fp32 weights and gradients of 27.8B local parameters (over 200 GB):
     it cannot fit 80 GB; ZeRO-3 on 512 ranks with full checkpointing does."""

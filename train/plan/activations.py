@@ -68,24 +68,23 @@ class _Saved:
     def __init__(self, prefix: str):
         self.prefix, self.items = prefix, {}
 
-    def keep(self, key: str, nbytes: int, cat: str) -> str:
-        self.items.setdefault(f"{self.prefix}{key}" if not key.startswith("/") else key, (int(nbytes), cat))
-        return key
+    def keep(self, key: str, nbytes: int, cat: str) -> None:
+        self.items.setdefault(f"{self.prefix}{key}", (int(nbytes), cat))
 
     def total(self, cats=None) -> int:
         return sum(b for b, c in self.items.values() if cats is None or c in cats)
 
 
 def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: int, in_bytes: int, cat: str,
-            weight_cat: str | None = None):
+            weight_cat: str | None = None, weight_key: str | None = None):
     """A bias-free linear's saves: its input (fp32 runs), or its own bf16 cast of an fp32 input and a bf16 copy of
-    its weight (autocast)."""
+    its weight (autocast; `weight_key` names a weight shared by several uses, cast once)."""
     if sh.bf16 and in_bytes == 4:
         s.keep(f"{name}.in_bf16", rows * k * 2, cat)
     else:
         s.keep(inp, rows * k * in_bytes, cat)
     if sh.bf16:
-        s.keep(f"{name}.weight_bf16", k * out * 2, weight_cat or cat)
+        s.keep(weight_key or f"{name}.weight_bf16", k * out * 2, weight_cat or cat)
 
 
 def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_bytes: int, cat: str,
@@ -104,15 +103,11 @@ def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_byt
     return f"{name}.out"
 
 
-def _fused_or_math(cfg: ModelConfig, sh: Shapes, qk_dim: int, v_dim: int) -> str:
-    return "math" if sh.device_type == "cpu" and qk_dim != v_dim else "fused"
-
-
 def _sdpa(s: _Saved, cfg: ModelConfig, sh: Shapes, q: str, k: str, v: str, heads: int, qk_dim: int, v_dim: int,
           v_storage: int):
     """Scaled-dot-product attention's saves (q and k already kept as new tensors by the caller's keys)."""
     t, a, B, T = sh.tokens, sh.act, sh.batch, sh.seq_len
-    if _fused_or_math(cfg, sh, qk_dim, v_dim) == "math":
+    if sh.device_type == "cpu" and qk_dim != v_dim:  # CPU's flash kernel needs one head size for q, k and v
         # CPU math path, computed in fp32 whatever the input dtype: scaled q and k, probabilities, contiguous v
         s.keep("sdpa.q_scaled", t * heads * qk_dim * 4, _ATTN)
         s.keep("sdpa.k_scaled", t * heads * qk_dim * 4, _ATTN)
@@ -249,13 +244,10 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4)
 
 
 def _head(s: _Saved, cfg: ModelConfig, sh: Shapes, name: str, h: str, in_bytes: int) -> None:
-    """Final norm, output head (one bf16 weight copy shared by every use) and the fp32 log-softmax."""
+    """Final norm, output head (one bf16 weight copy shared by every use), the fp32 log-softmax, the targets."""
     t, D, V = sh.tokens, cfg.d_model, cfg.vocab_size
     out = _norm(s, cfg.norm, f"{name}.norm", h, t, D, in_bytes, "head")
-    _linear(s, sh, f"{name}.lm_head", out, t, D, V, 4, "head")
-    if sh.bf16:
-        s.items.pop(f"{s.prefix}{name}.lm_head.weight_bf16")
-        s.keep("/lm_head.weight_bf16", D * V * 2, "head")
+    _linear(s, sh, f"{name}.lm_head", out, t, D, V, 4, "head", weight_key="lm_head.weight_bf16")
     s.keep(f"{name}.log_probs", t * V * 4, "logits")
     s.keep(f"{name}.targets", t * 8, "head")
 
@@ -264,7 +256,8 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
     """Saved-for-backward bytes of one micro-batch on one rank, for every checkpointing mode.
 
     Returns {mode: bytes} under `by_mode`, the extra bytes live while backward recomputes one block
-    (`recompute_by_mode`), and a breakdown of the `none` total (`parts`)."""
+    (`recompute_by_mode`), and the `none` total by part (`parts`: blocks, then blocks/<category>, embedding, head,
+    logits, mtp)."""
     t, D = sh.tokens, cfg.d_model
     outside = _Saved("")
     outside.keep("input_ids", t * 8, "embedding")
@@ -276,7 +269,7 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
     h = f"L{cfg.num_layers}.in"
     for k in range(1, cfg.mtp_depth + 1):  # MTP: embed(t_{i+k}), enorm, hnorm, [emb; h] -> eh_proj -> block -> head
         m = f"mtp{k}"
-        outside.keep(f"{m}.ids", t * 16, "mtp")  # shifted input ids and targets
+        outside.keep(f"{m}.ids", t * 8, "mtp")  # shifted input ids
         _norm(outside, cfg.norm, f"{m}.enorm", f"{m}.emb", t, D, 4, "mtp")
         _norm(outside, cfg.norm, f"{m}.hnorm", h, t, D, 4, "mtp")
         _linear(outside, sh, f"{m}.eh_proj", f"{m}.cat", t, 2 * D, D, 4, "mtp")
@@ -284,7 +277,6 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
         blocks.append(s)
         h = f"{m}.h"
         _head(outside, cfg, sh, m, h, out_bytes)
-        outside.items.pop(f"{m}.targets")  # counted with the ids
     by_mode, recompute = {}, {}
     for mode in MODES:
         by_mode[mode] = outside.total() + sum(b.total(_KEPT[mode]) for b in blocks)
@@ -292,6 +284,6 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
     parts = {"blocks": sum(b.total(_KEPT["none"]) for b in blocks)}
     for cat in ("embedding", "head", "logits", "mtp"):
         parts[cat] = outside.total((cat,))
-    for cat in (_INPUT, _CKPT_INPUT, _ATTN, _FFN_IN, _FFN):
+    for cat in _KEPT["none"]:
         parts[f"blocks/{cat}"] = sum(b.total((cat,)) for b in blocks)
     return {"by_mode": by_mode, "recompute_by_mode": recompute, "parts": parts}

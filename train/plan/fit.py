@@ -28,6 +28,8 @@ def smallest_fitting_layout(cfg: TrainConfig, device_memory: int, checkpointing:
     num_experts = cfg.model.moe.num_routed_experts
     eps = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
     for world in range(gpus_per_node, max_world + 1, gpus_per_node):
+        if world < 2:  # ZeRO partitions over several ranks
+            continue
         fitting = []
         for stage in STAGES:
             for ep in (d for d in eps if world % d == 0):

@@ -29,5 +29,6 @@ def saved_tensor_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: 
                 if autocast_dtype is not None else contextlib.nullcontext())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         out = model(input_ids_BT, labels_BT)
-    del out, alive
+    del out
+    alive.clear()  # the saved tensors go with the graph
     return sum(seen.values())
