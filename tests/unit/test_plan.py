@@ -131,6 +131,7 @@ def test_cli_on_full_size_deepseek_v3():
     (["model=tiny_deepseek_moe", "--device-memory", "80XB"], "expected a positive size"),
     (["model=tiny_deepseek_moe", "trainer.activation_checkpointing=most"], "activation_checkpointing='most'"),
     (["model=tiny_deepseek_moe", "--device-mem", "80GB"], "unknown option"),
+    (["model=tiny_deepseek_moe", "parallel.ep_sise=2"], "Could not override 'parallel.ep_sise'"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     assert main(args) == 2

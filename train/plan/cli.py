@@ -14,6 +14,9 @@ import json
 import re
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from train.config import compose, to_train_config
 from train.plan.planner import has_checkpointing_key, plan_memory
 
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> int:
                              f"overrides key=value")
         cfg, world, mode = load_layout(overrides)
         plan = plan_memory(cfg, world, mode, device, args.headroom)
-    except ValueError as e:  # ConfigError is one; Hydra's override errors print their own
+    except (ValueError, HydraException, OmegaConfBaseException) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(render(plan)))
