@@ -9,6 +9,9 @@ gradients while accumulating and once reduced; optimizer moments plus any fp32 m
 tensors themselves (`TrainEngine.held_bytes`), and the mean wall time of a training step after one warm-up
 step, relative to stage 0. ZeRO-3 runs with `stage3_param_persistence_threshold=0` so that small tensors are
 partitioned too (DeepSpeed keeps tensors under 1e5 elements whole by default, which is all of a tiny model's).
+Beside each measured figure it prints the memory planner's (`python -m train.plan`, from the config alone; its
+gradient figure is the worst rank's while accumulating), and at stage 0 the bytes saved for backward by one
+micro-batch's forward through the all-to-all dispatcher (saved-tensor hooks) against the planner's activations.
 Rank 0's last line is JSON with every figure.
 """
 from __future__ import annotations
@@ -39,6 +42,8 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     from train.config import load_train_config
     from train.data import check_batch_sizes
     from train.model import build_model
+    from train.plan import plan_memory
+    from train.plan.measure import saved_tensor_bytes
     from train.trainer.optim import optimizer_factory, param_groups
     from train.trainer.precision import build_precision
     from train.trainer.schedule import LRSchedule
@@ -59,6 +64,7 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
                       tokens_per_step=0)
 
     first, *rest = micro_batches(cfg, mesh, accum, 0)  # memory, measured inside one step
+    saved = saved_tensor_bytes(model, first["input_ids"], first["labels"]) if stage == 0 else None
     engine.backward(engine.forward(first["input_ids"], first["labels"]).loss)
     accumulating = engine.held_bytes()["grads"]
     for mb in rest:
@@ -74,9 +80,12 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
         start = time.perf_counter()
         train_step(state, batches, ctx)
         times.append(time.perf_counter() - start)
+    plan = plan_memory(cfg, mesh.world_size)
     return {"params_bytes": held["params"], "grads_accumulating_bytes": accumulating, "grads_reduced_bytes": reduced,
             "optimizer_bytes": held["optimizer"], "step_s": sum(times) / len(times), "rank": mesh.rank,
-            "world_size": mesh.world_size}
+            "world_size": mesh.world_size, "saved_activation_bytes": saved,
+            "planned": {k: plan[k] for k in ("params_bytes", "grads_bytes", "grads_partition_bytes",
+                                             "optimizer_bytes", "activations_bytes")}}
 
 
 def main() -> None:
@@ -94,6 +103,15 @@ def main() -> None:
         print(f"{stage:>5}  {r['params_bytes']:>8}  {r['grads_accumulating_bytes']:>13}  "
               f"{r['grads_reduced_bytes']:>15}  {r['optimizer_bytes']:>11}  {r['step_s']:.3f}  "
               f"{r['step_time_vs_stage0']:.2f}")
+    print("planned (python -m train.plan; grads = worst rank while accumulating), planned / measured:")
+    for stage, r in results.items():
+        p = r["planned"]
+        print(f"{stage:>5}  {p['params_bytes']:>8} {p['params_bytes'] / r['params_bytes']:.3f}  "
+              f"{p['grads_bytes']:>13} {p['grads_bytes'] / r['grads_accumulating_bytes']:.3f}  "
+              f"{p['grads_partition_bytes']:>15} {p['grads_partition_bytes'] / r['grads_reduced_bytes']:.3f}  "
+              f"{p['optimizer_bytes']:>11} {p['optimizer_bytes'] / r['optimizer_bytes']:.3f}")
+    planned, saved = base["planned"]["activations_bytes"], base["saved_activation_bytes"]
+    print(f"activations of one micro-batch: measured {saved}, planned {planned} ({planned / saved:.3f})")
     print(json.dumps({f"stage{s}": r for s, r in results.items()}))
 
 

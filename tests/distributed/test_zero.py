@@ -123,14 +123,19 @@ def _memory_is_what_zero_promises(rank, world_size):
     from parallel import init_distributed
     from parallel.parallelize import expert_parameters
 
-    held = {}
+    held, cfgs = {}, {}
     for stage in (0, 1, 2, 3):
         # ZeRO-3 keeps parameters under 1e5 elements whole on every rank by default (all of this tiny model's)
-        cfg = make_cfg("tiny_deepseek_moe", stage, "+parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
+        cfg = cfgs[stage] = make_cfg("tiny_deepseek_moe", stage,
+                                     "+parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
         mesh = init_distributed(cfg)
         state, _ = build_state(cfg, mesh, "adamw")
         engine = state.engine
         first, last = micro_batches(rank, 0)
+        if stage == 0:  # activations through the all-to-all dispatcher (a collective forward on every rank)
+            from train.plan.measure import saved_tensor_bytes
+
+            saved = saved_tensor_bytes(state.model, first["input_ids"], first["labels"])
         engine.backward(engine.forward(first["input_ids"], first["labels"]).loss)
         mid = engine.held_bytes()
         engine.backward(engine.forward(last["input_ids"], last["labels"]).loss)
@@ -156,6 +161,30 @@ def _memory_is_what_zero_promises(rank, world_size):
     assert part <= held[2]["grads_accumulating"] < 0.5 * full
     assert held[1]["params"] == held[2]["params"] == full
     assert held[3]["params"] == approx(part)
+    _planner_agrees(held, cfgs, saved)
+
+
+def _planner_agrees(held: dict, cfgs: dict, saved: int) -> None:
+    """`python -m train.plan`'s figures for this layout against what the ranks measured, within 10%: parameters,
+    optimizer state and the gradients' peak while accumulating (the worst rank's, as the plan states it), and the
+    activations saved for backward through the all-to-all dispatcher (mean over ranks: the plan assumes balanced
+    routing)."""
+    import torch.distributed as dist
+
+    from train.plan import plan_memory
+
+    worst = torch.tensor([held[s]["grads_accumulating"] for s in (0, 1, 2, 3)])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    mean_saved = torch.tensor([float(saved)])
+    dist.all_reduce(mean_saved)
+    within = functools.partial(pytest.approx, rel=0.10)
+    for stage in (0, 1, 2, 3):
+        plan = plan_memory(cfgs[stage], WORLD)
+        assert plan["params_bytes"] == within(held[stage]["params"]), stage
+        assert plan["optimizer_bytes"] == within(held[stage]["optimizer"]), stage
+        assert plan["grads_bytes"] == within(int(worst[stage])), stage
+        assert plan["grads_partition_bytes"] == within(held[stage]["grads_reduced"]), stage
+    assert plan["activations_bytes_by_mode"]["none"] == within(mean_saved.item() / WORLD)
 
 
 def test_per_rank_memory_is_what_zero_promises():

@@ -1,0 +1,158 @@
+"""The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd
+really saves (saved-tensor hooks, every tiny family, fp32 and bf16), the CLI contract on a full-size config, and
+input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0 really hold are checked
+with 4 ranks in tests/distributed/test_zero.py (`_planner_agrees`)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parallel.memory_plan import state_bytes
+from train.config import load_train_config
+from train.plan import Shapes, activation_bytes, plan_memory
+from train.plan.cli import main, parse_bytes
+from train.plan.fit import layout_config, smallest_fitting_layout
+from train.plan.measure import saved_tensor_bytes
+
+KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes", "fits")
+V3 = ["model=deepseek_v3", "parallel.world_size=256", "parallel.ep_size=64", "trainer.micro_batch_size=1",
+      "trainer.seq_len=4096"]
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("1.5 TB") == 1.5e12
+    assert parse_bytes("123456") == 123456
+    for bad in ("80XB", "-1GB", "GB", "", "80 G B"):
+        with pytest.raises(ValueError, match="expected a positive size"):
+            parse_bytes(bad)
+
+
+def test_state_bytes_by_hand():
+    # one rank's optimizer groups: [10, 6] (a 10-element expert tensor and a dense one), [4] (dense)
+    groups, experts = [[10, 6], [4]], [[True, False], [False]]
+    assert state_bytes(groups, experts, 0, 4, 1) == {  # whole; 2 moments + a step counter per tensor
+        "params": 80, "grads": 80, "grads_partition": 80, "optimizer": 160 + 12}
+    # ep=1, W=4: every tensor dense. Flat groups of 16 and 4 elements padded to multiples of 2·4 -> partitions of
+    # 4 and 2; optimizer = 3 x 6 elements + 2 step counters.
+    s1 = state_bytes(groups, experts, 1, 4, 1)
+    assert s1 == {"params": 80, "grads": 80, "grads_partition": 24, "optimizer": 4 * (18 + 2)}
+    # stage 2: rank 2's partition [8, 12) overlaps both tensors of group 0 (16 elements), and the 4-element
+    # group's partitions [4, 6), [6, 8) hold only padding: 64 B, the worst rank (rank 0: 10 + 4 elements).
+    assert state_bytes(groups, experts, 2, 4, 1)["grads"] == 64
+    # stage 3: each tensor partitioned alone, ceil(10/4) + ceil(6/4) + ceil(4/4) = 6 elements; DeepSpeed keeps
+    # tensors under the persistence threshold whole as well
+    assert state_bytes(groups, experts, 3, 4, 1, persistence_threshold=0) == {
+        "params": 24, "grads": 24, "grads_partition": 24, "optimizer": 4 * (18 + 2)}
+    assert state_bytes(groups, experts, 3, 4, 1)["params"] == 24 + 80
+    # ep=2, W=4: the expert tensor goes to its own group over its EDP group of 2 ranks (ceil(10/4)·2 = 6 elements)
+    # and the dense ones stay over 4 ranks (groups of 6 and 4 elements: partitions of 2 and 2)
+    assert state_bytes(groups, experts, 1, 4, 2)["grads_partition"] == 4 * (2 + 2 + 6)
+
+
+def _one_dense_layer():
+    return load_train_config([
+        "model=tiny_mixtral", "model.num_layers=1", "model.moe.first_k_dense=1", "model.d_model=8",
+        "model.attention.num_heads=2", "model.attention.num_kv_heads=2", "model.attention.head_dim=4",
+        "model.dense_hidden=16", "model.vocab_size=10", "data.tokenizer_vocab_size=10"])
+
+
+def test_activations_by_hand():
+    """One dense layer, B=1, T=4 (t=4 tokens), D=8, 2 heads of 4, F=16, V=10, fp32; bytes:
+    ids 32 | block input 128 | attn norm: 1/rms 16, normalised 128, output 128 | RoPE cos+sin 4·4·4 = 64 |
+    q, k, v, attention output, o_proj input 5 x 128, log-sum-exp 1·2·4·4 = 32 | residual 128, 1/rms 16,
+    normalised 128, output 128 | SwiGLU gate, silu, up, product 4·4·16·4 = 1024 | final norm: block output 128,
+    1/rms 16, normalised 128, output 128 | log-probs 4·10·4 = 160 | targets 32."""
+    cfg = _one_dense_layer()
+    acts = activation_bytes(cfg.model, Shapes(batch=1, seq_len=4, bf16=False, device_type="cpu"))
+    outside = 32 + (128 + 16 + 128 + 128) + 160 + 32
+    assert acts["by_mode"] == {
+        "none": 3184,
+        "full": outside + 128,  # the block input only
+        "selective": outside + 128 + 1024,  # and the FFN's own tensors; norms and attention are recomputed
+    }
+    torch.manual_seed(0)
+    from train.model import build_model
+
+    ids = torch.randint(0, 10, (1, 5))
+    measured = saved_tensor_bytes(build_model(cfg.model), ids[:, :-1], ids[:, 1:])
+    assert measured == pytest.approx(3184, rel=0.01)  # the input ids' storage holds one token more
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_dbrx", "tiny_deepseek_moe", "tiny_deepseek_v2",
+                                  "tiny_deepseek_v3"])
+def test_activations_match_saved_tensors(name, precision):
+    """Every tiny family (GQA, clip_qkv + LayerNorm, shared experts, MLA with and without q_lora, sigmoid routing
+    and MTP) in one CPU process: the planner's `none` activations within 10% of the measured saved storages."""
+    from train.model import build_model
+
+    cfg = load_train_config([f"model={name}", f"precision={precision}"])
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    measured = saved_tensor_bytes(build_model(cfg.model), ids[:, :-1], ids[:, 1:], dtype)
+    planned = activation_bytes(cfg.model, Shapes(2, 32, precision == "bf16", device_type="cpu"))["by_mode"]["none"]
+    assert planned == pytest.approx(measured, rel=0.10)
+
+
+def test_checkpointing_orders_the_modes():
+    cfg = load_train_config(["model=tiny_deepseek_v3", "trainer.device=cpu"])
+    by_mode = plan_memory(cfg, 1, "full")["activations_bytes_by_mode"]
+    assert by_mode["full"] < by_mode["selective"] < by_mode["none"]
+
+
+@pytest.mark.slow  # builds the 683B-parameter model on the meta device (~10 s on 2 cores)
+def test_cli_on_full_size_deepseek_v3():
+    """The INTERFACE command: ZeRO-1 keeps whole fp32 weights and gradients of 27.8B local parameters (over 200 GB):
+    it cannot fit 80 GB; ZeRO-3 on 512 ranks with full checkpointing does."""
+    out = subprocess.run([sys.executable, "-m", "train.plan", *V3, "parallel.zero_stage=1",
+                          "--device-memory", "80GB"], capture_output=True, text=True, check=True)
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(k in plan for k in KEYS) and plan["fits"] is False
+    assert plan["params_bytes"] > 80e9 and plan["peak_bytes"] > plan["params_bytes"]
+    assert "does NOT fit" in out.stdout
+
+    cfg = load_train_config(["model=deepseek_v3", "parallel.ep_size=64", "parallel.zero_stage=3", "precision=bf16",
+                             "trainer.micro_batch_size=1", "trainer.seq_len=4096"])
+    plan = plan_memory(cfg, 512, "full", device_memory=80 * 10**9)
+    assert plan["fits"] is True and plan["peak_bytes"] < 0.9 * 80e9
+    assert plan["activations_bytes_by_mode"]["none"] > 10 * plan["activations_bytes"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model=tiny_deepseek_moe", "parallel.world_size=3", "parallel.ep_size=3"], "not divisible by parallel.ep_size"),
+    (["model=tiny_deepseek_moe", "parallel.world_size=6", "parallel.ep_size=4"], "does not divide the world size"),
+    (["model=tiny_deepseek_moe", "parallel.world_size=two"], "parallel.world_size='two' must be a positive"),
+    (["model=tiny_deepseek_moe", "parallel.world_size=4", "parallel.zero_stage=5"], "parallel.zero_stage=5"),
+    (["model=tiny_deepseek_moe", "--device-memory", "80XB"], "expected a positive size"),
+    (["model=tiny_deepseek_moe", "trainer.activation_checkpointing=most"], "activation_checkpointing='most'"),
+    (["model=tiny_deepseek_moe", "--device-mem", "80GB"], "unknown option"),
+    (["model=tiny_deepseek_moe", "parallel.ep_sise=2"], "Could not override 'parallel.ep_sise'"),
+])
+def test_bad_input_is_a_clear_error(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_smallest_fitting_layout_is_the_smallest():
+    cfg = layout_config("tiny_deepseek_moe", micro_batch=2, seq_len=64)
+
+    def best_peak(world):
+        return min(plan_memory(c, world, "full")["peak_bytes"] for c in _layouts(cfg, world))
+
+    usable = (best_peak(2) + best_peak(4)) / 2  # fits on 4 ranks, not on 2
+    found = smallest_fitting_layout(cfg, int(usable / 0.9), gpus_per_node=2, max_world=8)
+    assert found["layout"]["world_size"] == 4 and found["fits"]
+
+
+def _layouts(cfg, world):
+    from dataclasses import replace
+
+    for stage in (1, 2, 3):
+        for ep in (1, 2, 4, 8, 16):
+            if world % ep == 0:
+                yield replace(cfg, parallel=replace(cfg.parallel, ep_size=ep, zero_stage=stage))

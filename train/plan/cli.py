@@ -1,0 +1,123 @@
+"""`python -m train.plan model=NAME parallel.world_size=W parallel.ep_size=E parallel.zero_stage=Z [overrides]
+[--device-memory 80GB] [--headroom 0.1]`: the per-rank memory plan, a readable table, then one JSON line.
+
+Planner-only overrides (not keys of the training config): `parallel.world_size` (torchrun gives the trainer its
+world size; default here: ep_size), and `trainer.activation_checkpointing` while the trainer's schema has no such
+key (none | full | selective). The layout is validated by the trainer's own rules (`validate_config`) for that
+world size; the global batch size only sets gradient accumulation, which this plan does not depend on, so unless
+it is given it is taken as world × micro-batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from train.config import compose, to_train_config
+from train.plan.planner import has_checkpointing_key, plan_memory
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '1.5TB', '123456' (bytes) -> bytes; ValueError naming the accepted forms."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"--device-memory {text!r}: expected a positive size such as 80GB, 80GiB, 141GB or "
+                         f"85899345920 (units B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = of 1024)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], int | None, str | None]:
+    """(Hydra overrides, parallel.world_size, trainer.activation_checkpointing when planner-only)."""
+    rest, world, mode = [], None, None
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key == "parallel.world_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"parallel.world_size={value!r} must be a positive integer (the number of ranks)")
+            world = int(value)
+        elif key == "trainer.activation_checkpointing" and not has_checkpointing_key():
+            mode = value
+        else:
+            rest.append(o)
+    return rest, world, mode
+
+
+def load_layout(overrides: list[str]):
+    """(validated TrainConfig, world size, planner-only checkpointing mode) from the command's overrides."""
+    from dataclasses import replace
+
+    from train.trainer.validate import validate_config
+
+    hydra_overrides, world, mode = split_overrides(overrides)
+    cfg = to_train_config(compose(hydra_overrides))
+    world = world or cfg.parallel.ep_size
+    if not any(o.lstrip("+").startswith("trainer.global_batch_size=") for o in hydra_overrides):
+        cfg.trainer = replace(cfg.trainer, global_batch_size=world * cfg.trainer.micro_batch_size)
+    validate_config(cfg, world)
+    return cfg, world, mode
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def render(plan: dict) -> list[str]:
+    """The readable table (GiB per rank)."""
+    lay, acts = plan["layout"], plan["activations_bytes_by_mode"]
+    rows = [
+        ("parameters", plan["params_bytes"], ""),
+        ("gradients (peak)", plan["grads_bytes"], f"after reduction {_gib(plan['grads_partition_bytes'])}"),
+        ("optimizer state", plan["optimizer_bytes"], ""),
+        ("activations", plan["activations_bytes"],
+         ", ".join(f"{mode} {_gib(acts[mode])}" for mode in ("none", "full", "selective"))),
+        ("all-to-all buffers", plan["a2a_buffer_bytes"], f"worst case {_gib(plan['a2a_buffer_worst_bytes'])}"),
+        ("transient (backward)", plan["transient_bytes"], ""),
+        ("peak", plan["peak_bytes"], ""),
+    ]
+    lines = [
+        f"{plan['model']} on {lay['world_size']} ranks (ep_size {lay['ep_size']}, {lay['edp_size']} replicas of each "
+        f"expert), ZeRO stage {lay['zero_stage']}, micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens, "
+        f"{lay['precision']}, activation checkpointing {lay['activation_checkpointing']}",
+        f"per rank: {plan['params_per_rank']['dense']:,} dense + {plan['params_per_rank']['expert']:,} expert "
+        f"parameters",
+        f"  {'':<22} {'GiB / rank':>10}",
+    ]
+    lines += [f"  {name:<22} {_gib(n):>10}" + (f"   ({note})" if note else "") for name, n, note in rows]
+    if "fits" in plan:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"  device {_gib(plan['device_memory_bytes'])} GiB, {_gib(plan['usable_bytes'])} GiB usable: "
+                     f"{verdict}")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device-memory", help="device memory, e.g. 80GB or 80GiB: adds `fits` to the JSON")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of the device kept free for the CUDA context, NCCL and fragmentation")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        device = parse_bytes(args.device_memory) if args.device_memory is not None else None
+        if not 0 <= args.headroom < 1:
+            raise ValueError(f"--headroom {args.headroom} must be in [0, 1)")
+        bad = [o for o in overrides if o.startswith("-")]
+        if bad:
+            raise ValueError(f"unknown option(s) {bad}: the planner takes --device-memory, --headroom and Hydra "
+                             f"overrides key=value")
+        cfg, world, mode = load_layout(overrides)
+        plan = plan_memory(cfg, world, mode, device, args.headroom)
+    except (ValueError, HydraException, OmegaConfBaseException) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(render(plan)))
+    print(json.dumps(plan))
+    return 0

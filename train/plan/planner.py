@@ -1,0 +1,146 @@
+"""`plan_memory(cfg, world_size)`: one rank's memory for a training layout, without any GPU.
+
+Parameters, gradients and optimizer state come from the real model built on the meta device with this rank's
+experts sliced off by `parallel.parallelize.shard_experts` (dense tensors replicated, E/ep experts local), grouped
+by the trainer's own `param_groups`, through `parallel.memory_plan` (stage 0 and DeepSpeed ZeRO 1-3).
+Activations come from `train.plan.activations` (per micro-batch, every checkpointing mode).
+
+peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
+is what lives only for a moment but alongside all of that, at the start of backward:
+  max(loss head: the logits the output holds + the fp32 gradients of log-probabilities and logits,
+      one block's recomputation (checkpointing) + one MoE layer's all-to-all send and receive buffers)
+  + gradient-reduction bucket(s) (`parallel.bucket_mb`: one at stage 0, reduce + all-gather/prefetch for ZeRO)
+  + ZeRO-3's largest gathered module (a block with its local experts, or the embedding / output head).
+All-to-all buffers use the expected copy count under balanced routing (`expected_devices_per_token`); the worst
+case, every one of a token's K experts on a different rank, is reported beside it. Not modelled: the CUDA context
+and NCCL's own buffers, allocator fragmentation (leave headroom: `fits` keeps `headroom` of the device free), and
+routing imbalance beyond the expectation (a rank receiving more rows than t·K).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+
+import torch
+
+from parallel.memory_plan import DS_PERSISTENCE_THRESHOLD, state_bytes
+from parallel.parallelize import expert_parameters, shard_experts
+from train.config import ModelConfig, TrainConfig, TrainerConfig
+from train.plan.activations import MODES, Shapes, activation_bytes, expected_devices_per_token
+
+
+@dataclass
+class RankParams:
+    """One rank's parameters: element counts per optimizer group, which are routed experts, and the largest
+    module ZeRO-3 gathers whole."""
+
+    groups: list[list[int]]
+    expert_flags: list[list[bool]]
+    dense_numel: int
+    expert_numel: int
+    largest_module_numel: int
+
+
+_META_MODELS: dict = {}  # repr(ModelConfig) -> the model on the meta device (building a full size takes seconds)
+
+
+def _meta_model(model_cfg: ModelConfig):
+    from train.model import build_model
+
+    key = repr(model_cfg)
+    if key not in _META_MODELS:
+        _META_MODELS.clear()  # keep one: a fit search plans many layouts of one model in a row
+        with torch.device("meta"):
+            _META_MODELS[key] = build_model(model_cfg)
+    return _META_MODELS[key]
+
+
+def rank_params(model_cfg: ModelConfig, ep_size: int) -> RankParams:
+    """Build the model on the meta device (cached per config), shard its experts as EP rank 0 of `ep_size` does,
+    and group its parameters as the trainer's optimizer does."""
+    from train.trainer.optim import param_groups
+
+    model = copy.deepcopy(_meta_model(model_cfg))
+    if ep_size > 1:
+        for _, layer in model.moe_layers():
+            shard_experts(layer.experts, ep_size, 0)
+    experts = {id(p) for p in expert_parameters(model)}
+    groups = param_groups(model, weight_decay=0.0)
+    numels = [[p.numel() for p in g["params"]] for g in groups]
+    flags = [[id(p) in experts for p in g["params"]] for g in groups]
+    expert_numel = sum(n for ns, fs in zip(numels, flags) for n, f in zip(ns, fs) if f)
+    modules = [model.embed, model.lm_head, *model.layers, *model.mtp]
+    largest = max(sum(p.numel() for p in m.parameters()) for m in modules)
+    return RankParams(numels, flags, sum(map(sum, numels)) - expert_numel, expert_numel, largest)
+
+
+def checkpointing_mode(trainer: TrainerConfig, override: str | None = None) -> str:
+    """The configured activation-checkpointing mode (`trainer.activation_checkpointing`, or the planner-only
+    override while the trainer's schema has no such key)."""
+    mode = override if override is not None else getattr(trainer, "activation_checkpointing", "none")
+    if mode not in MODES:
+        raise ValueError(f"trainer.activation_checkpointing={mode!r} is not valid: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def has_checkpointing_key() -> bool:
+    return any(f.name == "activation_checkpointing" for f in fields(TrainerConfig))
+
+
+def plan_memory(cfg: TrainConfig, world_size: int, checkpointing: str | None = None,
+                device_memory: int | None = None, headroom: float = 0.1) -> dict:
+    """Per-rank bytes of a layout (see the module docstring); `fits` when `device_memory` is given: the peak
+    within (1 − headroom) of it. `cfg` must be valid for `world_size` ranks (`train.plan.cli` validates)."""
+    par, t, m = cfg.parallel, cfg.trainer, cfg.model
+    mode = checkpointing_mode(t, checkpointing)
+    ep, stage = par.ep_size, par.zero_stage
+    device_type = "cpu" if t.device == "cpu" else "cuda"
+    rp = rank_params(m, ep)
+    threshold = ((par.deepspeed or {}).get("zero_optimization", {})
+                 .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
+    held = state_bytes(rp.groups, rp.expert_flags, stage, world_size, ep, int(threshold))
+
+    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name == "bf16", ep, device_type)
+    acts = activation_bytes(m, sh)
+    a2a, a2a_worst = 0, 0
+    if ep > 1 and any(m.is_moe_layer(i) for i in range(m.num_layers)):
+        # dispatch sends and receives fp32 copies of d_model (combine returns them in the expert dtype: fp32 bound)
+        copies = sh.tokens * expected_devices_per_token(m, ep)
+        a2a = int(2 * copies * m.d_model * 4)
+        a2a_worst = 2 * sh.tokens * min(m.moe.num_active_routed, ep) * m.d_model * 4
+    loss_head = sh.tokens * m.vocab_size * (sh.act + 2 * 4)
+    bucket = int(par.bucket_mb * 2**20)
+    transient = {
+        "loss_head": loss_head,
+        "recompute": acts["recompute_by_mode"][mode],
+        "a2a": a2a,
+        "buckets": bucket if stage == 0 else 2 * bucket,
+        "zero3_gathered": 4 * rp.largest_module_numel if stage == 3 else 0,
+    }
+    transient_total = (max(loss_head, transient["recompute"] + a2a) + transient["buckets"]
+                       + transient["zero3_gathered"])
+    activations = acts["by_mode"][mode]
+    peak = held["params"] + held["grads"] + held["optimizer"] + activations + transient_total
+    out = {
+        "model": m.name,
+        "layout": {"world_size": world_size, "ep_size": ep, "edp_size": world_size // ep, "zero_stage": stage,
+                   "micro_batch_size": t.micro_batch_size, "seq_len": t.seq_len, "precision": cfg.precision.name,
+                   "activation_checkpointing": mode, "device_type": device_type},
+        "params_per_rank": {"dense": rp.dense_numel, "expert": rp.expert_numel},
+        "params_bytes": held["params"],
+        "grads_bytes": held["grads"],
+        "grads_partition_bytes": held["grads_partition"],
+        "optimizer_bytes": held["optimizer"],
+        "activations_bytes": activations,
+        "activations_bytes_by_mode": acts["by_mode"],
+        "activations_parts": acts["parts"],
+        "a2a_buffer_bytes": a2a,
+        "a2a_buffer_worst_bytes": a2a_worst,
+        "transient_bytes": transient_total,
+        "transient_parts": transient,
+        "peak_bytes": peak,
+    }
+    if device_memory is not None:
+        usable = int(device_memory * (1 - headroom))
+        out.update(device_memory_bytes=device_memory, usable_bytes=usable, fits=peak <= usable)
+    return out
