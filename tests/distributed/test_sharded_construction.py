@@ -1,8 +1,9 @@
 """Construction in shards and sharded checkpoints, on 4 gloo ranks with ep_size=4 (one spawn for all checks).
 
 - The trainer's path (meta device, then `parallelize`) allocates on each rank its dense tensors and its E/ep
-  experts only: measured twice, as the bytes of the tensors the rank holds and as the growth of the process's
-  peak resident memory during construction, which must stay below what the whole expert stack would need.
+  experts only: measured twice, as the bytes of the tensors the rank holds (equal to the memory planner's
+  `params_bytes` for the layout) and as the growth of the process's peak resident memory during construction,
+  which must stay below what the whole expert stack would need.
 - Those tensors equal, tensor for tensor, what one process gives the unsharded model from the same seed.
 - A checkpoint saved by the 4 ranks holds each logical tensor once, each rank's file holds only experts that
   rank owns, the index names every expert of every layer, and the files read back (in parallel into a fresh
@@ -46,6 +47,7 @@ def _check_construction_and_checkpoint(rank: int, world_size: int, tmp: str) -> 
     from parallel.memory import unique_bytes
     from train.model import MoETransformer, build_model
     from train.model.transformer import draw_init_seed
+    from train.plan.planner import plan_memory
 
     cfg = make_cfg()
     mesh = init_distributed(cfg)
@@ -67,6 +69,8 @@ def _check_construction_and_checkpoint(rank: int, world_size: int, tmp: str) -> 
     growth = _peak_rss_bytes() - before
     held = unique_bytes(model.state_dict().values())  # persistent tensors (no RoPE table, no load counter)
     assert held == own_bytes, (rank, held, own_bytes)
+    planned = plan_memory(cfg, WORLD)["params_bytes"]  # what `python -m train.plan` says for this layout
+    assert unique_bytes(model.parameters()) == planned, (rank, unique_bytes(model.parameters()), planned)
     # a full allocation would add all 16 experts (3/4 more than this rank's 4) to the peak
     assert growth < own_bytes + (expert_bytes - expert_bytes // EP) // 2, (rank, growth, own_bytes, expert_bytes)
 
