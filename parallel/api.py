@@ -2,11 +2,13 @@
 
 Order of use in a training script:
     mesh = init_distributed(cfg)                  # process groups, device        (parallel/mesh.py)
-    model = build_model(cfg.model).to(mesh.device)
-    parallelize(model, cfg, mesh)                 # shard experts, install EP      (parallel/parallelize.py)
+    with torch.device("meta"): model = MoETransformer(cfg.model)            # nothing allocated yet
+    parallelize(model, cfg, mesh, init_seed)      # shard experts, AC, allocate + init own tensors (parallelize.py)
     engine = build_engine(model, groups, optimizer_cls, cfg, mesh, accum)        (parallel/engine.py)
     engine.backward(loss) per micro-batch; engine.step()    (stage 0: parallel/grads.py; 1-3: parallel/zero/)
-    gather_full_state_dict / load_full_state_dict for logical checkpoints         (parallel/state_dict.py)
+    sharded_checkpoint.collect_owned/save, load_model_weights/read_optimizer_state: checkpoints in logical
+      coordinates, each rank its share, any layout reads any other's            (parallel/sharded_checkpoint.py)
+    gather_full_state_dict (to rank 0: tests, small models) / load_full_state_dict (imported safetensors weights)
 """
 from __future__ import annotations
 

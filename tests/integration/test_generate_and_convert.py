@@ -95,7 +95,16 @@ def test_export_loads_in_transformers_with_equal_logits(model_name, trained, cac
 
     run_dir = trained(model_name)
     out = tmp_path / "hf"
-    run_cli([sys.executable, "scripts/convert_hf.py", "export", str(run_dir), str(out)], cache_dir)
+    # V3 is exported in 1 MB shards (as a large model would be, past 5 GB): transformers must read the index
+    shards = ["--max-shard-size", "1MB"] if model_name == "tiny_deepseek_v3" else []
+    run_cli([sys.executable, "scripts/convert_hf.py", "export", str(run_dir), str(out), *shards], cache_dir)
+    if shards:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        files = sorted(out.glob("model-*-of-*.safetensors"))
+        assert len(files) > 2 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+        assert not (out / "model.safetensors").exists() and all(f.stat().st_size <= 2_000_000 for f in files)
+    else:
+        assert (out / "model.safetensors").is_file()
 
     model, tokenizer = ours(run_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
