@@ -101,8 +101,16 @@ def test_activations_match_saved_tensors(name, precision):
 
 def test_checkpointing_orders_the_modes():
     cfg = load_train_config(["model=tiny_deepseek_v3", "trainer.device=cpu"])
-    by_mode = plan_memory(cfg, 1, "full")["activations_bytes_by_mode"]
+    by_mode = plan_memory(cfg, 1)["activations_bytes_by_mode"]
     assert by_mode["full"] < by_mode["selective"] < by_mode["none"]
+
+
+def test_cli_reads_checkpointing_from_the_training_config(capsys):
+    """`trainer.activation_checkpointing` is an ordinary key of the composed config: it picks the activations."""
+    assert main(["model=tiny_deepseek_moe", "trainer.activation_checkpointing=selective"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["layout"]["activation_checkpointing"] == "selective"
+    assert plan["activations_bytes"] == plan["activations_bytes_by_mode"]["selective"]
 
 
 @pytest.mark.slow  # builds the 683B-parameter model on the meta device (~10 s on 2 cores)
@@ -117,8 +125,9 @@ def test_cli_on_full_size_deepseek_v3():
     assert "does NOT fit" in out.stdout
 
     cfg = load_train_config(["model=deepseek_v3", "parallel.ep_size=64", "parallel.zero_stage=3", "precision=bf16",
-                             "trainer.micro_batch_size=1", "trainer.seq_len=4096"])
-    plan = plan_memory(cfg, 512, "full", device_memory=80 * 10**9)
+                             "trainer.micro_batch_size=1", "trainer.seq_len=4096",
+                             "trainer.activation_checkpointing=full"])
+    plan = plan_memory(cfg, 512, device_memory=80 * 10**9)
     assert plan["fits"] is True and plan["peak_bytes"] < 0.9 * 80e9
     assert plan["activations_bytes_by_mode"]["none"] > 10 * plan["activations_bytes"]
 
@@ -142,7 +151,7 @@ def test_smallest_fitting_layout_is_the_smallest():
     cfg = layout_config("tiny_deepseek_moe", micro_batch=2, seq_len=64)
 
     def best_peak(world):
-        return min(plan_memory(c, world, "full")["peak_bytes"] for c in _layouts(cfg, world))
+        return min(plan_memory(c, world)["peak_bytes"] for c in _layouts(cfg, world))
 
     usable = (best_peak(2) + best_peak(4)) / 2  # fits on 4 ranks, not on 2
     found = smallest_fitting_layout(cfg, int(usable / 0.9), gpus_per_node=2, max_world=8)
