@@ -35,7 +35,7 @@ def main() -> None:
           f"{_gib(int(device * (1 - args.headroom)))} usable) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
-        plan = smallest_fitting_layout(layout_config(name), device, "full", args.headroom)
+        plan = smallest_fitting_layout(layout_config(name), device, args.headroom)
         if plan is None:
             print(f"| {name} | none up to 4096 | | | | | | | |")
             continue

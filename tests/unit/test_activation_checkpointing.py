@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import parallel.activation_checkpointing as ac
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from train.config import load_train_config
 from train.model import build_model, new_kv_caches
 from train.model.moe import update_expert_biases
+from train.plan.measure import alive_tensor_bytes, saved_tensor_bytes
 from train.trainer.validate import ConfigError, validate_config
 
 MODELS = ("tiny_mixtral", "tiny_deepseek_v3", "tiny_deepseek_moe")
@@ -189,63 +187,15 @@ def test_bad_mode_is_a_clear_error():
         apply_activation_checkpointing(model, "full")
 
 
-class _NewStorages(TorchDispatchMode):
-    """Weak references to the storage of every tensor an op creates, with its size."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, list] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                self.storages.setdefault(s.data_ptr(), []).append((StorageWeakRef(s), s.nbytes()))
-        return out
-
-    def live_bytes(self, exclude: set) -> int:
-        live = 0
-        for ptr, refs in self.storages.items():
-            sizes = [n for ref, n in refs if not ref.expired()]
-            if sizes and ptr not in exclude:
-                live += max(sizes)
-        return live
-
-
-def activation_bytes(model, x, y) -> tuple[int, int]:
-    """(bytes autograd packs for backward, bytes still alive after the forward) for one training forward,
-    counting each storage once and leaving out parameters and buffers.
-
-    The first comes from `saved_tensors_hooks`: what autograd saves outside checkpointed regions, including
-    each region's inputs. It misses what `selective` keeps in its own cache (the GEMM outputs it does not
-    recompute), so the second counts every storage created during the forward that is still alive while only
-    the loss is held: everything the backward will use, whoever holds it.
-    """
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    packed: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            packed[s.data_ptr()] = s.nbytes()
-        return t
-
-    created = _NewStorages()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), created:
-        loss = model(x, y).loss
-    live = created.live_bytes(weights)
-    loss.backward()
-    return sum(packed.values()), live
-
-
 @pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_deepseek_v3"])
 def test_saved_activation_bytes_full_below_selective_below_none(name):
-    """Trainer defaults per micro-batch (4 sequences of 128 tokens), fp32. `-s` prints the figures."""
+    """Trainer defaults per micro-batch (4 sequences of 128 tokens), fp32. `-s` prints the figures. Autograd-saved
+    bytes miss what `selective` keeps in its own cache; the storages alive after the forward count it."""
     measured = {}
     for mode in ("none", "selective", "full"):
         model = _model(name, mode)
-        measured[mode] = activation_bytes(model, *_batch(model, b=4, t=128))
+        x, y = _batch(model, b=4, t=128)
+        measured[mode] = saved_tensor_bytes(model, x, y), alive_tensor_bytes(model, x, y)
     for mode, (packed, live) in measured.items():
         print(f"{name} {mode}: autograd-saved {packed / 2**20:.2f} MiB, alive after forward {live / 2**20:.2f} MiB")
     for i in (0, 1):

@@ -1,7 +1,8 @@
 """The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd
-really saves (saved-tensor hooks, every tiny family, fp32 and bf16), the CLI contract on a full-size config, and
-input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0 really hold are checked
-with 4 ranks in tests/distributed/test_zero.py (`_planner_agrees`)."""
+really saves (saved-tensor hooks, every tiny family, fp32 and bf16), every activation-checkpointing mode against
+the real `parallel/activation_checkpointing.py` (kept activations and backward's recompute), the CLI contract on
+a full-size config, and input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0
+really hold are checked with 4 ranks in tests/distributed/test_zero.py (`_planner_agrees`)."""
 import json
 import subprocess
 import sys
@@ -9,16 +10,26 @@ import sys
 import pytest
 import torch
 
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.memory_plan import state_bytes
 from train.config import load_train_config
 from train.plan import Shapes, activation_bytes, plan_memory
 from train.plan.cli import main, parse_bytes
 from train.plan.fit import layout_config, smallest_fitting_layout
-from train.plan.measure import saved_tensor_bytes
+from train.plan.measure import alive_tensor_bytes, recompute_peak_bytes, saved_tensor_bytes
 
 KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes", "fits")
 V3 = ["model=deepseek_v3", "parallel.world_size=256", "parallel.ep_size=64", "trainer.micro_batch_size=1",
       "trainer.seq_len=4096"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: on a shared two-core machine a second thread only contends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_parse_bytes():
@@ -60,26 +71,41 @@ def _one_dense_layer():
         "model.dense_hidden=16", "model.vocab_size=10", "data.tokenizer_vocab_size=10"])
 
 
+def _checkpointed(model_cfg, mode: str):
+    from train.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg).train()
+    apply_activation_checkpointing(model, mode)
+    return model
+
+
 def test_activations_by_hand():
     """One dense layer, B=1, T=4 (t=4 tokens), D=8, 2 heads of 4, F=16, V=10, fp32; bytes:
     ids 32 | block input 128 | attn norm: 1/rms 16, normalised 128, output 128 | RoPE cos+sin 4·4·4 = 64 |
     q, k, v, attention output, o_proj input 5 x 128, log-sum-exp 1·2·4·4 = 32 | residual 128, 1/rms 16,
     normalised 128, output 128 | SwiGLU gate, silu, up, product 4·4·16·4 = 1024 | final norm: block output 128,
-    1/rms 16, normalised 128, output 128 | log-probs 4·10·4 = 160 | targets 32."""
+    1/rms 16, normalised 128, output 128 | log-probs 4·10·4 = 160 | targets 32.
+    `selective` keeps the projection outputs q, k, v, o (4 x 128), the SwiGLU's input 128, its gate and up
+    outputs 2 x 256 and down output 128, and recomputes the rest of `Block.token_mixing` (1,152, the largest
+    region); `full` recomputes the whole block (2,432)."""
     cfg = _one_dense_layer()
     acts = activation_bytes(cfg.model, Shapes(batch=1, seq_len=4, bf16=False, device_type="cpu"))
     outside = 32 + (128 + 16 + 128 + 128) + 160 + 32
     assert acts["by_mode"] == {
         "none": 3184,
         "full": outside + 128,  # the block input only
-        "selective": outside + 128 + 1024,  # and the FFN's own tensors; norms and attention are recomputed
+        "selective": outside + 128 + 4 * 128 + 128 + 2 * 256 + 128,
     }
-    torch.manual_seed(0)
-    from train.model import build_model
-
+    assert acts["recompute_by_mode"] == {"none": 0, "full": 3184 - outside - 128, "selective": 1152}
     ids = torch.randint(0, 10, (1, 5))
-    measured = saved_tensor_bytes(build_model(cfg.model), ids[:, :-1], ids[:, 1:])
-    assert measured == pytest.approx(3184, rel=0.01)  # the input ids' storage holds one token more
+    x, y = ids[:, :-1], ids[:, 1:]
+    # the input ids' storage holds one token more; the recompute does not recreate RoPE's 64 B
+    assert saved_tensor_bytes(_checkpointed(cfg.model, "none"), x, y) == pytest.approx(3184, rel=0.01)
+    assert saved_tensor_bytes(_checkpointed(cfg.model, "full"), x, y) == pytest.approx(outside + 128, rel=0.03)
+    assert alive_tensor_bytes(_checkpointed(cfg.model, "selective"), x, y) == pytest.approx(2032, rel=0.02)
+    assert recompute_peak_bytes(_checkpointed(cfg.model, "full"), x, y) == pytest.approx(2432, rel=0.03)
+    assert recompute_peak_bytes(_checkpointed(cfg.model, "selective"), x, y) == pytest.approx(1152, rel=0.06)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -99,10 +125,49 @@ def test_activations_match_saved_tensors(name, precision):
     assert planned == pytest.approx(measured, rel=0.10)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_deepseek_v3"])
+def test_activations_per_checkpointing_mode_match_measured(name, precision):
+    """`parallel/activation_checkpointing.py` applied to the real model (sliding-window GQA and softmax top-2; MLA,
+    sigmoid routing, a dense first layer and an MTP block), 2 x 64 tokens, one CPU process: the planned activations
+    of every mode within 10% of the measured ones, which are autograd's saved storages for `none` and `full` and the
+    storages the forward leaves alive for `selective` (its kept matmul outputs sit in the checkpoint's cache)."""
+    cfg = load_train_config([f"model={name}", f"precision={precision}"])
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    planned = activation_bytes(cfg.model, Shapes(2, 64, precision == "bf16", device_type="cpu"))["by_mode"]
+    for mode in ("none", "full", "selective"):
+        measure = alive_tensor_bytes if mode == "selective" else saved_tensor_bytes
+        measured = measure(_checkpointed(cfg.model, mode), ids[:, :-1], ids[:, 1:], dtype)
+        assert planned[mode] == pytest.approx(measured, rel=0.10), mode
+
+
+@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_deepseek_v3"])
+def test_recompute_transient_matches_backward(name):
+    """The transient term: the most that backward's recomputation holds at one time (one block for `full`, one
+    checkpointed region for `selective`), fp32, within 20% of the measured peak. The plan counts what the recompute
+    saves again; the measured peak also holds the intermediates alive at that moment, which on CPU's math-path MLA
+    (the concatenated q and k, the attention output before its transpose) are 8% of a block and 17% of a region."""
+    cfg = load_train_config([f"model={name}"])
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    planned = activation_bytes(cfg.model, Shapes(2, 64, False, device_type="cpu"))["recompute_by_mode"]
+    for mode in ("full", "selective"):
+        measured = recompute_peak_bytes(_checkpointed(cfg.model, mode), ids[:, :-1], ids[:, 1:])
+        assert planned[mode] == pytest.approx(measured, rel=0.20), mode
+
+
 def test_checkpointing_orders_the_modes():
     cfg = load_train_config(["model=tiny_deepseek_v3", "trainer.device=cpu"])
-    by_mode = plan_memory(cfg, 1, "full")["activations_bytes_by_mode"]
+    by_mode = plan_memory(cfg, 1)["activations_bytes_by_mode"]
     assert by_mode["full"] < by_mode["selective"] < by_mode["none"]
+
+
+def test_cli_reads_checkpointing_from_the_training_config(capsys):
+    """`trainer.activation_checkpointing` is an ordinary key of the composed config: it picks the activations."""
+    assert main(["model=tiny_deepseek_moe", "trainer.activation_checkpointing=selective"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["layout"]["activation_checkpointing"] == "selective"
+    assert plan["activations_bytes"] == plan["activations_bytes_by_mode"]["selective"]
 
 
 @pytest.mark.slow  # builds the 683B-parameter model on the meta device (~10 s on 2 cores)
@@ -117,8 +182,9 @@ def test_cli_on_full_size_deepseek_v3():
     assert "does NOT fit" in out.stdout
 
     cfg = load_train_config(["model=deepseek_v3", "parallel.ep_size=64", "parallel.zero_stage=3", "precision=bf16",
-                             "trainer.micro_batch_size=1", "trainer.seq_len=4096"])
-    plan = plan_memory(cfg, 512, "full", device_memory=80 * 10**9)
+                             "trainer.micro_batch_size=1", "trainer.seq_len=4096",
+                             "trainer.activation_checkpointing=full"])
+    plan = plan_memory(cfg, 512, device_memory=80 * 10**9)
     assert plan["fits"] is True and plan["peak_bytes"] < 0.9 * 80e9
     assert plan["activations_bytes_by_mode"]["none"] > 10 * plan["activations_bytes"]
 
@@ -142,7 +208,7 @@ def test_smallest_fitting_layout_is_the_smallest():
     cfg = layout_config("tiny_deepseek_moe", micro_batch=2, seq_len=64)
 
     def best_peak(world):
-        return min(plan_memory(c, world, "full")["peak_bytes"] for c in _layouts(cfg, world))
+        return min(plan_memory(c, world)["peak_bytes"] for c in _layouts(cfg, world))
 
     usable = (best_peak(2) + best_peak(4)) / 2  # fits on 4 ranks, not on 2
     found = smallest_fitting_layout(cfg, int(usable / 0.9), gpus_per_node=2, max_world=8)

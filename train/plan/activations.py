@@ -1,8 +1,9 @@
-"""Bytes that autograd saves for backward in one micro-batch's forward pass, by arithmetic from the config alone.
+"""Activation bytes of one micro-batch's forward pass, kept until backward, by arithmetic from the config alone.
 
 The counts follow this code's forward pass tensor by tensor (each storage once, as `train.plan.measure` measures
-it with saved-tensor hooks): t = B·T tokens on the rank, D model dim, N = t·K expert rows (the expected count
-under balanced routing; one rank can receive more), F expert / dense hidden width, V vocabulary.
+it) in every mode of `trainer.activation_checkpointing`: t = B·T tokens on the rank, D model dim, N = t·K expert
+rows (the expected count under balanced routing; one rank can receive more), F expert / dense hidden width,
+V vocabulary.
 What the forward keeps, per precision:
   - the residual stream, norm statistics and outputs, the router, gate weights, losses and log-softmax (t·V) are
     fp32 in every precision (norms compute in fp32 and their fp32 weight promotes the output);
@@ -14,10 +15,16 @@ Attention: fused SDPA (flash / memory-efficient: q, k, v, output and log-sum-exp
 have one head size; CPU MLA (q/k 192 ≠ v 128 wide) takes the math path, which keeps the T×T probabilities (in fp32:
 CPU upcasts reduced precision there).
 
-Checkpointing modes (`trainer.activation_checkpointing`), per transformer block (MTP blocks included):
-  none: everything; full: only the block input, one block recomputed at a time in backward;
-  selective: the block input and the feed-forward sublayer's own tensors (router output, dispatched rows and
-  all-to-all results, expert GEMM outputs, shared/dense FFN), recomputing norms and attention in backward.
+Checkpointing modes, per transformer block (MTP blocks included), as `parallel/activation_checkpointing.py` does
+them. Every storage of a block is tagged with its region and with who holds it: autograd (`saved`, what `none`
+keeps) and/or selective checkpointing's cache (`cached`: a matmul output, or the input of a wrapped region):
+  none: everything autograd saves;
+  full: the block input only; backward recomputes one block at a time, so one block's saves are transient;
+  selective: the block input, the MoE sublayer outside its experts as `none` keeps it (router, dispatched rows,
+    all-to-all results, combine), and inside the wrapped regions (`Block.token_mixing`, the routed experts, the
+    shared / dense SwiGLU) every matmul output (q/k/v/o and MLA's projections, expert and FFN gate/up/down, o_proj
+    and w_down included though no backward op needs them) and each region's input. Norms, RoPE, the attention
+    core, the residual add and silu(g)*u are recomputed: one region's such saves at a time are transient.
 Embedding, final norm, output head and loss (and MTP's projections around its block) are never recomputed.
 """
 from __future__ import annotations
@@ -28,12 +35,12 @@ from math import comb
 from train.config import ModelConfig
 
 MODES = ("none", "full", "selective")
-_INPUT, _CKPT_INPUT, _ATTN, _FFN_IN, _FFN = "block_input", "checkpoint_input", "attention", "ffn_input", "ffn"
-# per mode: the block categories kept until backward, and those recomputed one block at a time in backward
-# (`checkpoint_input`: a block input that only a checkpoint keeps, e.g. an MTP block's bf16 input)
-_KEPT = {"none": (_INPUT, _ATTN, _FFN_IN, _FFN), "full": (_INPUT, _CKPT_INPUT),
-         "selective": (_INPUT, _CKPT_INPUT, _FFN)}
-_RECOMPUTED = {"none": (), "full": (_ATTN, _FFN_IN, _FFN), "selective": (_ATTN, _FFN_IN)}
+# Regions of a block. `input`: the block's input (held by a checkpoint; the attention norm saves it when fp32);
+# `moe_routing`: the MoE sublayer outside its experts, which selective never wraps; the others are the regions
+# that selective checkpoints one by one (`Block.token_mixing`: both norms and attention, `GroupedExperts`, `SwiGLU`).
+_INPUT, _MIXING, _ROUTING, _EXPERTS, _FFN = "input", "token_mixing", "moe_routing", "experts", "ffn"
+_WRAPPED = (_MIXING, _EXPERTS, _FFN)
+REGIONS = (_INPUT, _MIXING, _ROUTING, _EXPERTS, _FFN)
 
 
 @dataclass(frozen=True)
@@ -61,84 +68,115 @@ class Shapes:
         return 2 if self.bf16 and self.device_type == "cuda" else 4
 
 
+@dataclass
+class _Storage:
+    nbytes: int
+    region: str
+    saved: bool  # autograd saves it for backward
+    cached: bool  # selective checkpointing keeps it (a matmul output or a wrapped region's input)
+
+
 class _Saved:
-    """Distinct saved storages of one block or of the parts outside blocks: key -> (bytes, category). A key
-    kept twice (one tensor saved by two ops) counts once, under the category that kept it first."""
+    """Distinct storages of one block or of the parts outside blocks, by key. A key met twice (one tensor saved
+    by two ops, or saved and cached) is one storage: it keeps its first region and gathers both holders."""
 
     def __init__(self, prefix: str):
         self.prefix, self.items = prefix, {}
 
-    def keep(self, key: str, nbytes: int, cat: str) -> None:
-        self.items.setdefault(f"{self.prefix}{key}", (int(nbytes), cat))
+    def keep(self, key: str, nbytes: int, region: str, saved: bool = True, cached: bool = False) -> None:
+        item = self.items.setdefault(f"{self.prefix}{key}", _Storage(int(nbytes), region, False, False))
+        item.saved, item.cached = item.saved or saved, item.cached or cached
 
-    def total(self, cats=None) -> int:
-        return sum(b for b, c in self.items.values() if cats is None or c in cats)
+    def saved(self, regions=None) -> int:
+        """What autograd saves (`none`), in `regions` (all by default)."""
+        return sum(i.nbytes for i in self.items.values() if i.saved and (regions is None or i.region in regions))
+
+    def kept(self, mode: str) -> int:
+        """What stays alive from the forward until backward under `mode`."""
+        if mode == "none":
+            return self.saved()
+        if mode == "full":
+            return sum(i.nbytes for i in self.items.values() if i.region == _INPUT)
+        return sum(i.nbytes for i in self.items.values()
+                   if i.region == _INPUT or (i.region == _ROUTING and i.saved) or (i.region in _WRAPPED and i.cached))
+
+    def recomputed(self, mode: str) -> int:
+        """What backward saves again while it recomputes under `mode`: the whole block for `full`, the largest
+        wrapped region's uncached saves for `selective` (regions are recomputed one at a time)."""
+        if mode == "full":
+            return sum(i.nbytes for i in self.items.values() if i.saved and i.region != _INPUT)
+        if mode == "selective":
+            return max(sum(i.nbytes for i in self.items.values() if i.region == r and i.saved and not i.cached)
+                       for r in _WRAPPED)
+        return 0
 
 
-def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: int, in_bytes: int, cat: str,
-            weight_cat: str | None = None, weight_key: str | None = None):
+def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: int, in_bytes: int, region: str,
+            weight_key: str | None = None) -> str:
     """A bias-free linear's saves: its input (fp32 runs), or its own bf16 cast of an fp32 input and a bf16 copy of
-    its weight (autocast; `weight_key` names a weight shared by several uses, cast once)."""
+    its weight (autocast; `weight_key` names a weight shared by several uses, cast once). Its output is a matmul
+    output, which selective keeps; returns the output's key."""
     if sh.bf16 and in_bytes == 4:
-        s.keep(f"{name}.in_bf16", rows * k * 2, cat)
+        s.keep(f"{name}.in_bf16", rows * k * 2, region)
     else:
-        s.keep(inp, rows * k * in_bytes, cat)
+        s.keep(inp, rows * k * in_bytes, region)
     if sh.bf16:
-        s.keep(weight_key or f"{name}.weight_bf16", k * out * 2, weight_cat or cat)
+        s.keep(weight_key or f"{name}.weight_bf16", k * out * 2, region)
+    s.keep(f"{name}.out", rows * out * sh.act, region, saved=False, cached=True)
+    return f"{name}.out"
 
 
-def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_bytes: int, cat: str,
+def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_bytes: int, region: str,
           in_storage: int | None = None) -> str:
     """RMSNorm keeps its input in fp32 (the input itself or an fp32 copy), 1/rms and the normalised input in the
     input's dtype; LayerNorm keeps the fp32 input, mean and 1/std. The output is a new fp32 tensor (its key)."""
     if in_bytes == 4:
-        s.keep(inp, in_storage if in_storage is not None else rows * dim * 4, cat)
+        s.keep(inp, in_storage if in_storage is not None else rows * dim * 4, region)
     else:
-        s.keep(f"{name}.x32", rows * dim * 4, cat)
+        s.keep(f"{name}.x32", rows * dim * 4, region)
     if kind == "layernorm":
-        s.keep(f"{name}.stats", rows * 8, cat)
+        s.keep(f"{name}.stats", rows * 8, region)
     else:
-        s.keep(f"{name}.rstd", rows * 4, cat)
-        s.keep(f"{name}.xn", rows * dim * in_bytes, cat)
+        s.keep(f"{name}.rstd", rows * 4, region)
+        s.keep(f"{name}.xn", rows * dim * in_bytes, region)
     return f"{name}.out"
 
 
 def _sdpa(s: _Saved, cfg: ModelConfig, sh: Shapes, q: str, k: str, v: str, heads: int, qk_dim: int, v_dim: int,
-          v_storage: int):
-    """Scaled-dot-product attention's saves (q and k already kept as new tensors by the caller's keys)."""
+          v_storage: int) -> str:
+    """Scaled-dot-product attention's saves (q and k already kept as new tensors by the caller's keys); returns the
+    key of the heads' output, which o_proj reads."""
     t, a, B, T = sh.tokens, sh.act, sh.batch, sh.seq_len
     if sh.device_type == "cpu" and qk_dim != v_dim:  # CPU's flash kernel needs one head size for q, k and v
         # CPU math path, computed in fp32 whatever the input dtype: scaled q and k, probabilities, contiguous v
-        s.keep("sdpa.q_scaled", t * heads * qk_dim * 4, _ATTN)
-        s.keep("sdpa.k_scaled", t * heads * qk_dim * 4, _ATTN)
-        s.keep("sdpa.probs", B * heads * T * T * 4, _ATTN)
-        s.keep("sdpa.v", t * heads * v_dim * 4, _ATTN)
-        return
-    s.keep(q, t * heads * qk_dim * a, _ATTN)
-    s.keep(k, t * heads * qk_dim * a, _ATTN)
-    s.keep(v, v_storage, _ATTN)
-    s.keep("sdpa.out", t * heads * v_dim * a, _ATTN)
-    s.keep("sdpa.lse", B * heads * T * 4, _ATTN)
+        s.keep("sdpa.q_scaled", t * heads * qk_dim * 4, _MIXING)
+        s.keep("sdpa.k_scaled", t * heads * qk_dim * 4, _MIXING)
+        s.keep("sdpa.probs", B * heads * T * T * 4, _MIXING)
+        s.keep("sdpa.v", t * heads * v_dim * 4, _MIXING)
+        return "o_proj.in"
+    s.keep(q, t * heads * qk_dim * a, _MIXING)
+    s.keep(k, t * heads * qk_dim * a, _MIXING)
+    s.keep(v, v_storage, _MIXING)
+    s.keep("sdpa.out", t * heads * v_dim * a, _MIXING)
+    s.keep("sdpa.lse", B * heads * T * 4, _MIXING)
     if cfg.attention.sliding_window is not None:
-        s.keep("sdpa.mask", T * T, _ATTN)
+        s.keep("sdpa.mask", T * T, _MIXING)
+    return "o_proj.in"
 
 
 def _gqa(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     at, t, a, D = cfg.attention, sh.tokens, sh.act, cfg.d_model
     H, Hkv, hd = at.num_heads, at.num_kv_heads, cfg.head_dim
     for name, width in (("q_proj", H * hd), ("k_proj", Hkv * hd), ("v_proj", Hkv * hd)):
-        _linear(s, sh, name, inp, t, D, width, 4, _ATTN)
-    if at.clip_qkv is not None:  # clamp keeps its input
-        for name, width in (("q_proj", H * hd), ("k_proj", Hkv * hd), ("v_proj", Hkv * hd)):
-            s.keep(f"{name}.out", t * width * a, _ATTN)
-    s.keep("rope.cos_sin", sh.seq_len * hd * 4, _ATTN)
+        out = _linear(s, sh, name, inp, t, D, width, 4, _MIXING)
+        if at.clip_qkv is not None:  # clamp keeps its input
+            s.keep(out, t * width * a, _MIXING)
+    s.keep("rope.cos_sin", sh.seq_len * hd * 4, _MIXING)
     if H != Hkv:  # repeat_kv materialises H heads of k and v
-        _sdpa(s, cfg, sh, "q_rot", "k_rep", "v_rep", H, hd, hd, t * H * hd * a)
+        o = _sdpa(s, cfg, sh, "q_rot", "k_rep", "v_rep", H, hd, hd, t * H * hd * a)
     else:
-        _sdpa(s, cfg, sh, "q_rot", "k_rot", "v_proj.out", H, hd, hd, t * H * hd * a)
-    s.keep("o_proj.in", t * H * hd * a, _ATTN)
-    if sh.bf16:
-        s.keep("o_proj.weight_bf16", H * hd * D * 2, _ATTN)
+        o = _sdpa(s, cfg, sh, "q_rot", "k_rot", "v_proj.out", H, hd, hd, t * H * hd * a)
+    _linear(s, sh, "o_proj", o, t, H * hd, D, a, _MIXING)
 
 
 def _mla(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
@@ -146,32 +184,33 @@ def _mla(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     H, C, R = at.num_heads, at.kv_lora_rank, at.qk_rope_head_dim
     qk, vd = at.qk_nope_head_dim + R, at.v_head_dim
     if at.q_lora_rank is None:
-        _linear(s, sh, "q_proj", inp, t, D, H * qk, 4, _ATTN)
+        _linear(s, sh, "q_proj", inp, t, D, H * qk, 4, _MIXING)
     else:
         r = at.q_lora_rank
-        _linear(s, sh, "q_a_proj", inp, t, D, r, 4, _ATTN)
-        out = _norm(s, "rmsnorm", "q_a_norm", "q_a_proj.out", t, r, a, _ATTN)
-        _linear(s, sh, "q_b_proj", out, t, r, H * qk, 4, _ATTN)
-    _linear(s, sh, "kv_a_proj", inp, t, D, C + R, 4, _ATTN)
+        q_a = _linear(s, sh, "q_a_proj", inp, t, D, r, 4, _MIXING)
+        out = _norm(s, "rmsnorm", "q_a_norm", q_a, t, r, a, _MIXING)
+        _linear(s, sh, "q_b_proj", out, t, r, H * qk, 4, _MIXING)
+    kv_a = _linear(s, sh, "kv_a_proj", inp, t, D, C + R, 4, _MIXING)
     # the latent is a view of kv_a_proj's output: fp32 runs keep that whole storage, bf16 an fp32 copy of the view
-    out = _norm(s, "rmsnorm", "kv_a_norm", "kv_a_proj.out", t, C, a, _ATTN, in_storage=t * (C + R) * 4)
-    _linear(s, sh, "kv_b_proj", out, t, C, H * (qk - R + vd), 4, _ATTN)
-    s.keep("rope.cos_sin", sh.seq_len * R * 4, _ATTN)
+    out = _norm(s, "rmsnorm", "kv_a_norm", kv_a, t, C, a, _MIXING, in_storage=t * (C + R) * 4)
+    kv_b = _linear(s, sh, "kv_b_proj", out, t, C, H * (qk - R + vd), 4, _MIXING)
+    s.keep("rope.cos_sin", sh.seq_len * R * 4, _MIXING)
     # q and k are new tensors (cat of nope and rotated rope parts); v is a view of kv_b_proj's output
-    _sdpa(s, cfg, sh, "q", "k", "kv_b_proj.out", H, qk, vd, t * H * (qk - R + vd) * a)
-    s.keep("o_proj.in", t * H * vd * a, _ATTN)
-    if sh.bf16:
-        s.keep("o_proj.weight_bf16", H * vd * D * 2, _ATTN)
+    o = _sdpa(s, cfg, sh, "q", "k", kv_b, H, qk, vd, t * H * (qk - R + vd) * a)
+    _linear(s, sh, "o_proj", o, t, H * vd, D, a, _MIXING)
 
 
 def _swiglu(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, D: int, F: int) -> None:
-    """Dense SwiGLU (dense layers, fused shared experts): input saves, gate output (silu), silu and up outputs
-    (product), the product (down projection)."""
-    _linear(s, sh, f"{name}.w_gate", inp, rows, D, F, 4, _FFN_IN, _FFN)
-    _linear(s, sh, f"{name}.w_up", inp, rows, D, F, 4, _FFN_IN, _FFN)
-    s.keep(f"{name}.hidden", 4 * rows * F * sh.act, _FFN)
-    if sh.bf16:
-        s.keep(f"{name}.w_down.weight_bf16", F * D * 2, _FFN)
+    """Dense SwiGLU (dense layers, fused shared experts), one selective region: its fp32 input, the gate output
+    (silu's input), silu and up outputs (the product's inputs), the product (the down projection's input)."""
+    a = sh.act
+    s.keep(inp, rows * D * 4, _FFN, saved=False, cached=True)  # the region's input
+    gate = _linear(s, sh, f"{name}.w_gate", inp, rows, D, F, 4, _FFN)
+    up = _linear(s, sh, f"{name}.w_up", inp, rows, D, F, 4, _FFN)
+    s.keep(gate, rows * F * a, _FFN)
+    s.keep(f"{name}.silu", rows * F * a, _FFN)
+    s.keep(up, rows * F * a, _FFN)
+    _linear(s, sh, f"{name}.w_down", f"{name}.product", rows, F, D, a, _FFN)
 
 
 def expected_devices_per_token(cfg: ModelConfig, ep: int) -> float:
@@ -188,54 +227,66 @@ def expected_devices_per_token(cfg: ModelConfig, ep: int) -> float:
     return min(d, moe.device_limit) if moe.device_limit is not None else d
 
 
+def _experts(s: _Saved, sh: Shapes, E_loc: int, N: int, D: int, F: int) -> None:
+    """The routed experts, one selective region. fp32 and CPU: `torch._grouped_mm` on the fp32 rows, whose outputs
+    autograd saves. CUDA bf16: the per-expert loop, which casts rows and weights, and whose per-expert matmul
+    outputs (cached) are concatenated into new tensors (saved)."""
+    e = sh.expert_act
+    s.keep("experts.in", N * D * 4, _EXPERTS, saved=e == 4, cached=True)  # the dispatched fp32 rows
+    if e == 2:
+        s.keep("experts.in_bf16", 2 * N * D * 2, _EXPERTS)
+        s.keep("experts.weight_bf16", 3 * E_loc * D * F * 2, _EXPERTS)
+        s.keep("experts.matmul_out", 2 * N * F * 2 + N * D * 2, _EXPERTS, saved=False, cached=True)
+        s.keep("experts.hidden", 4 * N * F * 2, _EXPERTS)  # gate and up (concatenated), silu out, product
+        return
+    if sh.device_type == "cpu":
+        s.keep("experts.offsets", 3 * E_loc * 4, _EXPERTS)
+    s.keep("experts.gate_up", 2 * N * F * 4, _EXPERTS, cached=True)  # silu's and the product's inputs
+    s.keep("experts.silu_product", 2 * N * F * 4, _EXPERTS)
+    s.keep("experts.out", N * D * 4, _EXPERTS, saved=False, cached=True)  # the combine saves it
+
+
 def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     moe, t, D = cfg.moe, sh.tokens, cfg.d_model
     E, K, F, ep = moe.num_routed_experts, moe.num_active_routed, moe.routed_hidden, sh.ep_size
-    N, e = t * K, sh.expert_act
-    s.keep(inp, t * D * 4, _FFN_IN)  # the fp32 router gate (autocast off) keeps the norm output itself
-    s.keep("router.scores", t * E * 4, _FFN)
-    s.keep("router.topk_ids", t * K * 8, _FFN)
+    N = t * K
+    s.keep(inp, t * D * 4, _ROUTING)  # the fp32 router gate (autocast off) keeps the norm output itself
+    s.keep("router.scores", t * E * 4, _ROUTING)
+    s.keep("router.topk_ids", t * K * 8, _ROUTING)
     if moe.scoring == "topk_softmax" or moe.norm_topk_prob:
-        s.keep("router.topk_weights", t * K * 4 + t * 4, _FFN)
+        s.keep("router.topk_weights", t * K * 4 + t * 4, _ROUTING)
     if moe.z_loss_coef:
-        s.keep("router.logits", t * E * 4 + t * 4, _FFN)
+        s.keep("router.logits", t * E * 4 + t * 4, _ROUTING)
     if moe.scoring == "sigmoid" and (moe.expert_balance_coef or moe.device_balance_coef or moe.comm_balance_coef
                                      or moe.seq_balance_coef):
-        s.keep("balance.score_sums", t * 4, _FFN)
+        s.keep("balance.score_sums", t * 4, _ROUTING)
     if moe.seq_balance_coef:
-        s.keep("balance.seq_f", sh.batch * E * 4, _FFN)
+        s.keep("balance.seq_f", sh.batch * E * 4, _ROUTING)
     if ep > 1:  # send plan index, gate-weight mask, and the returned copies summed into tokens (fp32)
         C = round(t * expected_devices_per_token(cfg, ep))
-        s.keep("a2a.copy_token", C * 8, _FFN)
-        s.keep("a2a.weight_mask", C * K * 4, _FFN)
-        s.keep("a2a.returned", C * D * 4, _FFN)
-    # rows by expert (fp32: the norm output gathered), row indices, gate weights per row
-    s.keep("dispatch.indices", 3 * N * 8, _FFN)
-    s.keep("dispatch.row_weights", N * 4, _FFN)
-    E_loc = E // ep
-    if e == 2:  # CUDA bf16: per-expert matmul loop under autocast
-        s.keep("experts.in_bf16", 2 * N * D * 2, _FFN)
-        s.keep("experts.weight_bf16", 3 * E_loc * D * F * 2, _FFN)
-    else:
-        s.keep("experts.in", N * D * 4, _FFN)
-        if sh.device_type == "cpu":
-            s.keep("experts.offsets", 3 * E_loc * 4, _FFN)
-    s.keep("experts.hidden", 4 * N * F * e, _FFN)  # gate out, silu out, up out, product
+        s.keep("a2a.copy_token", C * 8, _ROUTING)
+        s.keep("a2a.weight_mask", C * K * 4, _ROUTING)
+        s.keep("a2a.returned", C * D * 4, _ROUTING)
+    # row indices, gate weights per row (the rows themselves are the experts' input)
+    s.keep("dispatch.indices", 3 * N * 8, _ROUTING)
+    s.keep("dispatch.row_weights", N * 4, _ROUTING)
+    _experts(s, sh, E // ep, N, D, F)
     # combine: the expert output in fp32 (the output itself in fp32, a copy from bf16) and its weighted rows
-    s.keep("combine.rows", 2 * N * D * 4, _FFN)
+    s.keep("experts.out" if sh.expert_act == 4 else "combine.out_fp32", N * D * 4, _ROUTING)
+    s.keep("combine.weighted", N * D * 4, _ROUTING)
     if moe.num_shared_experts:
         _swiglu(s, sh, "shared", inp, t, D, moe.shared_hidden)
 
 
 def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4) -> tuple[_Saved, int]:
-    """What one transformer block saves, by category, and the byte width of its output (the residual stream:
-    fp32, except an MTP block fed by the bf16 `eh_proj` until an fp32 sublayer output promotes it)."""
+    """What one transformer block saves and caches, by region, and the byte width of its output (the residual
+    stream: fp32, except an MTP block fed by the bf16 `eh_proj` until an fp32 sublayer output promotes it)."""
     s, t, D, a = _Saved(f"L{layer_idx}."), sh.tokens, cfg.d_model, sh.act
-    s.keep("in", t * D * in_bytes, _INPUT if in_bytes == 4 else _CKPT_INPUT)
-    out = _norm(s, cfg.norm, "attn_norm", "in", t, D, in_bytes, _ATTN)
+    s.keep("in", t * D * in_bytes, _INPUT, saved=False)  # a checkpoint holds it; the fp32 attn_norm saves it too
+    out = _norm(s, cfg.norm, "attn_norm", "in", t, D, in_bytes, _MIXING)
     (_mla if cfg.attention.kind == "mla" else _gqa)(s, cfg, sh, out)
     mid_bytes = max(in_bytes, a)  # x + attn(x)
-    out = _norm(s, cfg.norm, "ffn_norm", "mid", t, D, mid_bytes, _ATTN)
+    out = _norm(s, cfg.norm, "ffn_norm", "mid", t, D, mid_bytes, _MIXING)
     if cfg.is_moe_layer(layer_idx):
         _moe(s, cfg, sh, out)
         return s, 4
@@ -253,11 +304,11 @@ def _head(s: _Saved, cfg: ModelConfig, sh: Shapes, name: str, h: str, in_bytes: 
 
 
 def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
-    """Saved-for-backward bytes of one micro-batch on one rank, for every checkpointing mode.
+    """Activation bytes of one micro-batch on one rank, for every checkpointing mode.
 
-    Returns {mode: bytes} under `by_mode`, the extra bytes live while backward recomputes one block
-    (`recompute_by_mode`), and the `none` total by part (`parts`: blocks, then blocks/<category>, embedding, head,
-    logits, mtp)."""
+    Returns {mode: bytes kept from the forward until backward} under `by_mode`; the most that backward's
+    recomputation saves again at one time (`recompute_by_mode`: one block for `full`, one wrapped region for
+    `selective`); and the `none` total by part (`parts`: blocks, blocks/<region>, embedding, head, logits, mtp)."""
     t, D = sh.tokens, cfg.d_model
     outside = _Saved("")
     outside.keep("input_ids", t * 8, "embedding")
@@ -277,13 +328,11 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
         blocks.append(s)
         h = f"{m}.h"
         _head(outside, cfg, sh, m, h, out_bytes)
-    by_mode, recompute = {}, {}
-    for mode in MODES:
-        by_mode[mode] = outside.total() + sum(b.total(_KEPT[mode]) for b in blocks)
-        recompute[mode] = max((b.total(_RECOMPUTED[mode]) for b in blocks), default=0)
-    parts = {"blocks": sum(b.total(_KEPT["none"]) for b in blocks)}
-    for cat in ("embedding", "head", "logits", "mtp"):
-        parts[cat] = outside.total((cat,))
-    for cat in _KEPT["none"]:
-        parts[f"blocks/{cat}"] = sum(b.total((cat,)) for b in blocks)
+    by_mode = {mode: outside.saved() + sum(b.kept(mode) for b in blocks) for mode in MODES}
+    recompute = {mode: max((b.recomputed(mode) for b in blocks), default=0) for mode in MODES}
+    parts = {"blocks": sum(b.saved() for b in blocks)}
+    for region in ("embedding", "head", "logits", "mtp"):
+        parts[region] = outside.saved((region,))
+    for region in REGIONS:
+        parts[f"blocks/{region}"] = sum(b.saved((region,)) for b in blocks)
     return {"by_mode": by_mode, "recompute_by_mode": recompute, "parts": parts}

@@ -1,11 +1,11 @@
 """`python -m train.plan model=NAME parallel.world_size=W parallel.ep_size=E parallel.zero_stage=Z [overrides]
 [--device-memory 80GB] [--headroom 0.1]`: the per-rank memory plan, a readable table, then one JSON line.
 
-Planner-only overrides (not keys of the training config): `parallel.world_size` (torchrun gives the trainer its
-world size; default here: ep_size), and `trainer.activation_checkpointing` while the trainer's schema has no such
-key (none | full | selective). The layout is validated by the trainer's own rules (`validate_config`) for that
-world size; the global batch size only sets gradient accumulation, which this plan does not depend on, so unless
-it is given it is taken as world × micro-batch.
+`parallel.world_size` is the one planner-only override (torchrun gives the trainer its world size; default
+here: ep_size); every other key, `trainer.activation_checkpointing` included, is the training config's own. The
+layout is validated by the trainer's own rules (`validate_config`) for that world size; the global batch size only
+sets gradient accumulation, which this plan does not depend on, so unless it is given it is taken as world ×
+micro-batch.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from train.config import compose, to_train_config
-from train.plan.planner import has_checkpointing_key, plan_memory
+from train.plan.planner import plan_memory
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -34,35 +34,33 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], int | None, str | None]:
-    """(Hydra overrides, parallel.world_size, trainer.activation_checkpointing when planner-only)."""
-    rest, world, mode = [], None, None
+def split_overrides(overrides: list[str]) -> tuple[list[str], int | None]:
+    """(Hydra overrides, parallel.world_size when given)."""
+    rest, world = [], None
     for o in overrides:
         key, _, value = o.lstrip("+").partition("=")
         if key == "parallel.world_size":
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"parallel.world_size={value!r} must be a positive integer (the number of ranks)")
             world = int(value)
-        elif key == "trainer.activation_checkpointing" and not has_checkpointing_key():
-            mode = value
         else:
             rest.append(o)
-    return rest, world, mode
+    return rest, world
 
 
 def load_layout(overrides: list[str]):
-    """(validated TrainConfig, world size, planner-only checkpointing mode) from the command's overrides."""
+    """(validated TrainConfig, world size) from the command's overrides."""
     from dataclasses import replace
 
     from train.trainer.validate import validate_config
 
-    hydra_overrides, world, mode = split_overrides(overrides)
+    hydra_overrides, world = split_overrides(overrides)
     cfg = to_train_config(compose(hydra_overrides))
     world = world or cfg.parallel.ep_size
     if not any(o.lstrip("+").startswith("trainer.global_batch_size=") for o in hydra_overrides):
         cfg.trainer = replace(cfg.trainer, global_batch_size=world * cfg.trainer.micro_batch_size)
     validate_config(cfg, world)
-    return cfg, world, mode
+    return cfg, world
 
 
 def _gib(n: float) -> str:
@@ -113,8 +111,8 @@ def main(argv: list[str]) -> int:
         if bad:
             raise ValueError(f"unknown option(s) {bad}: the planner takes --device-memory, --headroom and Hydra "
                              f"overrides key=value")
-        cfg, world, mode = load_layout(overrides)
-        plan = plan_memory(cfg, world, mode, device, args.headroom)
+        cfg, world = load_layout(overrides)
+        plan = plan_memory(cfg, world, device, args.headroom)
     except (ValueError, HydraException, OmegaConfBaseException) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,14 +17,17 @@ from train.plan.planner import plan_memory
 STAGES = (1, 2, 3)
 
 
-def layout_config(model: str, micro_batch: int = 1, seq_len: int = 4096, precision: str = "bf16") -> TrainConfig:
+def layout_config(model: str, micro_batch: int = 1, seq_len: int = 4096, precision: str = "bf16",
+                  checkpointing: str = "full") -> TrainConfig:
     return load_train_config([f"model={model}", f"trainer.micro_batch_size={micro_batch}",
-                              f"trainer.seq_len={seq_len}", f"precision={precision}"])
+                              f"trainer.seq_len={seq_len}", f"precision={precision}",
+                              f"trainer.activation_checkpointing={checkpointing}"])
 
 
-def smallest_fitting_layout(cfg: TrainConfig, device_memory: int, checkpointing: str = "full",
-                            headroom: float = 0.1, gpus_per_node: int = 8, max_world: int = 4096) -> dict | None:
-    """The plan of the smallest layout that fits (see the module docstring), or None up to `max_world` ranks."""
+def smallest_fitting_layout(cfg: TrainConfig, device_memory: int, headroom: float = 0.1, gpus_per_node: int = 8,
+                            max_world: int = 4096) -> dict | None:
+    """The plan of the smallest layout of `cfg` (its micro-batch, precision and checkpointing) that fits (see the
+    module docstring), or None up to `max_world` ranks."""
     num_experts = cfg.model.moe.num_routed_experts
     eps = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
     for world in range(gpus_per_node, max_world + 1, gpus_per_node):
@@ -35,7 +38,7 @@ def smallest_fitting_layout(cfg: TrainConfig, device_memory: int, checkpointing:
             for ep in (d for d in eps if world % d == 0):
                 c = replace(cfg, parallel=replace(cfg.parallel, ep_size=ep, zero_stage=stage))
                 validate_parallel_config(c, world)
-                plan = plan_memory(c, world, checkpointing, device_memory, headroom)
+                plan = plan_memory(c, world, device_memory, headroom)
                 if plan["fits"]:
                     fitting.append(plan)
             if fitting:

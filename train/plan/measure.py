@@ -1,11 +1,34 @@
-"""Measure what the planner predicts, on a real (small) model in one process: the bytes autograd saves for
-backward, counted with saved-tensor hooks. The planner's activation figures are checked against this."""
+"""Measure what the planner predicts, on a real (small) model in one process, each storage counted once, whole,
+parameters and buffers left out:
+  - `saved_tensor_bytes`: what autograd saves for backward (saved-tensor hooks), the activations of `none` and
+    `full` (a checkpointed region's inputs are packed outside it);
+  - `alive_tensor_bytes`: what the forward leaves alive while only its output is held, whoever holds it; the
+    memory figure for `selective`, whose kept matmul outputs sit in the selective-checkpoint cache, which the
+    hooks never see (in the other modes it equals the saved bytes);
+  - `recompute_peak_bytes`: the most that backward's recomputation holds at one time, the planner's transient.
+The planner's activation figures are checked against these (tests/unit/test_plan.py)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _autocast(input_ids_BT: torch.Tensor, dtype: torch.dtype | None):
+    return torch.autocast(device_type=input_ids_BT.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def _weights(model: nn.Module) -> dict[int, StorageWeakRef]:
+    return {t.untyped_storage().data_ptr(): StorageWeakRef(t.untyped_storage())
+            for t in (*model.parameters(), *model.buffers())}
+
+
+def _out_storages(out):
+    return [t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def saved_tensor_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor,
@@ -13,7 +36,7 @@ def saved_tensor_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: 
     """Bytes of the distinct storages autograd saves during one training forward pass of `model` (loss included),
     parameters and buffers excluded. Each storage counts once, whole, however many saved views point into it; a
     storage that is saved stays alive until backward, so no address is reused within the pass."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    own = set(_weights(model))
     seen: dict[int, int] = {}
     alive = []
 
@@ -25,10 +48,79 @@ def saved_tensor_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: 
         alive.append(t)
         return t
 
-    autocast = (torch.autocast(device_type=input_ids_BT.device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(input_ids_BT, autocast_dtype):
         out = model(input_ids_BT, labels_BT)
     del out
     alive.clear()  # the saved tensors go with the graph
     return sum(seen.values())
+
+
+class _NewStorages(TorchDispatchMode):
+    """Weak references to the storage of every tensor an op creates (views included: they name their base)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[int, StorageWeakRef, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs += [(s.data_ptr(), StorageWeakRef(s), s.nbytes()) for s in _out_storages(out)]
+        return out
+
+    def alive(self) -> dict[int, tuple[StorageWeakRef, int]]:
+        """Address -> (reference, bytes) of the storages still alive (one live storage per address)."""
+        return {ptr: (ref, n) for ptr, ref, n in self.refs if not ref.expired()}
+
+
+def _forward(model, input_ids_BT, labels_BT, autocast_dtype):
+    """One training forward under `_NewStorages`: (loss, storages created and still alive, weights excluded)."""
+    weights = _weights(model)
+    with _NewStorages() as created, _autocast(input_ids_BT, autocast_dtype):
+        loss = model(input_ids_BT, labels_BT).loss
+    alive = {ptr: v for ptr, v in created.alive().items() if ptr not in weights}
+    return loss, alive, weights
+
+
+def alive_tensor_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor,
+                       autocast_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the distinct storages that one training forward creates and that are still alive once it returns
+    and only the loss is held (autocast's weight-cast cache already dropped): everything the backward will use,
+    held by autograd or by a checkpoint's cache."""
+    loss, alive, _ = _forward(model, input_ids_BT, labels_BT, autocast_dtype)
+    return sum(n for _, n in alive.values())
+
+
+class _RecomputedStorages(TorchDispatchMode):
+    """During backward: the peak bytes of new storages created by ops that run with autograd recording, i.e. by a
+    checkpoint's recomputed forward (the backward's own ops, gradients among them, run without it)."""
+
+    def __init__(self, before: dict[int, tuple[StorageWeakRef, int]]):
+        super().__init__()
+        self.before, self.live, self.peak = before, {}, 0
+
+    def _new(self, storage) -> bool:
+        ptr = storage.data_ptr()
+        if ptr in self.before and not self.before[ptr][0].expired():
+            return False  # a storage the forward left, or a weight: an address names one live storage at a time
+        return ptr not in self.live and storage.nbytes() > 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            self.live = {ptr: v for ptr, v in self.live.items() if not v[0].expired()}
+            for s in filter(self._new, _out_storages(out)):
+                self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def recompute_peak_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor,
+                         autocast_dtype: torch.dtype | None = None) -> int:
+    """The most bytes that backward's recomputation holds at one time, over one training step's backward: the
+    tensors a recomputed region saves again, until backward consumes them, and its intermediates while it runs.
+    0 without checkpointing."""
+    loss, alive, weights = _forward(model, input_ids_BT, labels_BT, autocast_dtype)
+    before = {**alive, **{ptr: (ref, 0) for ptr, ref in weights.items()}}
+    with _RecomputedStorages(before) as recomputed:
+        loss.backward()
+    return recomputed.peak

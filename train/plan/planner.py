@@ -8,7 +8,8 @@ Activations come from `train.plan.activations` (per micro-batch, every checkpoin
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
 is what lives only for a moment but alongside all of that, at the start of backward:
   max(loss head: the logits the output holds + the fp32 gradients of log-probabilities and logits,
-      one block's recomputation (checkpointing) + one MoE layer's all-to-all send and receive buffers)
+      what backward's recomputation saves again at one time (`full`: one block, all-to-alls included;
+      `selective`: one checkpointed region) + one MoE layer's all-to-all send and receive buffers)
   + gradient-reduction bucket(s) (`parallel.bucket_mb`: one at stage 0, reduce + all-gather/prefetch for ZeRO)
   + ZeRO-3's largest gathered module (a block with its local experts, or the embedding / output head).
 All-to-all buffers use the expected copy count under balanced routing (`expected_devices_per_token`); the worst
@@ -19,14 +20,14 @@ routing imbalance beyond the expectation (a rank receiving more rows than t·K).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from parallel.memory_plan import DS_PERSISTENCE_THRESHOLD, state_bytes
 from parallel.parallelize import expert_parameters, shard_experts
-from train.config import ModelConfig, TrainConfig, TrainerConfig
-from train.plan.activations import MODES, Shapes, activation_bytes, expected_devices_per_token
+from train.config import ModelConfig, TrainConfig
+from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token
 
 
 @dataclass
@@ -74,25 +75,12 @@ def rank_params(model_cfg: ModelConfig, ep_size: int) -> RankParams:
     return RankParams(numels, flags, sum(map(sum, numels)) - expert_numel, expert_numel, largest)
 
 
-def checkpointing_mode(trainer: TrainerConfig, override: str | None = None) -> str:
-    """The configured activation-checkpointing mode (`trainer.activation_checkpointing`, or the planner-only
-    override while the trainer's schema has no such key)."""
-    mode = override if override is not None else getattr(trainer, "activation_checkpointing", "none")
-    if mode not in MODES:
-        raise ValueError(f"trainer.activation_checkpointing={mode!r} is not valid: choose one of {', '.join(MODES)}")
-    return mode
-
-
-def has_checkpointing_key() -> bool:
-    return any(f.name == "activation_checkpointing" for f in fields(TrainerConfig))
-
-
-def plan_memory(cfg: TrainConfig, world_size: int, checkpointing: str | None = None,
-                device_memory: int | None = None, headroom: float = 0.1) -> dict:
-    """Per-rank bytes of a layout (see the module docstring); `fits` when `device_memory` is given: the peak
-    within (1 − headroom) of it. `cfg` must be valid for `world_size` ranks (`train.plan.cli` validates)."""
+def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = None, headroom: float = 0.1) -> dict:
+    """Per-rank bytes of a layout (see the module docstring) under its `trainer.activation_checkpointing`; `fits`
+    when `device_memory` is given: the peak within (1 − headroom) of it. `cfg` must be valid for `world_size`
+    ranks (`train.plan.cli` validates)."""
     par, t, m = cfg.parallel, cfg.trainer, cfg.model
-    mode = checkpointing_mode(t, checkpointing)
+    mode = t.activation_checkpointing
     ep, stage = par.ep_size, par.zero_stage
     device_type = "cpu" if t.device == "cpu" else "cuda"
     rp = rank_params(m, ep)
