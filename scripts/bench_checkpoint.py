@@ -8,12 +8,14 @@
 Builds the model the trainer's way (meta device, `parallelize`), gives it optimizer state (one AdamW step on random
 tokens, or with `--adam-state` random moments of the real shapes, for models whose gradients would not fit
 next to them on this machine), then times the trainer's save path (`collect_owned` + DCP save: every rank writes
-its share) and load path (weights in place, then the optimizer state in batches through the engine), and checks
-that what was loaded equals what was saved. Last line: JSON.
+its share) and load path (the trainer's resume order: a fresh model, its weights read in place, the engine, then the
+optimizer state in batches through it; `load_s` counts the reads, not the engine's construction), and checks that
+what was loaded equals what was saved. Last line: JSON.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -65,6 +67,7 @@ def main(argv=None) -> None:
         model = MoETransformer(cfg.model)
     total_params = sum(p.numel() for p in model.parameters())
     parallel.parallelize(model, cfg, mesh, init_seed=draw_init_seed())
+    rss_model = _rss()
     engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
                                    cfg, mesh, accum_steps=1)
     if args.adam_state:  # random moments of the real shapes (a step's gradients would not fit beside them here)
@@ -79,7 +82,7 @@ def main(argv=None) -> None:
         engine.backward(engine.forward(ids[:, :-1], ids[:, 1:]).loss)
         engine.step()
 
-    rss = {"after_build": _rss()}
+    rss = {"after_model": rss_model, "after_state": _rss()}
     root = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
     ckpt = root / f"bench_checkpoint_{parallel.broadcast_object(time.time_ns(), mesh)}"
     parallel.barrier(mesh)
@@ -89,23 +92,32 @@ def main(argv=None) -> None:
     save_s = time.perf_counter() - t0
     rss["after_save"] = _rss()
 
-    before = {n: fingerprint(t) for n, t in model.state_dict().items()}  # not copies: memory is the limit here
-    saved_state = {n: {k: fingerprint(v) for k, v in s.items() if k != "param"} for n, s in engine.export_state()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()  # so the load has to restore every weight
+    saved = {n: {k: fingerprint(v) for k, v in st.items()} for n, st in engine.export_state()}  # not copies
+    saved_buffers = {n: fingerprint(b) for n, b in sharded.persistent_buffers(model).items()}
+    del engine, model
+    gc.collect()
+
+    # the trainer's resume order: a fresh model (another init seed), its weights, the engine, the optimizer state
     sharded._LOAD_BATCH_BYTES = args.load_batch_mb << 20
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    parallel.parallelize(model, cfg, mesh, init_seed=1)
     parallel.barrier(mesh)
     t0 = time.perf_counter()
     sharded.load_model_weights(model, ckpt, mesh)
+    parallel.barrier(mesh)
+    weights_s = time.perf_counter() - t0
+    engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
+                                   cfg, mesh, accum_steps=1)
+    parallel.barrier(mesh)
+    t0 = time.perf_counter()
     for batch in sharded.read_optimizer_state(model, ckpt, mesh):
         engine.import_state(batch)
     parallel.barrier(mesh)
-    load_s = time.perf_counter() - t0
+    load_s = weights_s + time.perf_counter() - t0
     rss["after_load"] = _rss()
-    wrong = [n for n, t in model.state_dict().items() if fingerprint(t) != before[n]]
-    wrong += [f"{n}:{k}" for n, s in engine.export_state() for k, v in s.items()
-              if k != "param" and fingerprint(v) != saved_state[n][k]]
+    wrong = [f"{n}:{k}" for n, st in engine.export_state() for k, v in st.items() if fingerprint(v) != saved[n][k]]
+    wrong += [n for n, b in sharded.persistent_buffers(model).items() if fingerprint(b) != saved_buffers[n]]
     restored = not wrong
     if wrong:
         print(f"rank {mesh.rank}: not restored: {wrong[:6]}", file=sys.stderr)
