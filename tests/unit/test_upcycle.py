@@ -127,6 +127,23 @@ def test_first_forward_equals_our_dense_model(shape, tmp_path):
     assert cfg.moe.first_k_dense == 0 and (got - ref).abs().max().item() <= TOL
 
 
+def test_a_trained_dense_run_of_ours_upcycles(tmp_path):
+    """A run dir of a dense model (every layer before moe.first_k_dense) holds sharded `state/` checkpoints: the
+    newest is upcycled, with the run's tokenizer."""
+    from tests.unit.test_trainer_run import run
+
+    run(tmp_path / "run", tmp_path / "cache", "model.moe.first_k_dense=2", "trainer.max_steps=2")
+    upcycle(tmp_path / "run", tmp_path / "moe", SHAPES["m2_e4_k2"])
+    cfg, state, tokenizer = load_model(tmp_path / "run")
+    dense = MoETransformer(cfg.model)
+    dense.load_state_dict(state, strict=True)
+    ids = _ids(cfg.model.vocab_size)
+    got, moe_cfg = our_logits(tmp_path / "moe", ids)
+    with torch.no_grad():
+        assert (got - dense.eval()(ids).logits).abs().max().item() <= TOL
+    assert moe_cfg.moe.num_routed_experts == 8 and (tmp_path / "moe" / "tokenizer" / "tokenizer.json").is_file()
+
+
 def test_keeping_some_layers_dense(tmp_path):
     """`model.moe.first_k_dense=1`: layer 0 stays the dense FFN, layer 1 is upcycled."""
     dense = _dense_ours(tmp_path / "dense")
