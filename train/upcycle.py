@@ -16,10 +16,11 @@ Megatron): the FFN's hidden dimension is cut into m slices, and since a SwiGLU i
 the m slices sum to the FFN. Expert c·m + j is slice j of copy c, its down projection scaled by m. The router is
 drawn once per copy (normal(0, init_std)) and repeated over the copy's m slices, so every token scores the m
 slices of a copy alike and top-(m·K) selects K whole copies. With gate weights that sum to one (each of the m
-slices of copy c weighs p_c, m·Σ p_c = 1), the output is Σ_c Σ_j p_c · m · slice_j(x) = m·Σ_c p_c · FFN(x) = FFN(x):
-the first forward of the upcycled model equals the dense model's whenever `equality_conditions` returns nothing.
-At m = 1 this is plain upcycling: K copies of the FFN whose gate weights sum to one. Training breaks
-the symmetry at once (each slice's router row gets its own gradient).
+slices of copy c weighs p_c, m·Σ p_c = 1), the output is
+    Σ_c Σ_j p_c · m · slice_j(x) = m · Σ_c p_c · FFN(x) = FFN(x),
+so the first forward of the upcycled model equals the dense model's whenever `equality_conditions` returns
+nothing. At m = 1 this is plain upcycling: K copies of the FFN whose gate weights sum to one. Training breaks the
+symmetry at once (the slices compute different functions, so each slice's router row gets its own gradient).
 
 `noise_std` > 0 perturbs each expert copy multiplicatively, W · (1 + ε), ε ~ normal(0, noise_std²) drawn per
 element and per expert, so the copies differ from the start (and the first forward no longer equals the dense
