@@ -52,24 +52,62 @@ class ExpertChoiceRouter(Router):
         return {"z_loss": self.moe.z_loss_coef * z_loss(plan.logits_TE) if self.moe.z_loss_coef else zero}
 
 
-def sinkhorn_assign(scores_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """Balanced top-1 assignment of T tokens to E experts, `_T`: Sinkhorn's scaling of exp(scores) to rows
-    summing to 1 (one token each) and columns to T/E (an even share each), in the log domain, then each token's
-    best expert under the balanced plan. An entropic approximation of BASE's linear assignment (which the paper
-    solves with an auction): exact balance only in the limit, usually within a token or two of it."""
+def sinkhorn_plan(scores_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """log of Sinkhorn's scaling of exp(scores), `_TE`: rows summing to 1 (one token each) and columns to T/E (an
+    even share each), alternated `num_iters` times in the log domain. The entropic relaxation of BASE's linear
+    assignment problem."""
     T, E = scores_TE.shape
     log_p_TE = scores_TE.float()
     log_col = math.log(T / E)
     for _ in range(num_iters):
         log_p_TE = log_p_TE - torch.logsumexp(log_p_TE, dim=0, keepdim=True) + log_col
         log_p_TE = log_p_TE - torch.logsumexp(log_p_TE, dim=1, keepdim=True)
-    return log_p_TE.argmax(dim=-1)
+    return log_p_TE
+
+
+def balanced_rounding(value_TE: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Expert of each token, `_T`, no expert above `capacity` tokens (needs T <= E * capacity): in rounds, every
+    unassigned token proposes its best expert not yet full; an expert accepts its highest-valued proposals up to
+    its free room and is then full for the rejected ones. At most E rounds; deterministic (stable sorts)."""
+    T, E = value_TE.shape
+    device = value_TE.device
+    assign_T = torch.full((T,), -1, dtype=torch.long, device=device)
+    room_E = torch.full((E,), capacity, dtype=torch.long, device=device)
+    allowed_TE = torch.ones(T, E, dtype=torch.bool, device=device)
+    arange_T = torch.arange(T, device=device)
+    for _ in range(E):
+        free_T = assign_T < 0
+        if not bool(free_T.any()):
+            break
+        pref_T = torch.where(allowed_TE, value_TE, -math.inf).argmax(dim=-1)
+        val_T = value_TE.gather(1, pref_T.unsqueeze(1)).squeeze(1)
+        group_T = torch.where(free_T, pref_T, E)  # assigned tokens sort into a group of their own
+        by_value = torch.sort(val_T, descending=True, stable=True).indices
+        order = by_value[torch.sort(group_T[by_value], stable=True).indices]  # by expert, best first within
+        counts_E1 = torch.bincount(group_T, minlength=E + 1)
+        starts_E1 = torch.cumsum(counts_E1, 0) - counts_E1
+        rank_T = torch.empty_like(order).scatter_(0, order, arange_T - starts_E1[group_T[order]])
+        accept_T = free_T & (rank_T < torch.cat([room_E, room_E.new_zeros(1)])[group_T])
+        assign_T = torch.where(accept_T, pref_T, assign_T)
+        room_E = room_E - torch.bincount(pref_T[accept_T], minlength=E)
+        rejected_T = free_T & ~accept_T
+        allowed_TE[rejected_T, pref_T[rejected_T]] = False
+    return assign_T
+
+
+def sinkhorn_assign(scores_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Balanced top-1 assignment of T tokens to E experts, `_T`: each expert takes at most ceil(T/E) tokens
+    (exactly T/E when E divides T). Sinkhorn's plan (`sinkhorn_plan`) ranks the (token, expert) pairs and
+    `balanced_rounding` turns it into an assignment. An approximation of BASE's optimal linear assignment, which
+    the paper solves exactly with an auction algorithm."""
+    T, E = scores_TE.shape
+    return balanced_rounding(sinkhorn_plan(scores_TE, num_iters), math.ceil(T / E))
 
 
 class BaseRouter(Router):
     """BASE layers (Lewis et al. 2021): each token goes to exactly one expert; in training the assignment
     maximises sum_t h_t . w_{a_t} subject to every expert taking T/E tokens (here: `sinkhorn_assign`, Sinkhorn
-    with `moe.sinkhorn_iters` iterations, not the paper's auction); at evaluation each token takes its best
+    with `moe.sinkhorn_iters` iterations and a balanced rounding, not the paper's auction); at evaluation each token takes its best
     expert (greedy, as the paper does at test time), so decoding is causal. The output is
     sigmoid(h_t . w_{a_t}) FFN_{a_t}(h_t) (the residual is the block's). No balance term; top_k must be 1."""
 
