@@ -187,6 +187,9 @@ def test_expert_choice_refuses_kv_cache_decoding():
     model(torch.zeros(1, 4, dtype=torch.long))  # training-style forward works
     with pytest.raises(ValueError, match="expert_choice.*cannot decode one token at a time"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_caches=new_kv_caches(model))
+    from train.generate import generate_ids
+    with pytest.raises(ValueError, match="generation and KV-cache forwards are not supported"):
+        generate_ids(model, [1, 2, 3], 2)
 
 
 # ---- BASE layers (Lewis et al. 2021) ----
