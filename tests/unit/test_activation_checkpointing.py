@@ -205,13 +205,14 @@ def test_saved_activation_bytes_full_below_selective_below_none(name):
     assert measured["none"][1] == pytest.approx(measured["none"][0], rel=0.01)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
 @pytest.mark.parametrize("name", ["tiny_noisy_topk", "tiny_switch", "tiny_gshard", "tiny_expert_choice", "tiny_base",
                                   "tiny_hash"])
-def test_routing_schemes_recompute_the_same_plan(name):
+def test_routing_schemes_recompute_the_same_plan(name, mode):
     """`full` recomputes every router: noisy ones (noisy_topk, Switch jitter, GShard's random second expert) draw
     the same noise from the restored RNG, the assignment schemes are deterministic, so losses and gradients match
     `none` and the recorded counts replay without the routing-changed error."""
-    ref_model, model = _model(name, "none", 0, "model.num_layers=2"), _model(name, "full", 0, "model.num_layers=2")
+    ref_model, model = _model(name, "none", 0, "model.num_layers=2"), _model(name, mode, 0, "model.num_layers=2")
     results = []
     for m in (model, ref_model):
         torch.manual_seed(7)
