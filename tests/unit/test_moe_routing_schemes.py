@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from train.config.model import AttentionConfig, ModelConfig, MoEConfig
 from train.model.moe import MoELayer
-from train.model.moe.router import Router
+from train.model.moe.router import BalanceInputs, Router
 from train.model.moe.routers import ROUTERS, build_router
 from train.model.moe.schemes_assign import balanced_rounding, hash_experts, sinkhorn_assign
 from train.model.moe.schemes_token import cv_squared, prob_in_top_k
@@ -77,9 +77,7 @@ def test_noisy_topk_training_noise_and_losses():
     assert torch.allclose(out.topk_weights_TK, vals.softmax(-1))
     gates = torch.zeros(6, E).scatter(1, ids, vals.softmax(-1))
     load = prob_in_top_k(x, noisy, torch.full((6, E), math.log(2.0) + 1e-9), 2).sum(0)
-    layer_b = __import__("train.model.moe.router", fromlist=["BalanceInputs"]).BalanceInputs(
-        torch.zeros(E), torch.tensor(6.0), torch.zeros(1), 1, 1)
-    aux = r.balance_terms(out, layer_b)
+    aux = r.balance_terms(out, BalanceInputs(torch.zeros(E), torch.tensor(6.0), torch.zeros(1), 1, 1))
     assert torch.allclose(aux["importance"], 0.1 * gates.sum(0).var(unbiased=False) / gates.sum(0).mean() ** 2)
     assert torch.allclose(aux["load"], 0.2 * load.var(unbiased=False) / load.mean() ** 2, atol=1e-6)
     aux["load"].backward()

@@ -107,8 +107,8 @@ def sinkhorn_assign(scores_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
 class BaseRouter(Router):
     """BASE layers (Lewis et al. 2021): each token goes to exactly one expert; in training the assignment
     maximises sum_t h_t . w_{a_t} subject to every expert taking T/E tokens (here: `sinkhorn_assign`, Sinkhorn
-    with `moe.sinkhorn_iters` iterations and a balanced rounding, not the paper's auction); at evaluation each token takes its best
-    expert (greedy, as the paper does at test time), so decoding is causal. The output is
+    with `moe.sinkhorn_iters` iterations and a balanced rounding, not the paper's auction); at evaluation each
+    token takes its best expert (greedy, as the paper does at test time), so decoding is causal. The output is
     sigmoid(h_t . w_{a_t}) FFN_{a_t}(h_t) (the residual is the block's). No balance term; top_k must be 1."""
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:

@@ -5,7 +5,6 @@ Shape legend: T tokens, D model dim, E routed experts, K active routed experts p
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
