@@ -68,7 +68,9 @@ def _add_block(b: ParamBreakdown, cfg: ModelConfig, layer_idx: int, prefix: str 
     if cfg.is_moe_layer(layer_idx):
         per_expert = 3 * d * moe.routed_hidden
         b.add(prefix + "routed_experts", moe.num_routed_experts * per_expert, moe.num_active_routed * per_expert)
-        b.add(prefix + "router", d * moe.num_routed_experts)
+        # hash routing has no gate; noisy top-k has a noise projection beside it
+        gates = {"hash": 0, "noisy_topk": 2}.get(moe.router, 1)
+        b.add(prefix + "router", gates * d * moe.num_routed_experts)
         if moe.num_shared_experts:
             b.add(prefix + "shared_experts", 3 * d * moe.shared_hidden)
     else:

@@ -170,3 +170,16 @@ def test_data_smaller_than_one_global_batch_is_an_error_before_the_model(tmp_pat
     with pytest.raises(ValueError, match=r"the corpus gives \d+ training sequences .* fewer than one global "
                                          r"batch \(trainer.global_batch_size=16\)"):
         Trainer(cfg, Mesh())
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.moe.router=nope"], "model.moe.router='nope' is not valid"),
+    (["model=tiny_switch", "model.moe.top_k=2"], "model.moe.router=switch sends each token to one expert"),
+    (["model=tiny_gshard", "model.moe.top_k=1"], "model.moe.router=gshard is top-2"),
+    (["model=tiny_expert_choice", "model.moe.expert_balance_coef=0.01"], "model.moe.expert_balance_coef is a token"),
+    (["model=tiny_hash", "model.moe.capacity_factor=1.25"], "router=hash drops no tokens"),
+    (["model=tiny_noisy_topk", "model.moe.bias_update_rate=0.001"], "model.moe.bias_update_rate"),
+    (["model=tiny_mixtral", "model.moe.jitter_eps=0.01"], "model.moe.jitter_eps belongs to model.moe.router=switch"),
+])
+def test_routing_scheme_combinations(overrides, match):
+    _check(overrides, match)

@@ -71,6 +71,10 @@ class MoEConfig:
     # Scoring rule: softmax_topk (softmax over all experts, then top-k: DeepSeekMoE, V2),
     # topk_softmax (top-k logits, then softmax over them: Mixtral, DBRX), sigmoid (V3).
     scoring: str = "softmax_topk"
+    # Routing scheme (train/model/moe/routers.py): topk (token choice with `scoring`), noisy_topk (Shazeer 2017),
+    # switch (top-1, Fedus 2021), gshard (top-2 with random second expert, Lepikhin 2020), expert_choice (Zhou
+    # 2022, training only), base (balanced assignment, Lewis 2021), hash (fixed hash of the token id, Roller 2021).
+    router: str = "topk"
     norm_topk_prob: bool = False  # renormalise the k gate weights to sum to one
     routed_scaling_factor: float = 1.0
     # Group-limited routing: pick `topk_groups` of `num_groups` expert groups per token first
@@ -87,6 +91,8 @@ class MoEConfig:
     routing_groups: Optional[int] = None
     # Token capacity per expert as a multiple of the even share; null = dropless.
     capacity_factor: Optional[float] = None
+    # Capacity factor outside training (evaluation); null = `capacity_factor` (ST-MoE: 1.25 train, 2.0 eval).
+    eval_capacity_factor: Optional[float] = None
     # Token capacity per expert-parallel device (DeepSeek-V2 token dropping): each device takes at most this
     # multiple of an even share of the (token, device) copies; the lowest-affinity copies beyond it are dropped.
     # Applied per sending rank under expert parallelism (see `train/model/moe/capacity.py`); null = dropless.
@@ -97,6 +103,13 @@ class MoEConfig:
     comm_balance_coef: float = 0.0  # alpha_3, DeepSeek-V2 communication
     seq_balance_coef: float = 0.0  # alpha, DeepSeek-V3 sequence-wise
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    # noisy_topk (Shazeer et al. 2017): w_importance and w_load of the CV^2 importance and load losses.
+    importance_coef: float = 0.0
+    load_coef: float = 0.0
+    # switch: multiplicative input jitter x * U(1 - eps, 1 + eps) on the router input in training; 0 = off.
+    jitter_eps: float = 0.0
+    # base: Sinkhorn iterations of the balanced assignment.
+    sinkhorn_iters: int = 20
     # Auxiliary-loss-free balancing (V3): per-expert selection bias updated by +-rate after each step.
     bias_update_rate: float = 0.0  # gamma; 0 disables the bias
     # Layer placement: layer i is MoE when i >= first_k_dense and i % layer_freq == 0 (DeepSeek's rule).

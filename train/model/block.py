@@ -53,11 +53,13 @@ class Block(nn.Module):
         return h_BTD, self.ffn_norm(h_BTD)
 
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None,
+        token_ids_BT: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+        """`token_ids_BT`: the input ids, for routers that route on them (hash)."""
         h_BTD, ffn_in_BTD = self.token_mixing(x_BTD, positions_T, kv_cache)
         if self.is_moe:
-            y_BTD, moe_out = self.ffn(ffn_in_BTD)
+            y_BTD, moe_out = self.ffn(ffn_in_BTD, token_ids_BT)
         else:
             y_BTD, moe_out = self.ffn(ffn_in_BTD), None
         return h_BTD + y_BTD, moe_out

@@ -48,6 +48,18 @@ def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> to
     return loss_sum / (labels_BT != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def check_causal_routing(model: nn.Module) -> None:
+    """Raise if a router of `model` decides a token's experts from other tokens of the batch (expert choice, or
+    BASE's balanced assignment in training): KV-cache decoding sees one token at a time and cannot use it."""
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        if router is not None and hasattr(router, "causal") and not router.causal:
+            raise ValueError(
+                f"model.moe.router={router.moe.router} routes each token by comparing it with the other tokens of "
+                "the batch, future positions included (experts choose tokens), so it cannot decode one token at a "
+                "time: generation and KV-cache forwards are not supported with it (it is a training-only scheme)")
+
+
 class MoETransformer(nn.Module):
     """Decoder-only MoE LM: `embed`, `layers` (Blocks), `norm`, `lm_head` (tied to `embed` if
     `cfg.tie_embeddings`), and `mtp` (cfg.mtp_depth MTPModules; an empty list, with no parameters, at 0)."""
@@ -137,6 +149,8 @@ class MoETransformer(nn.Module):
         (T,) default to past..past+T-1 where past is the cached length. With `kv_caches` (one per layer, see
         `new_kv_caches`) the new tokens' keys/values are appended; MTP runs only with labels and no caches."""
         b, t = input_ids_BT.shape
+        if kv_caches is not None:
+            check_causal_routing(self)
         if positions is None:
             past = kv_caches[0].length if kv_caches else 0
             positions = torch.arange(past, past + t, device=input_ids_BT.device)
@@ -144,7 +158,7 @@ class MoETransformer(nn.Module):
         h_BTD = emb_BTD
         moe_outs: list[tuple[int, MoELayerOutput]] = []
         for i, block in enumerate(self.layers):
-            h_BTD, moe_out = block(h_BTD, positions, kv_caches[i] if kv_caches is not None else None)
+            h_BTD, moe_out = block(h_BTD, positions, kv_caches[i] if kv_caches is not None else None, input_ids_BT)
             if moe_out is not None:
                 moe_outs.append((block.layer_idx, moe_out))
         logits_BTV = self.lm_head(self.norm(h_BTD))

@@ -120,6 +120,54 @@ def _validate_model(cfg: TrainConfig) -> None:
                f"(capacity = {name} x the average load): use >= 1.0 (1.25 is GShard's), or null for dropless"
                if c is not None and c > 0 else f"model.moe.{name}={c} must be > 0 or null (dropless)")
     _check(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
+    _validate_router(m)
+
+
+_ONE_EXPERT_ROUTERS = ("switch", "base", "hash")
+_NO_TOKEN_CHOICE_TERMS = ("expert_choice", "base", "hash")
+
+
+def _validate_router(m) -> None:
+    """The combinations each routing scheme (train/model/moe/routers.py) supports; its constructor checks the
+    same shapes, so a model built by hand fails too."""
+    from train.model.moe.routers import ROUTERS
+
+    moe = m.moe
+    r = moe.router
+    _one_of("model.moe.router", r, tuple(ROUTERS))
+    k = moe.num_active_routed
+    if r in _ONE_EXPERT_ROUTERS:
+        _check(k == 1, f"model.moe.router={r} sends each token to one expert: set model.moe.top_k=1 (got {k} "
+                       f"active routed experts)")
+    if r == "gshard":
+        _check(k == 2, f"model.moe.router=gshard is top-2: set model.moe.top_k=2 (got {k} active routed experts)")
+    if r in ("switch", "gshard"):
+        _check(moe.scoring == "softmax_topk", f"model.moe.router={r} gates with softmax probabilities: set "
+                                              f"model.moe.scoring=softmax_topk")
+    if r == "noisy_topk" and moe.load_coef:
+        _check(k < moe.num_routed_experts, "model.moe.load_coef needs model.moe.top_k below the number of experts")
+    if r != "topk":
+        _check(not moe.uses_expert_bias, f"model.moe.bias_update_rate (DeepSeek-V3's selection bias) works with "
+                                          f"model.moe.router=topk only, not {r}: set it to 0")
+        _check(moe.num_groups == 1 and moe.device_limit is None,
+               f"group- and device-limited routing (model.moe.num_groups, model.moe.device_limit) is topk's: "
+               f"set model.moe.num_groups=1 and model.moe.device_limit=null for model.moe.router={r}")
+    for name, owner in (("importance_coef", "noisy_topk"), ("load_coef", "noisy_topk"), ("jitter_eps", "switch")):
+        _check(not getattr(moe, name) or r == owner,
+               f"model.moe.{name} belongs to model.moe.router={owner}, not {r}: set it to 0")
+    if r in _NO_TOKEN_CHOICE_TERMS:
+        for name in ("expert_balance_coef", "device_balance_coef", "comm_balance_coef", "seq_balance_coef",
+                     "device_capacity_factor"):
+            _check(not getattr(moe, name), f"model.moe.{name} is a token-choice setting; model.moe.router={r} "
+                                           f"balances by construction: set it to 0 (null for the capacity)")
+    if r in ("base", "hash"):
+        _check(moe.capacity_factor is None and moe.eval_capacity_factor is None,
+               f"model.moe.router={r} drops no tokens: set model.moe.capacity_factor=null")
+        _check(r != "hash" or not moe.z_loss_coef, "model.moe.router=hash has no router logits: set "
+                                                   "model.moe.z_loss_coef=0")
+    if r == "hash":
+        _check(m.mtp_depth == 0, "model.moe.router=hash needs the token ids, which multi-token-prediction modules do "
+                                 "not pass: set model.mtp_depth=0")
 
 
 def _validate_parallel(cfg: TrainConfig, world: int) -> None:

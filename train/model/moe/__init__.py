@@ -9,17 +9,22 @@ from train.model.moe.capacity import (
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher, combine_rows, gather_rows, sort_by_expert
 from train.model.moe.experts import GroupedExperts, grouped_mm
 from train.model.moe.layer import AUX_TERMS, MoELayer, MoELayerOutput
-from train.model.moe.router import Router, RouterOutput
+from train.model.moe.router import BalanceInputs, Router, RouterOutput, RoutingPlan
+from train.model.moe.routers import ROUTERS, build_router
 
 __all__ = [
     "AUX_TERMS",
+    "BalanceInputs",
     "GroupedExperts",
     "LocalDispatcher",
     "MoELayer",
     "MoELayerOutput",
     "Router",
+    "ROUTERS",
     "RouterOutput",
+    "RoutingPlan",
     "TokenDispatcher",
+    "build_router",
     "combine_rows",
     "device_capacity",
     "drop_over_capacity",

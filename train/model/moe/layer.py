@@ -29,14 +29,16 @@ from train.model.moe.capacity import (
 )
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher
 from train.model.moe.experts import GroupedExperts
-from train.model.moe.router import Router, RouterOutput
+from train.model.moe.router import TOKEN_CHOICE_TERMS, BalanceInputs, RouterOutput
+from train.model.moe.routers import build_router
 
-AUX_TERMS = ("expert_balance", "device_balance", "comm_balance", "seq_balance", "z_loss")
+AUX_TERMS = TOKEN_CHOICE_TERMS  # the default router's terms; other schemes declare more (`Router.balance_terms`)
 
 
 @dataclass
 class MoELayerOutput:
-    """Coefficient-weighted balance terms (all of `AUX_TERMS`, 0.0 when a coefficient is 0) and detached stats."""
+    """Coefficient-weighted balance terms (every term the router declares, 0.0 when a coefficient is 0) and
+    detached stats."""
 
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +63,7 @@ class MoELayer(nn.Module):
         self.moe = moe
         self.num_experts, self.top_k = moe.num_routed_experts, moe.num_active_routed
         self.init_std = init_std
-        self.router = Router(d_model, moe)
+        self.router = build_router(d_model, moe)
         self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden)
         self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
@@ -89,23 +91,30 @@ class MoELayer(nn.Module):
     def reset_parameters(self, init_std: float | None = None) -> None:
         """normal(0, init_std) for the gate, the routed and the shared experts."""
         std = self.init_std if init_std is None else init_std
-        nn.init.normal_(self.router.gate.weight, mean=0.0, std=std)
+        self.router.reset_parameters(std)
         self.experts.reset_parameters(std)
         if self.shared is not None:
             self.shared.reset_parameters(std)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoELayerOutput]:
+    def forward(
+        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoELayerOutput]:
+        """`token_ids_BS`: the input token ids, read only by routers that route on them (hash)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
-        route = self.router(x_TD)
+        if self.router.needs_token_ids and token_ids_BS is not None:
+            route = self.router(x_TD, token_ids_BS.reshape(-1))
+        else:
+            route = self.router(x_TD)
         topk_ids_TK = route.topk_ids_TK
         if self.moe.device_capacity_factor is not None:
             # Device budget first, from the router's own copies; per-expert capacity then caps what survives.
             G = self.num_devices
             budget = device_capacity(topk_ids_TK, self.num_experts, G, self.moe.device_capacity_factor)
             topk_ids_TK = drop_over_device_capacity(topk_ids_TK, route.topk_weights_TK, self.num_experts, G, budget)
-        if self.moe.capacity_factor is not None:
-            capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.moe.capacity_factor)
+        capacity_factor = self.router.capacity_factor()
+        if capacity_factor is not None:
+            capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, capacity_factor)
             topk_ids_TK = drop_over_capacity(topk_ids_TK, self.num_experts, capacity)
 
         x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_TD, topk_ids_TK, route.topk_weights_TK)
@@ -127,45 +136,26 @@ class MoELayer(nn.Module):
         The device terms (V2's L_DevBal and L_CommBal, defined there over D device groups) and the per-device
         statistics use the G = `num_devices` devices of the current layout (ep_size), not the routing groups:
         they measure the computation and traffic of the devices that really exist in this run."""
-        moe, E, K, G = self.moe, self.num_experts, self.top_k, self.num_devices
+        E, K, G = self.num_experts, self.top_k, self.num_devices
         ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
         with torch.no_grad():
             selected_E = losses.expert_counts(ids_TK, E)
             device_mask_TG = losses.token_device_mask(ids_TK, E, G)
-            num_dropped = (kept_ids_TK < 0).sum()
+            num_dropped = ((kept_ids_TK < 0) & (ids_TK >= 0)).sum()  # slots the router left empty are no drop
             if self.training and self.count_load and self.expert_load_E is not None:
                 self.expert_load_E += selected_E.long()
             # One reduction for all counts (a single all-reduce under data parallelism). fp64 keeps counts
             # of large global batches exact.
-            packed = torch.cat(
-                [selected_E, device_mask_TG.sum(0), selected_E.new_tensor([T]), num_dropped.view(1)]
-            ).double()
+            extras = self.router.count_extras(route)
+            parts = [selected_E, device_mask_TG.sum(0), selected_E.new_tensor([T]), num_dropped.view(1)]
+            packed = torch.cat(parts if extras is None else [*parts, extras.float()]).double()
             packed = self.count_reducer(packed)
+            extras = None if extras is None else packed[E + G + 2 :]
             num_tokens_per_expert_E, num_tokens_sent_G = packed[:E], packed[E : E + G]
             num_tokens, num_dropped = packed[E + G], packed[E + G + 1]
 
-        probs_TE = losses.balance_probs(route.scores_TE, moe.scoring)
-        zero = torch.zeros((), dtype=torch.float32, device=probs_TE.device)
-        aux = dict.fromkeys(AUX_TERMS, zero)
-        counts_E, n_tok = num_tokens_per_expert_E.float(), num_tokens.float()
-        if moe.expert_balance_coef:
-            aux["expert_balance"] = moe.expert_balance_coef * losses.expert_balance_loss(counts_E, probs_TE, n_tok, K)
-        if moe.device_balance_coef:
-            aux["device_balance"] = moe.device_balance_coef * losses.device_balance_loss(
-                counts_E, probs_TE, n_tok, K, G
-            )
-        if moe.comm_balance_coef:
-            groups = self.router.routing_groups if self.router.routing_groups is not None else G
-            reach = losses.max_devices_per_token(E, G, groups, moe.device_limit)
-            aux["comm_balance"] = moe.comm_balance_coef * losses.comm_balance_loss(
-                num_tokens_sent_G.float(), probs_TE, n_tok, reach
-            )
-        if moe.seq_balance_coef:
-            aux["seq_balance"] = moe.seq_balance_coef * losses.seq_balance_loss(
-                ids_TK.view(B, T // B, K), probs_TE.view(B, T // B, E), K
-            )
-        if moe.z_loss_coef:
-            aux["z_loss"] = moe.z_loss_coef * losses.z_loss(route.logits_TE)
+        inputs = BalanceInputs(num_tokens_per_expert_E, num_tokens, num_tokens_sent_G, B, G, extras)
+        aux = self.router.balance_terms(route, inputs)
 
         load_E = num_tokens_per_expert_E.float()
         devices_per_token_T = device_mask_TG.sum(-1).float()

@@ -1,4 +1,12 @@
-"""Token-to-expert router: fp32 gate, three scoring rules, group- and device-limited selection.
+"""The routing seam and the default router (`topk`): fp32 gate, three scoring rules, group- and device-limited
+selection.
+
+Every routing scheme is a `Router` subclass registered by name (`model.moe.router`, see `ROUTERS` in
+`train/model/moe/routers.py`). A router returns a `RoutingPlan`: K slots per token, each an expert id (-1 = no
+expert) and a gate weight. Token choice fills the K slots with its top-k; expert choice and BASE fill the same
+shape (expert choice with K = E slots, slot e used when expert e picked the token), so the capacity code and
+both dispatchers consume every scheme unchanged. A router also states its capacity factor, whether its decision
+for a token depends on other tokens (`causal`), and its own balance terms (`balance_terms`).
 
 Shape legend: T tokens, D model dim, E routed experts, K active routed experts per token,
 G expert groups (node groups, or the routing groups of the device limit), M groups a token may use.
@@ -18,23 +26,42 @@ from torch import nn
 
 from train.config.model import MoEConfig
 from train.config.routing import check_group_limit
+from train.model.moe import losses
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+TOKEN_CHOICE_TERMS = ("expert_balance", "device_balance", "comm_balance", "seq_balance", "z_loss")
 
 
 class RouterOutput(NamedTuple):
-    """Routing decision for T tokens, all fp32.
+    """Routing plan for T tokens, all fp32: K slots per token, each an expert id (-1 = no expert) and a weight.
 
     `scores_TE` are the unbiased affinities (softmax probabilities, or sigmoid scores for `sigmoid`);
     `topk_weights_TK` are the gate weights the expert outputs are multiplied by (already renormalised and
-    scaled by `routed_scaling_factor`); the expert bias never enters them.
+    scaled by `routed_scaling_factor`); the expert bias never enters them. Schemes without a learned gate (hash)
+    leave `logits_TE` and `scores_TE` None. `extras` holds what a scheme's own balance terms need.
     """
 
-    logits_TE: torch.Tensor
-    scores_TE: torch.Tensor
+    logits_TE: Optional[torch.Tensor]
+    scores_TE: Optional[torch.Tensor]
     topk_ids_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
+    extras: Optional[dict] = None
+
+
+RoutingPlan = RouterOutput
+
+
+class BalanceInputs(NamedTuple):
+    """What the layer hands a router's `balance_terms`: the selection counts summed over the data-parallel ranks
+    (`counts_E`, `num_tokens`, `sent_G`: token copies per device of the layout), the batch size B and G devices."""
+
+    counts_E: torch.Tensor
+    num_tokens: torch.Tensor
+    sent_G: torch.Tensor
+    batch_size: int
+    num_devices: int
+    extras: Optional[torch.Tensor] = None  # the router's `count_extras`, summed over the data-parallel ranks
 
 
 def group_limited_mask(
@@ -59,7 +86,7 @@ def group_limited_mask(
 
 
 class Router(nn.Module):
-    """Scores T tokens against E routed experts and picks K per token.
+    """`topk`, and the base of every scheme: scores T tokens against E routed experts and picks K per token.
 
     With `moe.device_limit` = M, each token may use experts of at most M of the `moe.routing_groups` contiguous
     expert blocks (train/config/routing.py): a property of the model, the same on any number of ranks. Only a
@@ -79,6 +106,7 @@ class Router(nn.Module):
         if moe.routing_groups is not None:
             check_group_limit(E, K, moe.routing_groups, moe.device_limit, "model.moe.routing_groups",
                               "model.moe.device_limit")
+        self.moe = moe
         self.num_experts, self.top_k = E, K
         self.scoring = moe.scoring
         self.norm_topk_prob = moe.norm_topk_prob
@@ -91,6 +119,59 @@ class Router(nn.Module):
             self.register_buffer("expert_bias_E", torch.zeros(E, dtype=torch.float32), persistent=True)
         else:
             self.expert_bias_E: Optional[torch.Tensor] = None
+
+    # ---- the seam: what every scheme states (defaults are token choice's) ----
+    causal = True  # a token's routing depends on that token alone (needed by KV-cache decoding)
+    needs_token_ids = False  # the layer passes the token ids to `forward` (hash routing)
+
+    def reset_parameters(self, std: float) -> None:
+        """normal(0, std) for the learned gate."""
+        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+
+    def capacity_factor(self) -> Optional[float]:
+        """Per-expert capacity factor the layer applies to the plan: `moe.eval_capacity_factor` outside training
+        when set (ST-MoE: 1.25 in training, 2.0 at evaluation), else `moe.capacity_factor`; None = dropless."""
+        if not self.training and self.moe.eval_capacity_factor is not None:
+            return self.moe.eval_capacity_factor
+        return self.moe.capacity_factor
+
+    def balance_terms(self, plan: RouterOutput, b: BalanceInputs) -> dict[str, torch.Tensor]:
+        """Coefficient-weighted balance terms of this scheme, every name always present (0.0 when its coefficient
+        is 0). Token choice's: expert, device, communication, sequence balance and the z-loss."""
+        moe, E, K, G = self.moe, self.num_experts, self.top_k, b.num_devices
+        probs_TE = losses.balance_probs(plan.scores_TE, moe.scoring)
+        zero = torch.zeros((), dtype=torch.float32, device=probs_TE.device)
+        aux = dict.fromkeys(TOKEN_CHOICE_TERMS, zero)
+        counts_E, n_tok = b.counts_E.float(), b.num_tokens.float()
+        if moe.expert_balance_coef:
+            aux["expert_balance"] = moe.expert_balance_coef * self.expert_balance(plan, b, probs_TE)
+        if moe.device_balance_coef:
+            aux["device_balance"] = moe.device_balance_coef * losses.device_balance_loss(
+                counts_E, probs_TE, n_tok, K, G
+            )
+        if moe.comm_balance_coef:
+            groups = self.routing_groups if self.routing_groups is not None else G
+            reach = losses.max_devices_per_token(E, G, groups, moe.device_limit)
+            aux["comm_balance"] = moe.comm_balance_coef * losses.comm_balance_loss(
+                b.sent_G.float(), probs_TE, n_tok, reach
+            )
+        if moe.seq_balance_coef:
+            B, T = b.batch_size, plan.topk_ids_TK.shape[0]
+            aux["seq_balance"] = moe.seq_balance_coef * losses.seq_balance_loss(
+                plan.topk_ids_TK.view(B, T // B, K), probs_TE.view(B, T // B, E), K
+            )
+        if moe.z_loss_coef:
+            aux["z_loss"] = moe.z_loss_coef * losses.z_loss(plan.logits_TE)
+        return aux
+
+    def expert_balance(self, plan: RouterOutput, b: BalanceInputs, probs_TE: torch.Tensor) -> torch.Tensor:
+        """The expert-level term before its coefficient: sum_i f_i P_i (Switch; DeepSeek-V2 eq. 12-14)."""
+        return losses.expert_balance_loss(b.counts_E.float(), probs_TE, b.num_tokens.float(), self.top_k)
+
+    def count_extras(self, plan: RouterOutput) -> Optional[torch.Tensor]:
+        """Extra non-differentiable counts (fp32, 1-D) the layer sums over data-parallel ranks with its own and
+        passes back as `BalanceInputs.extras`; None = nothing."""
+        return None
 
     def _selection_groups(self) -> Optional[tuple[int, int, str]]:
         """(G, M, group score) of the active group restriction, or None when selection is unrestricted.
@@ -111,7 +192,12 @@ class Router(nn.Module):
             return self.num_groups, self.topk_groups, self.group_score
         return None
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """fp32 `x W_g^T`, `_TE`."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.gate.weight.float())
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         # fp32 gate: small logit differences decide the top-k and must not be rounded away in bf16. Autocast
         # would cast the matmul back to bf16 whatever its inputs, so it is switched off for the gate.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
