@@ -8,7 +8,8 @@ Columns: the swept values; total and active (per token) parameters and training 
 steps done; final train loss (last step) and validation loss (last evaluation); tokens/s (median over the steps
 after the first); load imbalance (most-loaded expert over the even share, mean over MoE layers and the last
 tenth of the steps); dropped fraction (same tail); and `loss @ C`, every job's train loss at the same training
-compute C, the least any job with a curve reached, so jobs of different cost compare fairly.
+compute C, the least any job with a curve reached, so jobs of different cost compare fairly (the mean over the
+steps in the last tenth of C: one step's loss is noisy).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def write_markdown(sweep_dir: Path, keys: list[str], runs: list[JobSummary]) -> 
         lines += ["", "Not finished:", *notes]
     lines += ["", "Load imbalance: most-loaded expert / even share (1.0 = balanced), mean over MoE layers and the last "
               "tenth of the steps. `loss @ C`: train loss at the same cumulative training compute C (tokens × "
-              "FLOPs/token), the least any job reached.", ""]
+              "FLOPs/token), the least any job reached; mean over the steps in the last tenth of C.", ""]
     path = sweep_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

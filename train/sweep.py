@@ -158,11 +158,13 @@ def summarize_job(job: Job, keys: list[str]) -> JobSummary:
 
 
 def loss_at_flops(s: JobSummary, budget: float) -> Optional[float]:
-    """The job's train loss at `budget` cumulative training FLOPs (linear between steps); None if it never got
-    there."""
+    """The job's train loss at `budget` cumulative training FLOPs: the mean over its steps in the last tenth of
+    the budget (one step's loss is noisy), or the value between two steps when none falls there; None if the job
+    never got that far."""
     if not s.curve_flops or s.curve_flops[-1] < budget * (1 - 1e-9):
         return None
-    return float(np.interp(budget, s.curve_flops, s.curve_loss))
+    window = [loss for f, loss in zip(s.curve_flops, s.curve_loss) if 0.9 * budget < f <= budget * (1 + 1e-9)]
+    return float(np.mean(window)) if window else float(np.interp(budget, s.curve_flops, s.curve_loss))
 
 
 def summarize_sweep(sweep_dir: Path) -> tuple[list[str], list[JobSummary]]:

@@ -84,3 +84,12 @@ def test_summarize_sweep_lists_pending_and_compares_at_equal_flops(tmp_path):
     assert runs[0].flops_per_token == pytest.approx(runs[1].flops_per_token, rel=0.01)
     assert loss_at_flops(runs[0], budget) == pytest.approx(2.0, rel=0.01)  # runs[0] is a little cheaper per token
     assert loss_at_flops(runs[1], budget) == pytest.approx(2.5)
+
+
+def test_slurm_launcher_config_composes():
+    # The submitit plugin is the optional `slurm` extra; no SLURM here, so only the composition is checked.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose_with_hydra(["hydra/launcher=slurm", "sweep=granularity", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
