@@ -1,8 +1,9 @@
 """Report on a Hydra multirun: `python scripts/sweep_report.py SWEEP_DIR`.
 
 Writes SWEEP_DIR/report.md, one row per job (pending, running, stopped and failed jobs included, failures with
-their error below the table), and SWEEP_DIR/report.png: final train loss against each swept value, and the
-loss curves against steps and against cumulative training FLOPs. Reading the sweep is `train/sweep.py`.
+their error below the table), and SWEEP_DIR/report.png: final train and validation loss against each swept value,
+the train loss curves (validation losses as dots) against steps, and the train loss against cumulative training
+FLOPs. Reading the sweep is `train/sweep.py`.
 
 Columns: the swept values; total and active (per token) parameters and training FLOPs/token (`train/flops.py`);
 steps done; final train loss (last step) and validation loss (last evaluation); tokens/s (median over the steps
@@ -91,7 +92,7 @@ def write_plot(sweep_dir: Path, keys: list[str], runs: list[JobSummary]) -> Path
                 ax.plot(p, s.val_loss, "s", color="C1", fillstyle="none")
         if not numeric:
             ax.set_xticks(range(len(set(xs))), sorted(set(xs)), rotation=20)
-        elif len({*pos}) > 2 and min(pos) > 0 and max(pos) / min(pos) >= 8:
+        elif len({*pos}) > 2 and min(pos) > 0 and max(pos) / min(pos) >= 4:
             ax.set_xscale("log", base=2)
         ax.set(xlabel=key, ylabel="final loss", title=f"final loss vs {key.split('.')[-1]}")
         ax.plot([], [], "o", color="C0", label="train")
@@ -101,10 +102,12 @@ def write_plot(sweep_dir: Path, keys: list[str], runs: list[JobSummary]) -> Path
     for i, s in enumerate(done):
         label = ", ".join(f"{k.split('.')[-1]}={s.swept[k]}" for k in keys) or f"job {s.num}"
         style = "-" if s.state == "finished" else "--"
-        ax_s.plot(s.curve_steps, s.curve_loss, style, color=f"C{i % 10}", label=f"{label} ({s.state})")
+        ax_s.plot(s.curve_steps, s.curve_loss, style, color=f"C{i % 10}", label=f"{label} ({s.state})", alpha=0.6)
+        if s.val_steps:
+            ax_s.plot(s.val_steps, s.val_losses, "o-", color=f"C{i % 10}", markersize=4, linewidth=2)
         if s.curve_flops:
             ax_f.plot(s.curve_flops, s.curve_loss, style, color=f"C{i % 10}", label=label)
-    ax_s.set(xlabel="step", ylabel="train loss", title="loss curves")
+    ax_s.set(xlabel="step", ylabel="loss", title="loss curves (train; val: dots)")
     ax_f.set(xlabel="cumulative training FLOPs", ylabel="train loss", title="loss vs compute")
     for ax in (ax_s, ax_f):
         if ax.lines:

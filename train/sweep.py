@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from train.runs import FAILED, read_records, run_state
+from train.runs import FAILED, read_records, run_state, series
 
 PENDING = "pending"
 
@@ -48,6 +48,8 @@ class JobSummary:
     curve_steps: list[int] = field(default_factory=list)
     curve_flops: list[float] = field(default_factory=list)  # cumulative training FLOPs at each step
     curve_loss: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)  # the evaluations: (step, val_loss)
+    val_losses: list[float] = field(default_factory=list)
 
 
 def _expand(sweep_dir: Path) -> Optional[list[list[str]]]:
@@ -144,8 +146,8 @@ def summarize_job(job: Job, keys: list[str]) -> JobSummary:
         return s
     last = records[-1]
     s.steps, s.train_loss = int(last["step"]), float(last["loss"])
-    vals = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
-    s.val_loss = float(vals[-1]) if vals else None
+    s.val_steps, s.val_losses = series(records, "val_loss")
+    s.val_loss = float(s.val_losses[-1]) if s.val_losses else None
     speeds = [r["tokens_per_s"] for r in records[1:] if isinstance(r.get("tokens_per_s"), (int, float))]
     s.tokens_per_s = float(np.median(speeds)) if speeds else None  # step 1 pays the warm-up
     s.load_imbalance = _tail_mean(records, [k for k in last if k.startswith("moe/layer") and k.endswith("/load_max")])
