@@ -84,7 +84,7 @@ def write_plot(sweep_dir: Path, keys: list[str], runs: list[JobSummary]) -> Path
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4))
     for ax, key in zip(axes, keys):
         xs = [s.swept[key] for s in done]
-        numeric = all(_as_number(x) is not None for x in xs)
+        numeric = all(_as_number(x) is not None for x in xs) and not key.endswith("seed")  # seeds are labels
         pos = [_as_number(x) for x in xs] if numeric else [sorted(set(xs)).index(x) for x in xs]
         for p, s in zip(pos, done):
             ax.plot(p, s.train_loss, "o" if s.state == "finished" else "x", color="C0")
