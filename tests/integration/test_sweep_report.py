@@ -32,12 +32,14 @@ def test_granularity_sweep_report(tmp_path):
 
 def test_failed_job_is_listed_as_failed(tmp_path):
     # granularity 3 does not divide tiny_mixtral's expert width: job 0 fails validation, job 1 still trains.
+    # With an explicit trainer.run_dir the runs live in run_dir/<job> and the report finds them there.
     sweep = tmp_path / "sweep"
-    proc = train_cli(["-m", "model.moe.granularity=3,2", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path / "cache",
-                     check=False)
+    proc = train_cli(["-m", "model.moe.granularity=3,2", *TINY, f"hydra.sweep.dir={sweep}",
+                      f"trainer.run_dir={tmp_path / 'runs'}"], tmp_path / "cache", check=False)
     assert proc.returncode != 0  # Hydra reports the failure after running every job
     run_cli([sys.executable, str(REPO / "scripts" / "sweep_report.py"), str(sweep)], tmp_path / "cache")
     report = (sweep / "report.md").read_text()
     rows = _rows(report)
     assert [r[:3] for r in rows] == [["0", "**failed**", "3"], ["1", "finished", "2"]]
     assert "job 0 (failed): moeforge: model.moe.granularity=3 does not divide" in report
+    assert (tmp_path / "runs" / "1" / "metrics.jsonl").is_file() and not (sweep / "1" / "metrics.jsonl").exists()
