@@ -78,8 +78,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def run_state(run_dir: Path, max_steps: Optional[int] = None) -> tuple[str, Optional[str]]:
-    """(state, reason) of a run: `finished`, `stopped`, `failed` or `running`, from status.json; a run without one (older
-    runs) is finished when its last step reached `max_steps`, else running."""
+    """(state, reason) of a run: `finished`, `stopped`, `failed` or `running`, from status.json; a run without
+    one (older runs) is finished when its last step reached `max_steps`, else running."""
     status = read_status(run_dir)
     if status is None:
         records = read_records(run_dir)
