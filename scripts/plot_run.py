@@ -1,7 +1,7 @@
 """Plot a run's metrics: `python scripts/plot_run.py RUN_DIR`.
 
-Reads RUN_DIR/metrics.jsonl (the last record of each step wins, so a resumed run's repeated steps plot
-once) and writes into RUN_DIR/plots/:
+Reads RUN_DIR/metrics.jsonl through `train.runs.read_records` (the last record of each step wins, so a resumed
+run's repeated steps plot once) and writes into RUN_DIR/plots/:
 - `loss.png`: loss, lm_loss, val_loss and mtp_loss (left), aux_loss and each aux/<term> (right, log scale);
 - `expert_load_layer{i}.png`: for each MoE layer, a steps × experts heatmap of each expert's share of the
   routed tokens relative to the even share (1.0 = balanced).
@@ -9,8 +9,8 @@ once) and writes into RUN_DIR/plots/:
 from __future__ import annotations
 
 import argparse
-import json
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -19,24 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from train.runs import read_records, series as _series  # noqa: E402,F401  (read_records: this script's API)
+
 _LOAD_KEY = re.compile(r"^moe/layer(\d+)/tokens_per_expert$")
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    """Step records in step order, one per step (the last written wins)."""
-    by_step: dict[int, dict] = {}
-    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if "step" in r and "event" not in r:  # event lines (bad_step, spike) are not steps
-                    by_step[int(r["step"])] = r
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def plot_losses(records: list[dict], out: Path) -> Path:

@@ -1,5 +1,7 @@
 """`python -m train [overrides]` / `torchrun ... -m train [overrides]`: compose the config, validate it,
-initialise distributed, build, train, close. Everything else lives in `train/trainer/`."""
+initialise distributed, build, train, close. Everything else lives in `train/trainer/`.
+Rank 0 records the job's state in RUN_DIR/status.json (running, finished, stopped early by SIGTERM,
+failed with the error: `train/runs.py`)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,7 @@ from omegaconf import DictConfig
 
 from train.checkpoint import CheckpointError
 from train.config import CONFIG_DIR, register_configs
+from train.runs import FAILED, FINISHED, RUNNING, STOPPED, write_status
 from train.trainer import typed_config, validate_config
 from train.trainer.validate import ConfigError, config_warnings
 from train.trainer.init_from import apply_init_from
@@ -30,9 +33,41 @@ def job_run_dir(cfg) -> str:
     return cfg.trainer.run_dir
 
 
+class _Stop(Exception):
+    """A failure whose message says everything: the job ends without a traceback."""
+
+
+def _fail(message: str, multirun: bool) -> None:
+    """End a failed job. One run exits with the message alone (a traceback adds nothing). In a multirun Hydra
+    runs the jobs in this process and goes on to the next only after an Exception (SystemExit would end the
+    whole sweep), recording the job as failed and exiting non-zero after the last one."""
+    if multirun:
+        raise RuntimeError(message)
+    sys.exit(message)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = typed_config(dcfg)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    is_main = os.environ.get("RANK", "0") == "0"
+    run_dir = job_run_dir(cfg)  # the value rank 0 broadcasts below; status.json goes there from the start
+    if is_main:
+        write_status(run_dir, RUNNING)
+    try:
+        finished = _train(cfg)
+    except BaseException as e:  # Exception, SystemExit from a config error, KeyboardInterrupt
+        if is_main:
+            write_status(run_dir, FAILED, str(e) or type(e).__name__)
+        if isinstance(e, _Stop):
+            _fail(str(e), multirun)
+        raise
+    if is_main:  # SIGTERM (preemption, a time limit) ends fit() early with a checkpoint: resumable, not finished
+        write_status(run_dir, FINISHED if finished else STOPPED)
+
+
+def _train(cfg) -> bool:
+    """Validate, build and train; True when the run reached `trainer.max_steps`."""
     try:
         apply_init_from(cfg, HydraConfig.get().overrides.task)  # the checkpoint's architecture, before validation
         validate_config(cfg)  # before any process group, file or tensor exists
@@ -40,7 +75,7 @@ def main(dcfg: DictConfig) -> None:
             for warning in config_warnings(cfg):
                 print(f"moeforge: warning: {warning}", file=sys.stderr)
     except (ConfigError, CheckpointError) as e:  # the message names the field and the fix; a traceback adds nothing
-        sys.exit(f"moeforge: {e}")
+        raise _Stop(f"moeforge: {e}") from None
 
     import parallel
     from train.trainer.health import TrainingStopped
@@ -53,8 +88,9 @@ def main(dcfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, mesh)
         trainer.fit()
+        return trainer.state.step >= cfg.trainer.max_steps
     except (ConfigError, CheckpointError, TrainingStopped) as e:  # a tampered checkpoint, too many bad steps, ...
-        sys.exit(f"moeforge: {e}")
+        raise _Stop(f"moeforge: {e}") from None
     finally:
         if trainer is not None:
             trainer.close()

@@ -32,16 +32,18 @@ def env_for(cache_dir: Path) -> Dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: Sequence[str], cache_dir: Path, timeout: int = 300, check: bool = True
+            ) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), cwd=REPO, env=env_for(cache_dir), capture_output=True, text=True,
                           timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def train_cli(overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_cli([sys.executable, "-m", "train", *overrides], cache_dir, timeout)
+def train_cli(overrides: Sequence[str], cache_dir: Path, timeout: int = 300, check: bool = True
+              ) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "-m", "train", *overrides], cache_dir, timeout, check)
 
 
 def torchrun_cli(nproc: int, overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> str:

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from train.config import CONFIG_DIR, compose, load_train_config
 from train.model import build_model
 
-GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONFIG_DIR).iterdir() if d.is_dir()}
+GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONFIG_DIR).iterdir()
+          if d.is_dir() and d.name not in ("sweep", "hydra")}  # those set hydra.*: test_sweeps.py
 MODELS = GROUPS["model"]
 TINY = [m for m in MODELS if m.startswith("tiny_")]
 FULL = [m for m in MODELS if not m.startswith("tiny_")]

@@ -1,9 +1,11 @@
-"""scripts/plot_run.py on a synthetic metrics.jsonl (a resumed run repeats steps 3 and 4)."""
+"""train.runs.read_records and scripts/plot_run.py on a synthetic metrics.jsonl (a resumed run repeats steps 3, 4)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+from train.runs import read_records
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +27,7 @@ def test_plot_run_writes_loss_and_heatmaps(tmp_path):
                 r["val_loss"] = 1.5
             f.write(json.dumps(r) + "\n")
     plot_run = _load_plot_run()
-    assert [r["step"] for r in plot_run.read_records(tmp_path)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3, 4, 5]
     paths = plot_run.main([str(tmp_path)])
     names = sorted(p.name for p in paths)
     assert names == ["expert_load_layer1.png", "expert_load_layer2.png", "loss.png"]
