@@ -28,7 +28,7 @@ def _compose_with_hydra(overrides):
 def test_sweep_config_sets_sweeper_params_only(name):
     cfg = _compose_with_hydra([f"sweep={name}"])
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    assert params and all(k.startswith("model.moe.") and "," in v for k, v in params.items())
+    assert params and all((k.startswith("model.moe.") or k == "model") and "," in v for k, v in params.items())
     plain = _compose_with_hydra([])
     cfg_job = {k: v for k, v in cfg.items() if k != "hydra"}
     assert cfg_job == {k: v for k, v in plain.items() if k != "hydra"}  # the job's config is untouched
