@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config.model import ModelConfig
+from train.model.norms import RMSNorm
 from train.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -82,7 +83,8 @@ class GroupedQueryAttention(nn.Module):
     """Multi-head attention with `num_kv_heads` ≤ `num_heads` shared key/value heads and RoPE.
 
     `clip_qkv` (DBRX) clamps the projected q, k, v to [-clip, clip] before RoPE; `sliding_window` (Mixtral)
-    restricts token i to keys j with i - window < j <= i.
+    restricts token i to keys j with i - window < j <= i. `qk_norm` (Qwen3: `head`, OLMoE: `full`) applies an
+    RMSNorm to the projected q and k, after the clip and before RoPE.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -95,11 +97,20 @@ class GroupedQueryAttention(nn.Module):
         self.interleaved = cfg.rope.interleaved
         self.scale = self.head_dim**-0.5
         d, hd = cfg.d_model, self.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=a.bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
+        qkv_bias = a.bias or a.qkv_bias
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=a.bias)
         self.rope = RotaryEmbedding(hd, cfg.rope)
+        self.qk_norm = a.qk_norm
+        if a.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+        elif a.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * hd, cfg.norm_eps)
+        elif a.qk_norm is not None:
+            raise ValueError(f"unknown attention.qk_norm {a.qk_norm!r} (expected null, 'head' or 'full')")
 
     def qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected (and clipped) q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""
@@ -107,8 +118,13 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.clip_qkv is not None:
             q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 

@@ -64,6 +64,9 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, moe)
         self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden)
         self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
+        # Qwen2-MoE's shared_expert_gate: sigmoid(w·x) scales the shared output per token.
+        gated = self.shared is not None and moe.shared_expert_gate
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if gated else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.count_load = True
@@ -87,12 +90,14 @@ class MoELayer(nn.Module):
         self.router.num_devices = value
 
     def reset_parameters(self, init_std: float | None = None) -> None:
-        """normal(0, init_std) for the gate, the routed and the shared experts."""
+        """normal(0, init_std) for the gate, the routed and the shared experts (and the shared gate)."""
         std = self.init_std if init_std is None else init_std
         nn.init.normal_(self.router.gate.weight, mean=0.0, std=std)
         self.experts.reset_parameters(std)
         if self.shared is not None:
             self.shared.reset_parameters(std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoELayerOutput]:
         B, S, D = x_BSD.shape
@@ -112,7 +117,10 @@ class MoELayer(nn.Module):
         y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
         y_TD = self.dispatcher.combine(y_ND)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         aux_terms, stats = self._balance(route, topk_ids_TK, B)
         return y_TD.view(B, S, D), MoELayerOutput(aux_terms, stats)
