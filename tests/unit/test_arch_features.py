@@ -1,0 +1,76 @@
+"""Config-driven architecture features of the newer published models: MoE layer placement with an offset
+(Qwen2-MoE / Llama 4 / OpenMoE), the sigmoid-gated shared expert (Qwen2-MoE) and q/k RMSNorm (Qwen3, OLMoE)."""
+import dataclasses
+
+import pytest
+import torch
+
+from train.config import load_train_config
+from train.model.attention import GroupedQueryAttention
+from train.model.moe.layer import MoELayer
+
+
+def _model_cfg(name, *overrides):
+    return load_train_config([f"model={name}", *overrides]).model
+
+
+@pytest.mark.parametrize("name,moe_layers", [
+    ("llama4_maverick", list(range(1, 48, 2))),  # interleave_moe_layer_step 2: layers 1, 3, ..., 47
+    ("openmoe_8b", [5, 11, 17, 23]),  # every 6th layer, the last of each group
+    ("qwen3_30b_a3b", list(range(48))),
+    ("deepseek_moe_16b", list(range(1, 28))),  # first_k_dense 1, offset 0: unchanged
+])
+def test_moe_layer_placement(name, moe_layers):
+    cfg = _model_cfg(name)
+    assert [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)] == moe_layers
+
+
+def test_layer_offset_outside_the_period_is_an_error():
+    cfg = _model_cfg("tiny_llama4", "model.moe.layer_offset=2")
+    with pytest.raises(ValueError, match="layer_offset"):
+        cfg.is_moe_layer(0)
+
+
+def test_shared_expert_gate_scales_the_shared_output():
+    cfg = _model_cfg("tiny_qwen15_moe")
+    torch.manual_seed(0)
+    gated = MoELayer(cfg.d_model, cfg.moe)
+    plain = MoELayer(cfg.d_model, dataclasses.replace(cfg.moe, shared_expert_gate=False))
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("shared_gate.")})
+    x = torch.randn(2, 5, cfg.d_model)
+    x_TD = x.view(-1, cfg.d_model)
+    shared_TD = gated.shared(x_TD)
+    expected = plain(x)[0].view(-1, cfg.d_model) + (torch.sigmoid(gated.shared_gate(x_TD)) - 1) * shared_TD
+    torch.testing.assert_close(gated(x)[0].view(-1, cfg.d_model), expected)
+    assert gated.shared_gate.weight.shape == (1, cfg.d_model)
+
+
+def _rms(x, w, eps):
+    return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("kind", ["head", "full"])
+def test_qk_norm(kind):
+    cfg = _model_cfg("tiny_qwen3_moe", f"model.attention.qk_norm={kind}")
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(cfg)
+    for n in (attn.q_norm, attn.k_norm):
+        n.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, cfg.d_model)
+    q, k, v = attn.qkv(x)
+    H, Hkv, Dh, eps = attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.norm_eps
+    q_raw, k_raw = attn.q_proj(x), attn.k_proj(x)
+    if kind == "head":
+        q_ref = _rms(q_raw.view(2, 3, H, Dh), attn.q_norm.weight, eps)
+        k_ref = _rms(k_raw.view(2, 3, Hkv, Dh), attn.k_norm.weight, eps)
+    else:
+        q_ref = _rms(q_raw, attn.q_norm.weight, eps).view(2, 3, H, Dh)
+        k_ref = _rms(k_raw, attn.k_norm.weight, eps).view(2, 3, Hkv, Dh)
+    torch.testing.assert_close(q, q_ref.transpose(1, 2))
+    torch.testing.assert_close(k, k_ref.transpose(1, 2))
+    torch.testing.assert_close(v, attn.v_proj(x).view(2, 3, Hkv, Dh).transpose(1, 2))
+
+
+def test_unknown_qk_norm_is_an_error():
+    with pytest.raises(ValueError, match="qk_norm"):
+        GroupedQueryAttention(_model_cfg("tiny_qwen3_moe", "model.attention.qk_norm=layer"))
