@@ -3,7 +3,8 @@
     export CKPT OUT   CKPT: run dir (newest complete checkpoint) or one checkpoint. OUT: config.json,
                       model.safetensors, generation_config.json and the tokenizer files, loadable with
                       AutoModelForCausalLM / AutoTokenizer.
-    import HF_DIR OUT HF_DIR: config.json + safetensors of a Mixtral, DBRX, DeepSeek-V2 or DeepSeek-V3 model.
+    import HF_DIR OUT HF_DIR: config.json + safetensors of a Mixtral, DBRX, DeepSeek-V2/V3, Qwen2-MoE (Qwen1.5-MoE),
+                      Qwen3-MoE or OLMoE model.
                       OUT: a complete checkpoint (model.safetensors, config.yaml, tokenizer/) that
                       `trainer.init_from=OUT` starts from.
 
@@ -23,16 +24,18 @@ import torch
 from omegaconf import OmegaConf
 
 from train.config import CONFIG_DIR, ModelConfig, TrainConfig
-from train.hf import common, dbrx, deepseek, mixtral
+from train.hf import common, dbrx, deepseek, mixtral, qwen_olmoe
 from train.hf.common import HFConversionError, StateDict
 
 log = logging.getLogger(__name__)
 
-MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek) for f in mod.FAMILIES}
+MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek, qwen_olmoe) for f in mod.FAMILIES}
 MODEL_TYPES: Dict[str, ModuleType] = {"mixtral": mixtral, "dbrx": dbrx, "deepseek_v2": deepseek,
-                                      "deepseek_v3": deepseek}
+                                      "deepseek_v3": deepseek, "qwen2_moe": qwen_olmoe, "qwen3_moe": qwen_olmoe,
+                                      "olmoe": qwen_olmoe}
 SUPPORTED = "mixtral (MixtralForCausalLM), dbrx (DbrxForCausalLM), deepseek_v2 (DeepseekV2ForCausalLM), " \
-            "deepseek_v3 (DeepseekV3ForCausalLM)"
+            "deepseek_v3 (DeepseekV3ForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe " \
+            "(Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM)"
 _DEEPSEEK_MOE = ("DeepSeekMoE (family 'deepseek_moe', HF model_type 'deepseek') has no native transformers class "
                  "(its checkpoints need trust_remote_code)")
 
