@@ -381,3 +381,23 @@ def test_command_line(tmp_path):
     assert (tmp_path / "back" / "COMPLETE").is_file()
     bad = _save(tmp_path / "moe", ["model=tiny_deepseek_moe", "model.num_layers=2", "model.vocab_size=64"])
     assert cli.main(["export", str(bad), str(tmp_path / "hf2")]) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny_grok1", "tiny_openmoe", "tiny_llama4"])
+def test_family_without_exact_hf_class_is_a_clear_error(name, tmp_path):
+    # Grok-1 and OpenMoE have no transformers class; ours is Llama-4-like, not Llama 4 (see the configs).
+    ckpt = _save(tmp_path, [f"model={name}", "model.vocab_size=64"])
+    with pytest.raises(HFConversionError, match="cannot convert model family.*qwen2_moe.*olmoe"):
+        export_checkpoint(ckpt, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=tiny_qwen3_moe", "model.moe.num_shared_experts=1"], "qwen3_moe.*no shared expert"),
+    (["model=tiny_qwen15_moe", "model.moe.shared_expert_gate=false"], "qwen2_moe.*gated shared expert"),
+    (["model=tiny_olmoe", "model.attention.qk_norm=head"], "olmoe.*qk_norm='head'.*'full'"),
+    (["model=tiny_qwen3_moe", "model.moe.layer_freq=2"], "qwen3_moe.*layer_offset=0 with layer_freq=2"),
+])
+def test_unrepresentable_qwen_olmoe_setting_is_a_clear_error(overrides, match, tmp_path):
+    ckpt = _save(tmp_path, [*overrides, "model.num_layers=2", "model.vocab_size=64"])
+    with pytest.raises(HFConversionError, match=match):
+        export_checkpoint(ckpt, tmp_path / "hf")
