@@ -65,7 +65,7 @@ class ParamBreakdown:
 def _add_block(b: ParamBreakdown, cfg: ModelConfig, layer_idx: int, prefix: str = "") -> None:
     d, moe = cfg.d_model, cfg.moe
     b.add(prefix + "attention", _attention_params(cfg))
-    b.add(prefix + "norms", 2 * d)
+    b.add(prefix + "norms", (4 if cfg.post_sublayer_norm else 2) * d)
     if cfg.is_moe_layer(layer_idx):
         per_expert = 3 * d * moe.routed_hidden
         b.add(prefix + "routed_experts", moe.num_routed_experts * per_expert, moe.num_active_routed * per_expert)

@@ -74,3 +74,35 @@ def test_qk_norm(kind):
 def test_unknown_qk_norm_is_an_error():
     with pytest.raises(ValueError, match="qk_norm"):
         GroupedQueryAttention(_model_cfg("tiny_qwen3_moe", "model.attention.qk_norm=layer"))
+
+
+def test_logit_softcap_attention():
+    from train.model.attention import attend, attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    scale = 8**-0.5
+    # a cap far above the scores is plain causal attention
+    torch.testing.assert_close(attend(q, k, v, scale, None, softcap=1e6), attend(q, k, v, scale, None))
+    s = 5.0 * torch.tanh(q @ k.transpose(-1, -2) * scale / 5.0)
+    s = s.masked_fill(~attention_mask(6, 6, 3, q.device), float("-inf"))
+    torch.testing.assert_close(attend(q, k, v, scale, 3, softcap=5.0), s.softmax(-1) @ v)
+
+
+def test_grok_block_norms_and_multipliers():
+    from train.model import build_model
+
+    cfg = _model_cfg("tiny_grok1")
+    block = build_model(cfg).layers[0]
+    assert block.post_norms and block.attn_post_norm.weight.shape == (cfg.d_model,)
+    # the multipliers: embedding x m equals embedding weights x m; logits x o
+    base = _model_cfg("tiny_mixtral", "model.num_layers=1")
+    scaled = dataclasses.replace(base, embedding_multiplier=3.0, output_multiplier=0.5)
+    torch.manual_seed(0)
+    a = build_model(base)
+    b = build_model(scaled)
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, base.vocab_size, (2, 7))
+    with torch.no_grad():
+        a.embed.weight.mul_(3.0)
+        torch.testing.assert_close(b(ids).logits, 0.5 * a(ids).logits)

@@ -44,6 +44,8 @@ class AttentionConfig:
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2, Qwen1.5-MoE, Qwen2-MoE)
     clip_qkv: Optional[float] = None  # DBRX clamps q, k, v to [-clip, clip]
     sliding_window: Optional[int] = None  # Mixtral-style local attention; null = full causal
+    # Grok-1: attention logits s become cap * tanh(s / cap) before the mask and softmax; null = none.
+    logit_softcap: Optional[float] = None
     # RMSNorm on the projected queries and keys, before RoPE: `head` normalises each head's Dh channels with one
     # weight shared by all heads (Qwen3), `full` the whole H·Dh (and Hkv·Dh) projection (OLMoE); null = none.
     qk_norm: Optional[str] = None
@@ -153,6 +155,11 @@ class ModelConfig:
     dense_hidden: int = 1024  # width of dense SwiGLU layers (DeepSeek's first_k_dense layers)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Grok-1: a second norm on each sublayer's output before the residual add (4 norms per block), and constant
+    # multipliers on the input embeddings and the output logits. Off / 1.0 for every other family.
+    post_sublayer_norm: bool = False
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -56,13 +56,23 @@ def attend(
     v_BHSD: torch.Tensor,
     scale: float,
     sliding_window: Optional[int],
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention of the T newest positions over all S keys.
+
+    With `softcap` (Grok-1) the scores s become softcap · tanh(s / softcap) before masking: SDPA cannot do
+    that, so the scores are materialised and the softmax taken in fp32.
 
     The mask is materialised only when `is_causal` cannot express it: a sliding window, or several new
     tokens after a non-empty cache (SDPA's `is_causal` aligns the triangle top-left, not bottom-right).
     """
     num_queries, num_keys = q_BHTD.shape[2], k_BHSD.shape[2]
+    if softcap is not None:
+        s_BHTS = (q_BHTD @ k_BHSD.transpose(-1, -2)).float() * scale
+        s_BHTS = softcap * torch.tanh(s_BHTS / softcap)
+        keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
+        p_BHTS = s_BHTS.masked_fill(~keep_TS, float("-inf")).softmax(-1).to(v_BHSD.dtype)
+        return p_BHTS @ v_BHSD
     mask, is_causal = None, False
     if sliding_window is not None or num_queries not in (1, num_keys):
         mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
@@ -93,7 +103,7 @@ class GroupedQueryAttention(nn.Module):
         if a.num_heads % a.num_kv_heads:
             raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
-        self.clip_qkv, self.sliding_window = a.clip_qkv, a.sliding_window
+        self.clip_qkv, self.sliding_window, self.softcap = a.clip_qkv, a.sliding_window, a.logit_softcap
         self.interleaved = cfg.rope.interleaved
         self.scale = self.head_dim**-0.5
         d, hd = cfg.d_model, self.head_dim
@@ -139,5 +149,5 @@ class GroupedQueryAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         rep = self.num_heads // self.num_kv_heads
-        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window)
+        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window, self.softcap)
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
