@@ -106,3 +106,24 @@ def test_grok_block_norms_and_multipliers():
     with torch.no_grad():
         a.embed.weight.mul_(3.0)
         torch.testing.assert_close(b(ids).logits, 0.5 * a(ids).logits)
+
+
+def test_gelu_gated_experts():
+    import torch.nn.functional as F
+
+    from train.model.mlp import SwiGLU
+    from train.model.moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    mlp = SwiGLU(16, 8, "gelu_tanh")
+    ref = mlp.w_down(F.gelu(mlp.w_gate(x), approximate="tanh") * mlp.w_up(x))
+    torch.testing.assert_close(mlp(x), ref)
+    experts = GroupedExperts(2, 16, 8, "gelu_tanh")
+    counts = torch.tensor([2, 3])
+    y = experts(x, counts)
+    h = F.gelu(x[:2] @ experts.w_gate_EDF[0], approximate="tanh") * (x[:2] @ experts.w_up_EDF[0])
+    torch.testing.assert_close(y[:2], h @ experts.w_down_EFD[0])
+    with pytest.raises(ValueError, match="ffn_activation"):
+        SwiGLU(16, 8, "relu")
+    assert _model_cfg("grok1").ffn_activation == "gelu_tanh"

@@ -158,6 +158,9 @@ class ModelConfig:
     # Grok-1: a second norm on each sublayer's output before the residual add (4 norms per block), and constant
     # multipliers on the input embeddings and the output logits. Off / 1.0 for every other family.
     post_sublayer_norm: bool = False
+    # The gate's activation in every gated FFN (dense, routed and shared experts): silu (SwiGLU) or gelu_tanh
+    # (GeGLU with tanh-approximated GELU, Grok-1's jax.nn.gelu).
+    ffn_activation: str = "silu"
     embedding_multiplier: float = 1.0
     output_multiplier: float = 1.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)

@@ -111,6 +111,8 @@ def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES)
     common.check_shapes(expected, {k: torch.empty(v, device="meta") for k, v in shapes.items()},
                         f"checkpoint {ckpt} does not match its config.yaml")
     flat = flatten_granularity(cfg)
+    common.require(cfg.ffn_activation == "silu", cfg.family, f"ffn_activation={cfg.ffn_activation!r} (every "
+                   "supported HF class has SwiGLU experts)")
     module.check_exportable(flat)
     hf_config = module.hf_config(flat)
     hf_config.dtype = _common_dtype(ckpt_io.weight_dtypes(ckpt_dir))

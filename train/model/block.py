@@ -41,9 +41,9 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         if self.is_moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.init_std)
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.init_std, cfg.ffn_activation)
         else:
-            self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden)
+            self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden, cfg.ffn_activation)
         self.post_norms = cfg.post_sublayer_norm
         if self.post_norms:
             self.attn_post_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)

@@ -56,14 +56,14 @@ class MoELayer(nn.Module):
     activation checkpointing turns it off while it recomputes a forward whose selections were already counted.
     """
 
-    def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02) -> None:
+    def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02, act: str = "silu") -> None:
         super().__init__()
         self.moe = moe
         self.num_experts, self.top_k = moe.num_routed_experts, moe.num_active_routed
         self.init_std = init_std
         self.router = Router(d_model, moe)
-        self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden)
-        self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
+        self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden, act)
+        self.shared = SwiGLU(d_model, moe.shared_hidden, act) if moe.num_shared_experts > 0 else None
         # Qwen2-MoE's shared_expert_gate: sigmoid(w·x) scales the shared output per token.
         gated = self.shared is not None and moe.shared_expert_gate
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if gated else None
