@@ -127,3 +127,28 @@ def test_gelu_gated_experts():
     with pytest.raises(ValueError, match="ffn_activation"):
         SwiGLU(16, 8, "relu")
     assert _model_cfg("grok1").ffn_activation == "gelu_tanh"
+
+
+def test_chunked_attention_mask():
+    from train.model.attention import attention_mask
+
+    mask = attention_mask(6, 6, None, "cpu", chunk_size=3)
+    expected = torch.tensor([[j <= i and j // 3 == i // 3 for j in range(6)] for i in range(6)])
+    assert torch.equal(mask, expected)
+    assert torch.equal(attention_mask(2, 6, None, "cpu", chunk_size=3), expected[4:])  # after a cache
+
+
+def test_llama4_nope_layers_and_chunks():
+    from train.model import build_model
+
+    cfg = _model_cfg("tiny_llama4")
+    attns = [block.attn for block in build_model(cfg).layers]
+    assert [a.use_rope for a in attns] == [True, True, True, False]  # every 4th layer has no RoPE
+    assert [a.chunk_size for a in attns] == [8192, 8192, 8192, None]  # chunked only where RoPE is
+    assert [a.temperature is not None for a in attns] == [False, False, False, True]
+
+
+def test_expert_input_scaling_needs_top1():
+    cfg = _model_cfg("tiny_llama4", "model.moe.top_k=2")
+    with pytest.raises(ValueError, match="expert_input_scaling"):
+        MoELayer(cfg.d_model, cfg.moe)

@@ -46,6 +46,13 @@ class AttentionConfig:
     sliding_window: Optional[int] = None  # Mixtral-style local attention; null = full causal
     # Grok-1: attention logits s become cap * tanh(s / cap) before the mask and softmax; null = none.
     logit_softcap: Optional[float] = None
+    # Llama 4: layer i has no RoPE when (i + 1) % nope_layer_interval == 0 (NoPE); those layers scale q by
+    # 1 + temperature_scale * log(1 + floor((pos + 1) / temperature_floor_scale)) when the floor scale is set;
+    # the RoPE layers attend within chunks of `chunk_size` tokens (token i sees j <= i with j // C == i // C).
+    nope_layer_interval: Optional[int] = None
+    temperature_floor_scale: Optional[float] = None
+    temperature_scale: float = 0.1
+    chunk_size: Optional[int] = None
     # RMSNorm on the projected queries and keys, before RoPE: `head` normalises each head's Dh channels with one
     # weight shared by all heads (Qwen3), `full` the whole H·Dh (and Hkv·Dh) projection (OLMoE); null = none.
     qk_norm: Optional[str] = None
@@ -76,6 +83,9 @@ class MoEConfig:
     num_shared_experts: int = 0
     # Scale the shared experts' output by sigmoid(w·x), one learned D-vector per layer (Qwen1.5/Qwen2-MoE).
     shared_expert_gate: bool = False
+    # Llama 4: the gate weight scales the routed expert's input instead of its output (top-1 only, where the two
+    # differ by the expert's nonlinearity).
+    expert_input_scaling: bool = False
     # Scoring rule: softmax_topk (softmax over all experts, then top-k: DeepSeekMoE, V2),
     # topk_softmax (top-k logits, then softmax over them: Mixtral, DBRX), sigmoid (V3).
     scoring: str = "softmax_topk"

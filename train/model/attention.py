@@ -39,14 +39,18 @@ class KVCache:
         return self.k, self.v
 
 
-def attention_mask(num_queries: int, num_keys: int, sliding_window: Optional[int], device) -> torch.Tensor:
+def attention_mask(num_queries: int, num_keys: int, sliding_window: Optional[int], device,
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
     """Boolean (T, S) mask, True = attend. The queries are the last T of the S keys; query i (key index
-    q = S - T + i) sees key j when q - window < j <= q, as Mixtral's sliding-window mask does."""
+    q = S - T + i) sees key j when q - window < j <= q, as Mixtral's sliding-window mask does, and, with
+    `chunk_size` C (Llama 4), only when j // C == q // C."""
     q_T1 = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
     k_1S = torch.arange(num_keys, device=device)[None, :]
     mask_TS = k_1S <= q_T1
     if sliding_window is not None:
         mask_TS = mask_TS & (k_1S > q_T1 - sliding_window)
+    if chunk_size is not None:
+        mask_TS = mask_TS & (k_1S // chunk_size == q_T1 // chunk_size)
     return mask_TS
 
 
@@ -57,6 +61,7 @@ def attend(
     scale: float,
     sliding_window: Optional[int],
     softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention of the T newest positions over all S keys.
 
@@ -70,12 +75,12 @@ def attend(
     if softcap is not None:
         s_BHTS = (q_BHTD @ k_BHSD.transpose(-1, -2)).float() * scale
         s_BHTS = softcap * torch.tanh(s_BHTS / softcap)
-        keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
+        keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
         p_BHTS = s_BHTS.masked_fill(~keep_TS, float("-inf")).softmax(-1).to(v_BHSD.dtype)
         return p_BHTS @ v_BHSD
     mask, is_causal = None, False
-    if sliding_window is not None or num_queries not in (1, num_keys):
-        mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
+    if sliding_window is not None or chunk_size is not None or num_queries not in (1, num_keys):
+        mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
     elif num_queries == num_keys:
         is_causal = num_queries > 1
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -94,10 +99,12 @@ class GroupedQueryAttention(nn.Module):
 
     `clip_qkv` (DBRX) clamps the projected q, k, v to [-clip, clip] before RoPE; `sliding_window` (Mixtral)
     restricts token i to keys j with i - window < j <= i. `qk_norm` (Qwen3: `head`, OLMoE: `full`) applies an
-    RMSNorm to the projected q and k, after the clip and before RoPE.
+    RMSNorm to the projected q and k, after the clip and before RoPE. Llama 4's NoPE layers
+    (`nope_layer_interval`, by `layer_idx`) skip RoPE and may scale q by a position-dependent temperature; its
+    RoPE layers attend within `chunk_size` chunks.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         a = cfg.attention
         if a.num_heads % a.num_kv_heads:
@@ -114,6 +121,11 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=a.bias)
         self.rope = RotaryEmbedding(hd, cfg.rope)
         self.qk_norm = a.qk_norm
+        self.use_rope = a.nope_layer_interval is None or (layer_idx + 1) % a.nope_layer_interval != 0
+        self.temperature = (a.temperature_floor_scale, a.temperature_scale) if not self.use_rope else None
+        if self.temperature is not None and self.temperature[0] is None:
+            self.temperature = None
+        self.chunk_size = a.chunk_size if self.use_rope else None
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
         elif a.qk_norm == "full":
@@ -143,11 +155,17 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD)
-        cos_TR, sin_TR = self.rope(positions_T)
-        q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
-        k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+        if self.use_rope:
+            cos_TR, sin_TR = self.rope(positions_T)
+            q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
+            k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+        elif self.temperature is not None:  # Llama 4's attention temperature on NoPE layers
+            floor_scale, scale = self.temperature
+            t_T1 = torch.log1p(torch.floor((positions_T.float() + 1.0) / floor_scale)) * scale + 1.0
+            q = (q * t_T1[:, None]).to(q.dtype)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         rep = self.num_heads // self.num_kv_heads
-        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window, self.softcap)
+        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window, self.softcap,
+                        self.chunk_size)
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -14,11 +14,11 @@ from train.model.moe.layer import MoELayer, MoELayerOutput
 from train.model.norms import build_norm
 
 
-def build_attention(cfg: ModelConfig) -> nn.Module:
+def build_attention(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:
     """`cfg.attention.kind`: `gqa` (GroupedQueryAttention) or `mla` (MultiHeadLatentAttention)."""
     kind = cfg.attention.kind
     if kind == "gqa":
-        return GroupedQueryAttention(cfg)
+        return GroupedQueryAttention(cfg, layer_idx)
     if kind == "mla":
         return MultiHeadLatentAttention(cfg)
     raise ValueError(f"unknown attention kind {kind!r} (expected 'gqa' or 'mla')")
@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(cfg, layer_idx)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             self.ffn = MoELayer(cfg.d_model, cfg.moe, cfg.init_std, cfg.ffn_activation)

@@ -70,6 +70,8 @@ class MoELayer(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.count_load = True
+        if moe.expert_input_scaling and self.top_k != 1:
+            raise ValueError(f"moe.expert_input_scaling needs one active routed expert per token, got {self.top_k}")
         if moe.uses_expert_bias:
             # Selections since the last bias update; not checkpointed (the update happens every step).
             self.register_buffer("expert_load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
@@ -113,7 +115,10 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.moe.capacity_factor)
             topk_ids_TK = drop_over_capacity(topk_ids_TK, self.num_experts, capacity)
 
-        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_TD, topk_ids_TK, route.topk_weights_TK)
+        x_in_TD, weights_TK = x_TD, route.topk_weights_TK
+        if self.moe.expert_input_scaling:  # Llama 4: scale the (single) expert's input; combine with weight 1
+            x_in_TD, weights_TK = x_TD * weights_TK.to(x_TD.dtype), torch.ones_like(weights_TK)
+        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_in_TD, topk_ids_TK, weights_TK)
         y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
         y_TD = self.dispatcher.combine(y_ND)
         if self.shared is not None:
