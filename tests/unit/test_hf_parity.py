@@ -72,6 +72,14 @@ HF_CASES = {
         vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
         max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Llama 4 (Maverick-style: no q/k norm): MoE every 2nd layer, NoPE every 2nd layer with the temperature
+    # (floor_scale 4 so it varies within 12 tokens), RoPE layers in chunks of 5, sigmoid top-1 scaling the input.
+    "llama4": lambda: transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, use_qk_norm=False, no_rope_layer_interval=2, attention_chunk_size=5,
+        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 # ---- tiny moeforge configs (the tiny_* twins, shrunk further) -----------------------------------------------
@@ -115,6 +123,10 @@ OURS_CASES = {
                   "model.attention.num_kv_heads=2", "model.attention.head_dim=24", "model.moe.num_experts=6",
                   "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.layer_freq=2",
                   "model.moe.layer_offset=1"],
+    "llama4": ["model=tiny_llama4", *_SMALL, "model.num_layers=4", "model.attention.num_heads=4",
+               "model.attention.num_kv_heads=2", "model.attention.head_dim=16", "model.moe.num_experts=6",
+               "model.moe.expert_hidden=32", "model.attention.nope_layer_interval=2", "model.attention.chunk_size=5",
+               "model.attention.temperature_floor_scale=4"],
     "olmoe": ["model=tiny_olmoe", *_SMALL, "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
               "model.attention.head_dim=16", "model.moe.num_experts=6", "model.moe.top_k=3",
               "model.moe.expert_hidden=32"],
@@ -383,9 +395,9 @@ def test_command_line(tmp_path):
     assert cli.main(["export", str(bad), str(tmp_path / "hf2")]) == 1
 
 
-@pytest.mark.parametrize("name", ["tiny_grok1", "tiny_openmoe", "tiny_llama4"])
+@pytest.mark.parametrize("name", ["tiny_grok1", "tiny_openmoe"])
 def test_family_without_exact_hf_class_is_a_clear_error(name, tmp_path):
-    # Grok-1 and OpenMoE have no transformers class; ours is Llama-4-like, not Llama 4 (see the configs).
+    # Grok-1 and OpenMoE have no transformers class.
     ckpt = _save(tmp_path, [f"model={name}", "model.vocab_size=64"])
     with pytest.raises(HFConversionError, match="cannot convert model family.*qwen2_moe.*olmoe"):
         export_checkpoint(ckpt, tmp_path / "hf")

@@ -24,18 +24,19 @@ import torch
 from omegaconf import OmegaConf
 
 from train.config import CONFIG_DIR, ModelConfig, TrainConfig
-from train.hf import common, dbrx, deepseek, mixtral, qwen_olmoe
+from train.hf import common, dbrx, deepseek, llama4, mixtral, qwen_olmoe
 from train.hf.common import HFConversionError, StateDict
 
 log = logging.getLogger(__name__)
 
-MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek, qwen_olmoe) for f in mod.FAMILIES}
+MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek, qwen_olmoe, llama4)
+                                  for f in mod.FAMILIES}
 MODEL_TYPES: Dict[str, ModuleType] = {"mixtral": mixtral, "dbrx": dbrx, "deepseek_v2": deepseek,
                                       "deepseek_v3": deepseek, "qwen2_moe": qwen_olmoe, "qwen3_moe": qwen_olmoe,
-                                      "olmoe": qwen_olmoe}
+                                      "olmoe": qwen_olmoe, "llama4_text": llama4}
 SUPPORTED = "mixtral (MixtralForCausalLM), dbrx (DbrxForCausalLM), deepseek_v2 (DeepseekV2ForCausalLM), " \
             "deepseek_v3 (DeepseekV3ForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe " \
-            "(Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM)"
+            "(Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM), llama4_text (Llama4ForCausalLM)"
 _DEEPSEEK_MOE = ("DeepSeekMoE (family 'deepseek_moe', HF model_type 'deepseek') has no native transformers class "
                  "(its checkpoints need trust_remote_code)")
 
