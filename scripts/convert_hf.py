@@ -4,7 +4,8 @@
     python scripts/convert_hf.py export CKPT OUT    # CKPT: run dir (newest checkpoint) or one checkpoint
     python scripts/convert_hf.py import HF_DIR OUT  # OUT: a checkpoint for trainer.init_from=OUT
 
-Supported: Mixtral, DBRX, DeepSeek-V2 and DeepSeek-V3 (transformers' native classes).
+Supported: Mixtral, DBRX, DeepSeek-V2, DeepSeek-V3, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Llama 4 text
+(transformers' native classes).
 """
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ def _attention_params(cfg: ModelConfig) -> int:
     hd = cfg.head_dim
     q_out, kv_out = a.num_heads * hd, a.num_kv_heads * hd
     weights = d * q_out + 2 * d * kv_out + q_out * d
-    biases = (q_out + 2 * kv_out + d) if a.bias else 0
-    return weights + biases
+    biases = (q_out + 2 * kv_out if a.bias or a.qkv_bias else 0) + (d if a.bias else 0)
+    qk_norm = {None: 0, "head": 2 * hd, "full": q_out + kv_out}[a.qk_norm]
+    return weights + biases + qk_norm
 
 
 def _attention_dims(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -64,7 +65,7 @@ class ParamBreakdown:
 def _add_block(b: ParamBreakdown, cfg: ModelConfig, layer_idx: int, prefix: str = "") -> None:
     d, moe = cfg.d_model, cfg.moe
     b.add(prefix + "attention", _attention_params(cfg))
-    b.add(prefix + "norms", 2 * d)
+    b.add(prefix + "norms", (4 if cfg.post_sublayer_norm else 2) * d)
     if cfg.is_moe_layer(layer_idx):
         per_expert = 3 * d * moe.routed_hidden
         b.add(prefix + "routed_experts", moe.num_routed_experts * per_expert, moe.num_active_routed * per_expert)
@@ -72,7 +73,7 @@ def _add_block(b: ParamBreakdown, cfg: ModelConfig, layer_idx: int, prefix: str 
         gates = {"hash": 0, "noisy_topk": 2}.get(moe.router, 1)
         b.add(prefix + "router", gates * d * moe.num_routed_experts)
         if moe.num_shared_experts:
-            b.add(prefix + "shared_experts", 3 * d * moe.shared_hidden)
+            b.add(prefix + "shared_experts", 3 * d * moe.shared_hidden + (d if moe.shared_expert_gate else 0))
     else:
         b.add(prefix + "dense_ffn", 3 * d * cfg.dense_hidden)
 

@@ -22,14 +22,22 @@ REQUIRED = {
 }
 # Published totals, parameters excluding MTP modules, in billions (model cards / papers).
 PUBLISHED_B = {"mixtral_8x7b": 46.7, "mixtral_8x22b": 140.6, "dbrx": 132.0, "deepseek_moe_16b": 16.4,
-               "deepseek_v2_lite": 15.7, "deepseek_v2": 236.0, "deepseek_v3": 671.0}
+               "deepseek_v2_lite": 15.7, "deepseek_v2": 236.0, "deepseek_v3": 671.0,
+               # sources and active counts: tests/unit/test_summary.py PUBLISHED_TOTAL_ACTIVE_B
+               "grok1": 314.0, "openmoe_8b": 8.7, "qwen15_moe_a27b": 14.3, "qwen2_57b_a14b": 57.0,
+               "qwen3_30b_a3b": 30.5, "olmoe_1b_7b": 6.9, "llama4_maverick": 400.0}
+# Published figures rounded more coarsely than 1% (see test_summary.py for why).
+PUBLISHED_REL = {"openmoe_8b": 0.03}
 
 
 def test_groups_are_discovered():
     assert {"model", "data", "optim", "precision", "parallel", "trainer", "logging"} <= set(GROUPS)
     routing = {"tiny_noisy_topk", "tiny_switch", "tiny_gshard", "tiny_st_moe", "tiny_expert_choice", "tiny_base",
                "tiny_hash"}  # routing-scheme twins of tiny_mixtral
-    assert set(PUBLISHED_B) == set(FULL) and len(set(TINY) - routing) == 5 and routing <= set(TINY)
+    assert set(PUBLISHED_B) == set(FULL) and routing <= set(TINY)
+    # every published family has a tiny twin that trains on CPU
+    family = {m: load_train_config([f"model={m}"]).model.family for m in MODELS}
+    assert {family[m] for m in FULL} <= {family[m] for m in TINY}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -83,5 +91,5 @@ def test_full_model_builds_on_meta_with_published_size(name):
         model = build_model(cfg)
     assert all(p.is_meta for p in model.parameters())
     main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
-    assert main / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.01)
+    assert main / 1e9 == pytest.approx(PUBLISHED_B[name], rel=PUBLISHED_REL.get(name, 0.01))
     assert len(model.mtp) == cfg.mtp_depth

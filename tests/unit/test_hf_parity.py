@@ -55,6 +55,31 @@ HF_CASES = {
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **_DS_COMMON, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5, rope_parameters={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # Qwen2-MoE (Qwen1.5-MoE): q/k/v bias, a gated shared expert, a dense first layer (mlp_only_layers).
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[0],
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Qwen3-MoE: per-head q/k norm, head_dim != hidden / heads, MoE every 2nd layer (decoder_sparse_step).
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=2, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # OLMoE: q/k norm over the whole projection (GQA here, so k's norm is narrower).
+    "olmoe": lambda: transformers.OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Llama 4 (Maverick-style: no q/k norm): MoE every 2nd layer, NoPE every 2nd layer with the temperature
+    # (floor_scale 4 so it varies within 12 tokens), RoPE layers in chunks of 5, sigmoid top-1 scaling the input.
+    "llama4": lambda: transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, use_qk_norm=False, no_rope_layer_interval=2, attention_chunk_size=5,
+        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 # ---- tiny moeforge configs (the tiny_* twins, shrunk further) -----------------------------------------------
@@ -91,6 +116,20 @@ OURS_CASES = {
     "deepseek_v2_device_limited": ["model=tiny_deepseek_v2", *_SMALL, *_MLA, "model.attention.q_lora_rank=24",
                                    "model.moe.num_groups=1", "model.moe.topk_groups=1", "model.moe.device_limit=2",
                                    "model.moe.routing_groups=4"],
+    "qwen2_moe": ["model=tiny_qwen15_moe", *_SMALL, "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
+                  "model.attention.head_dim=16", "model.moe.num_experts=6", "model.moe.expert_hidden=32",
+                  "model.moe.num_shared_experts=2", "model.moe.first_k_dense=1"],
+    "qwen3_moe": ["model=tiny_qwen3_moe", *_SMALL, "model.num_layers=4", "model.attention.num_heads=4",
+                  "model.attention.num_kv_heads=2", "model.attention.head_dim=24", "model.moe.num_experts=6",
+                  "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.layer_freq=2",
+                  "model.moe.layer_offset=1"],
+    "llama4": ["model=tiny_llama4", *_SMALL, "model.num_layers=4", "model.attention.num_heads=4",
+               "model.attention.num_kv_heads=2", "model.attention.head_dim=16", "model.moe.num_experts=6",
+               "model.moe.expert_hidden=32", "model.attention.nope_layer_interval=2", "model.attention.chunk_size=5",
+               "model.attention.temperature_floor_scale=4"],
+    "olmoe": ["model=tiny_olmoe", *_SMALL, "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
+              "model.attention.head_dim=16", "model.moe.num_experts=6", "model.moe.top_k=3",
+              "model.moe.expert_hidden=32"],
 }
 
 
@@ -354,3 +393,23 @@ def test_command_line(tmp_path):
     assert (tmp_path / "back" / "COMPLETE").is_file()
     bad = _save(tmp_path / "moe", ["model=tiny_deepseek_moe", "model.num_layers=2", "model.vocab_size=64"])
     assert cli.main(["export", str(bad), str(tmp_path / "hf2")]) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny_grok1", "tiny_openmoe"])
+def test_family_without_exact_hf_class_is_a_clear_error(name, tmp_path):
+    # Grok-1 and OpenMoE have no transformers class.
+    ckpt = _save(tmp_path, [f"model={name}", "model.vocab_size=64"])
+    with pytest.raises(HFConversionError, match="cannot convert model family.*qwen2_moe.*olmoe"):
+        export_checkpoint(ckpt, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=tiny_qwen3_moe", "model.moe.num_shared_experts=1"], "qwen3_moe.*no shared expert"),
+    (["model=tiny_qwen15_moe", "model.moe.shared_expert_gate=false"], "qwen2_moe.*gated shared expert"),
+    (["model=tiny_olmoe", "model.attention.qk_norm=head"], "olmoe.*qk_norm='head'.*'full'"),
+    (["model=tiny_qwen3_moe", "model.moe.layer_freq=2"], "qwen3_moe.*layer_offset=0 with layer_freq=2"),
+])
+def test_unrepresentable_qwen_olmoe_setting_is_a_clear_error(overrides, match, tmp_path):
+    ckpt = _save(tmp_path, [*overrides, "model.num_layers=2", "model.vocab_size=64"])
+    with pytest.raises(HFConversionError, match=match):
+        export_checkpoint(ckpt, tmp_path / "hf")

@@ -34,6 +34,11 @@ def _model(cfg, seed=0):
         ("tiny_deepseek_moe", {}),
         ("tiny_deepseek_v2", {"attention.q_lora_rank": None}),
         ("tiny_deepseek_v3", {}),
+        ("tiny_grok1", {"attention.sliding_window": 4}),  # soft-capped scores with a windowed, offset mask
+        ("tiny_qwen15_moe", {}),
+        ("tiny_qwen3_moe", {}),
+        ("tiny_olmoe", {}),
+        ("tiny_llama4", {}),
     ],
 )
 def test_kv_cache_decoding_equals_full_forward(name, overrides):

@@ -110,10 +110,13 @@ def test_activations_by_hand():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_dbrx", "tiny_deepseek_moe", "tiny_deepseek_v2",
-                                  "tiny_deepseek_v3"])
+                                  "tiny_deepseek_v3", "tiny_grok1", "tiny_openmoe", "tiny_qwen15_moe",
+                                  "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_llama4"])
 def test_activations_match_saved_tensors(name, precision):
     """Every tiny family (GQA, clip_qkv + LayerNorm, shared experts, MLA with and without q_lora, sigmoid routing
-    and MTP) in one CPU process: the planner's `none` activations within 10% of the measured saved storages."""
+    and MTP; Grok-1's post-norms and soft-capped attention, Qwen's gated shared expert, per-head and full q/k
+    norms, interleaved MoE layers) in one CPU process: the planner's `none` activations within 10% of the measured
+    saved storages."""
     from train.model import build_model
 
     cfg = load_train_config([f"model={name}", f"precision={precision}"])

@@ -40,9 +40,22 @@ class AttentionConfig:
     num_heads: int = 8
     num_kv_heads: int = 8
     head_dim: Optional[int] = None  # gqa: defaults to d_model // num_heads
-    bias: bool = False
+    bias: bool = False  # biases on q, k, v and the output projection
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2, Qwen1.5-MoE, Qwen2-MoE)
     clip_qkv: Optional[float] = None  # DBRX clamps q, k, v to [-clip, clip]
     sliding_window: Optional[int] = None  # Mixtral-style local attention; null = full causal
+    # Grok-1: attention logits s become cap * tanh(s / cap) before the mask and softmax; null = none.
+    logit_softcap: Optional[float] = None
+    # Llama 4: layer i has no RoPE when (i + 1) % nope_layer_interval == 0 (NoPE); those layers scale q by
+    # 1 + temperature_scale * log(1 + floor((pos + 1) / temperature_floor_scale)) when the floor scale is set;
+    # the RoPE layers attend within chunks of `chunk_size` tokens (token i sees j <= i with j // C == i // C).
+    nope_layer_interval: Optional[int] = None
+    temperature_floor_scale: Optional[float] = None
+    temperature_scale: float = 0.1
+    chunk_size: Optional[int] = None
+    # RMSNorm on the projected queries and keys, before RoPE: `head` normalises each head's Dh channels with one
+    # weight shared by all heads (Qwen3), `full` the whole H·Dh (and Hkv·Dh) projection (OLMoE); null = none.
+    qk_norm: Optional[str] = None
     # MLA (DeepSeek-V2/V3). q_lora_rank null = queries are not compressed (V2-Lite).
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 512
@@ -68,6 +81,11 @@ class MoEConfig:
     expert_hidden: int = 1024
     granularity: int = 1
     num_shared_experts: int = 0
+    # Scale the shared experts' output by sigmoid(w·x), one learned D-vector per layer (Qwen1.5/Qwen2-MoE).
+    shared_expert_gate: bool = False
+    # Llama 4: the gate weight scales the routed expert's input instead of its output (top-1 only, where the two
+    # differ by the expert's nonlinearity).
+    expert_input_scaling: bool = False
     # Scoring rule: softmax_topk (softmax over all experts, then top-k: DeepSeekMoE, V2),
     # topk_softmax (top-k logits, then softmax over them: Mixtral, DBRX), sigmoid (V3).
     scoring: str = "softmax_topk"
@@ -112,9 +130,12 @@ class MoEConfig:
     sinkhorn_iters: int = 20
     # Auxiliary-loss-free balancing (V3): per-expert selection bias updated by +-rate after each step.
     bias_update_rate: float = 0.0  # gamma; 0 disables the bias
-    # Layer placement: layer i is MoE when i >= first_k_dense and i % layer_freq == 0 (DeepSeek's rule).
+    # Layer placement: layer i is MoE when i >= first_k_dense and i % layer_freq == layer_offset. DeepSeek's
+    # rule is offset 0 (the first layer of each group of layer_freq); Qwen2-MoE's decoder_sparse_step, Llama 4's
+    # interleave_moe_layer_step and OpenMoE's MoE interval make the last one MoE: offset layer_freq - 1.
     first_k_dense: int = 0
     layer_freq: int = 1
+    layer_offset: int = 0
     router_dtype: str = "float32"
 
     # ---- derived values (the only place they are computed) ----
@@ -145,7 +166,8 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny_mixtral"
-    # mixtral | dbrx | deepseek_moe | deepseek_v2 | deepseek_v3: selects conversion and defaults, not code paths
+    # mixtral | dbrx | deepseek_moe | deepseek_v2 | deepseek_v3 | qwen2_moe | qwen3_moe | olmoe | grok | openmoe |
+    # llama4: selects conversion and defaults, not code paths
     family: str = "mixtral"
     vocab_size: int = 8192
     d_model: int = 256
@@ -156,6 +178,14 @@ class ModelConfig:
     dense_hidden: int = 1024  # width of dense SwiGLU layers (DeepSeek's first_k_dense layers)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Grok-1: a second norm on each sublayer's output before the residual add (4 norms per block), and constant
+    # multipliers on the input embeddings and the output logits. Off / 1.0 for every other family.
+    post_sublayer_norm: bool = False
+    # The gate's activation in every gated FFN (dense, routed and shared experts): silu (SwiGLU) or gelu_tanh
+    # (GeGLU with tanh-approximated GELU, Grok-1's jax.nn.gelu).
+    ffn_activation: str = "silu"
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -165,7 +195,9 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         m = self.moe
-        return layer_idx >= m.first_k_dense and layer_idx % m.layer_freq == 0
+        if not 0 <= m.layer_offset < m.layer_freq:
+            raise ValueError(f"moe.layer_offset={m.layer_offset} must lie in [0, moe.layer_freq={m.layer_freq})")
+        return layer_idx >= m.first_k_dense and layer_idx % m.layer_freq == m.layer_offset
 
     @property
     def head_dim(self) -> int:

@@ -297,7 +297,9 @@ def check_llama_style_gqa(cfg: Any, family: str) -> None:
     """Grouped-query attention with rotate-half RoPE and no bias, as Mixtral and DBRX compute it."""
     a = cfg.attention
     require(a.kind == "gqa", family, f"attention.kind={a.kind!r} (only gqa)")
-    require(not a.bias, family, "attention.bias=true (the HF class has no attention biases)")
+    require(not a.bias and not a.qkv_bias, family, "attention.bias / qkv_bias=true (the HF class has no attention "
+                                                   "biases)")
+    require(a.qk_norm is None, family, f"attention.qk_norm={a.qk_norm!r} (the HF class has no q/k norm)")
     require(not cfg.rope.interleaved, family,
             "rope.interleaved=true (the HF class rotates the two halves of each head, not adjacent pairs)")
 

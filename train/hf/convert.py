@@ -3,7 +3,8 @@
     export CKPT OUT   CKPT: run dir (newest complete checkpoint) or one checkpoint. OUT: config.json,
                       model.safetensors, generation_config.json and the tokenizer files, loadable with
                       AutoModelForCausalLM / AutoTokenizer.
-    import HF_DIR OUT HF_DIR: config.json + safetensors of a Mixtral, DBRX, DeepSeek-V2 or DeepSeek-V3 model.
+    import HF_DIR OUT HF_DIR: config.json + safetensors of a Mixtral, DBRX, DeepSeek-V2/V3, Qwen2-MoE (Qwen1.5-MoE),
+                      Qwen3-MoE or OLMoE model.
                       OUT: a complete checkpoint (model.safetensors, config.yaml, tokenizer/) that
                       `trainer.init_from=OUT` starts from.
 
@@ -23,16 +24,19 @@ import torch
 from omegaconf import OmegaConf
 
 from train.config import CONFIG_DIR, ModelConfig, TrainConfig
-from train.hf import common, dbrx, deepseek, mixtral
+from train.hf import common, dbrx, deepseek, llama4, mixtral, qwen_olmoe
 from train.hf.common import HFConversionError, StateDict
 
 log = logging.getLogger(__name__)
 
-MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek) for f in mod.FAMILIES}
+MODULES: Dict[str, ModuleType] = {f: mod for mod in (mixtral, dbrx, deepseek, qwen_olmoe, llama4)
+                                  for f in mod.FAMILIES}
 MODEL_TYPES: Dict[str, ModuleType] = {"mixtral": mixtral, "dbrx": dbrx, "deepseek_v2": deepseek,
-                                      "deepseek_v3": deepseek}
+                                      "deepseek_v3": deepseek, "qwen2_moe": qwen_olmoe, "qwen3_moe": qwen_olmoe,
+                                      "olmoe": qwen_olmoe, "llama4_text": llama4}
 SUPPORTED = "mixtral (MixtralForCausalLM), dbrx (DbrxForCausalLM), deepseek_v2 (DeepseekV2ForCausalLM), " \
-            "deepseek_v3 (DeepseekV3ForCausalLM)"
+            "deepseek_v3 (DeepseekV3ForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe " \
+            "(Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM), llama4_text (Llama4ForCausalLM)"
 _DEEPSEEK_MOE = ("DeepSeekMoE (family 'deepseek_moe', HF model_type 'deepseek') has no native transformers class "
                  "(its checkpoints need trust_remote_code)")
 
@@ -110,6 +114,8 @@ def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES)
     flat = flatten_granularity(cfg)
     common.require(cfg.moe.router == "topk", cfg.family,
                    f"model.moe.router={cfg.moe.router}: the Hugging Face classes route by token-choice top-k only")
+    common.require(cfg.ffn_activation == "silu", cfg.family, f"ffn_activation={cfg.ffn_activation!r} (every "
+                   "supported HF class has SwiGLU experts)")
     module.check_exportable(flat)
     hf_config = module.hf_config(flat)
     hf_config.dtype = _common_dtype(ckpt_io.weight_dtypes(ckpt_dir))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config.model import ModelConfig
+from train.model.norms import RMSNorm
 from train.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -38,14 +39,18 @@ class KVCache:
         return self.k, self.v
 
 
-def attention_mask(num_queries: int, num_keys: int, sliding_window: Optional[int], device) -> torch.Tensor:
+def attention_mask(num_queries: int, num_keys: int, sliding_window: Optional[int], device,
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
     """Boolean (T, S) mask, True = attend. The queries are the last T of the S keys; query i (key index
-    q = S - T + i) sees key j when q - window < j <= q, as Mixtral's sliding-window mask does."""
+    q = S - T + i) sees key j when q - window < j <= q, as Mixtral's sliding-window mask does, and, with
+    `chunk_size` C (Llama 4), only when j // C == q // C."""
     q_T1 = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
     k_1S = torch.arange(num_keys, device=device)[None, :]
     mask_TS = k_1S <= q_T1
     if sliding_window is not None:
         mask_TS = mask_TS & (k_1S > q_T1 - sliding_window)
+    if chunk_size is not None:
+        mask_TS = mask_TS & (k_1S // chunk_size == q_T1 // chunk_size)
     return mask_TS
 
 
@@ -55,16 +60,27 @@ def attend(
     v_BHSD: torch.Tensor,
     scale: float,
     sliding_window: Optional[int],
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention of the T newest positions over all S keys.
+
+    With `softcap` (Grok-1) the scores s become softcap · tanh(s / softcap) before masking: SDPA cannot do
+    that, so the scores are materialised and the softmax taken in fp32.
 
     The mask is materialised only when `is_causal` cannot express it: a sliding window, or several new
     tokens after a non-empty cache (SDPA's `is_causal` aligns the triangle top-left, not bottom-right).
     """
     num_queries, num_keys = q_BHTD.shape[2], k_BHSD.shape[2]
+    if softcap is not None:
+        s_BHTS = (q_BHTD @ k_BHSD.transpose(-1, -2)).float() * scale
+        s_BHTS = softcap * torch.tanh(s_BHTS / softcap)
+        keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
+        p_BHTS = s_BHTS.masked_fill(~keep_TS, float("-inf")).softmax(-1).to(v_BHSD.dtype)
+        return p_BHTS @ v_BHSD
     mask, is_causal = None, False
-    if sliding_window is not None or num_queries not in (1, num_keys):
-        mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device)
+    if sliding_window is not None or chunk_size is not None or num_queries not in (1, num_keys):
+        mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
     elif num_queries == num_keys:
         is_causal = num_queries > 1
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -82,24 +98,41 @@ class GroupedQueryAttention(nn.Module):
     """Multi-head attention with `num_kv_heads` ≤ `num_heads` shared key/value heads and RoPE.
 
     `clip_qkv` (DBRX) clamps the projected q, k, v to [-clip, clip] before RoPE; `sliding_window` (Mixtral)
-    restricts token i to keys j with i - window < j <= i.
+    restricts token i to keys j with i - window < j <= i. `qk_norm` (Qwen3: `head`, OLMoE: `full`) applies an
+    RMSNorm to the projected q and k, after the clip and before RoPE. Llama 4's NoPE layers
+    (`nope_layer_interval`, by `layer_idx`) skip RoPE and may scale q by a position-dependent temperature; its
+    RoPE layers attend within `chunk_size` chunks.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         a = cfg.attention
         if a.num_heads % a.num_kv_heads:
             raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
-        self.clip_qkv, self.sliding_window = a.clip_qkv, a.sliding_window
+        self.clip_qkv, self.sliding_window, self.softcap = a.clip_qkv, a.sliding_window, a.logit_softcap
         self.interleaved = cfg.rope.interleaved
         self.scale = self.head_dim**-0.5
         d, hd = cfg.d_model, self.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=a.bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.bias)
+        qkv_bias = a.bias or a.qkv_bias
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=a.bias)
         self.rope = RotaryEmbedding(hd, cfg.rope)
+        self.qk_norm = a.qk_norm
+        self.use_rope = a.nope_layer_interval is None or (layer_idx + 1) % a.nope_layer_interval != 0
+        self.temperature = (a.temperature_floor_scale, a.temperature_scale) if not self.use_rope else None
+        if self.temperature is not None and self.temperature[0] is None:
+            self.temperature = None
+        self.chunk_size = a.chunk_size if self.use_rope else None
+        if a.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+        elif a.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * hd, cfg.norm_eps)
+        elif a.qk_norm is not None:
+            raise ValueError(f"unknown attention.qk_norm {a.qk_norm!r} (expected null, 'head' or 'full')")
 
     def qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected (and clipped) q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""
@@ -107,8 +140,13 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.clip_qkv is not None:
             q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
@@ -117,11 +155,17 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD)
-        cos_TR, sin_TR = self.rope(positions_T)
-        q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
-        k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+        if self.use_rope:
+            cos_TR, sin_TR = self.rope(positions_T)
+            q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
+            k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+        elif self.temperature is not None:  # Llama 4's attention temperature on NoPE layers
+            floor_scale, scale = self.temperature
+            t_T1 = torch.log1p(torch.floor((positions_T.float() + 1.0) / floor_scale)) * scale + 1.0
+            q = (q * t_T1[:, None]).to(q.dtype)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         rep = self.num_heads // self.num_kv_heads
-        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window)
+        o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window, self.softcap,
+                        self.chunk_size)
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -155,6 +155,8 @@ class MoETransformer(nn.Module):
             past = kv_caches[0].length if kv_caches else 0
             positions = torch.arange(past, past + t, device=input_ids_BT.device)
         emb_BTD = self.embed(input_ids_BT)
+        if self.cfg.embedding_multiplier != 1.0:  # Grok-1
+            emb_BTD = emb_BTD * self.cfg.embedding_multiplier
         h_BTD = emb_BTD
         moe_outs: list[tuple[int, MoELayerOutput]] = []
         for i, block in enumerate(self.layers):
@@ -162,6 +164,8 @@ class MoETransformer(nn.Module):
             if moe_out is not None:
                 moe_outs.append((block.layer_idx, moe_out))
         logits_BTV = self.lm_head(self.norm(h_BTD))
+        if self.cfg.output_multiplier != 1.0:  # Grok-1
+            logits_BTV = logits_BTV * self.cfg.output_multiplier
 
         out = ModelOutput(logits=logits_BTV)
         mtp_losses = []

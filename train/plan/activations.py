@@ -147,6 +147,14 @@ def _sdpa(s: _Saved, cfg: ModelConfig, sh: Shapes, q: str, k: str, v: str, heads
     """Scaled-dot-product attention's saves (q and k already kept as new tensors by the caller's keys); returns the
     key of the heads' output, which o_proj reads."""
     t, a, B, T = sh.tokens, sh.act, sh.batch, sh.seq_len
+    if cfg.attention.logit_softcap is not None:  # materialised: tanh's and softmax's fp32 outputs, the mask
+        s.keep(v, v_storage, _MIXING)
+        s.keep("softcap.tanh", B * heads * T * T * 4, _MIXING)
+        s.keep("softcap.probs", B * heads * T * T * 4, _MIXING)
+        if sh.bf16:
+            s.keep("softcap.probs_bf16", B * heads * T * T * 2, _MIXING)
+        s.keep("softcap.mask", T * T, _MIXING)
+        return "o_proj.in"
     if sh.device_type == "cpu" and qk_dim != v_dim:  # CPU's flash kernel needs one head size for q, k and v
         # CPU math path, computed in fp32 whatever the input dtype: scaled q and k, probabilities, contiguous v
         s.keep("sdpa.q_scaled", t * heads * qk_dim * 4, _MIXING)
@@ -171,6 +179,9 @@ def _gqa(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
         out = _linear(s, sh, name, inp, t, D, width, 4, _MIXING)
         if at.clip_qkv is not None:  # clamp keeps its input
             s.keep(out, t * width * a, _MIXING)
+        if at.qk_norm is not None and name != "v_proj":  # per head (rows t*heads) or over the projection
+            rows, dim = (t * width // hd, hd) if at.qk_norm == "head" else (t, width)
+            _norm(s, "rmsnorm", f"{name}.qk_norm", out, rows, dim, a, _MIXING)
     s.keep("rope.cos_sin", sh.seq_len * hd * 4, _MIXING)
     if H != Hkv:  # repeat_kv materialises H heads of k and v
         o = _sdpa(s, cfg, sh, "q_rot", "k_rep", "v_rep", H, hd, hd, t * H * hd * a)
@@ -276,6 +287,10 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     s.keep("combine.weighted", N * D * 4, _ROUTING)
     if moe.num_shared_experts:
         _swiglu(s, sh, "shared", inp, t, D, moe.shared_hidden)
+        if moe.shared_expert_gate:  # sigmoid(gate) * shared: both factors
+            _linear(s, sh, "shared_gate", inp, t, D, 1, 4, _ROUTING)
+            s.keep("shared_gate.sigmoid", t * 4, _ROUTING)
+            s.keep("shared.out", t * D * sh.act, _ROUTING)
 
 
 def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4) -> tuple[_Saved, int]:
@@ -285,12 +300,22 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4)
     s.keep("in", t * D * in_bytes, _INPUT, saved=False)  # a checkpoint holds it; the fp32 attn_norm saves it too
     out = _norm(s, cfg.norm, "attn_norm", "in", t, D, in_bytes, _MIXING)
     (_mla if cfg.attention.kind == "mla" else _gqa)(s, cfg, sh, out)
-    mid_bytes = max(in_bytes, a)  # x + attn(x)
+    if cfg.post_sublayer_norm:  # Grok-1: the attention output normalised before the residual add (fp32 out)
+        _norm(s, cfg.norm, "attn_post_norm", "o_proj.out", t, D, a, _MIXING)
+        a_out = 4
+    else:
+        a_out = a
+    mid_bytes = max(in_bytes, a_out)  # x + attn(x)
     out = _norm(s, cfg.norm, "ffn_norm", "mid", t, D, mid_bytes, _MIXING)
     if cfg.is_moe_layer(layer_idx):
         _moe(s, cfg, sh, out)
+        if cfg.post_sublayer_norm:
+            _norm(s, cfg.norm, "ffn_post_norm", "moe.out", t, D, 4, _ROUTING)
         return s, 4
     _swiglu(s, sh, "mlp", out, t, D, cfg.dense_hidden)
+    if cfg.post_sublayer_norm:
+        _norm(s, cfg.norm, "ffn_post_norm", "mlp.out", t, D, a, _FFN)
+        return s, 4
     return s, max(mid_bytes, a)
 
 

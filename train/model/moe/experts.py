@@ -6,8 +6,9 @@ F expert hidden, E experts (local experts once `parallel/` has sliced the stacks
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from train.model.mlp import activation
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -50,15 +51,17 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, num_tokens_per_expert_E:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts: `y = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]` for the rows routed to expert e.
+    """E SwiGLU experts: `y = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]` for the rows routed to expert e
+    (another gate activation when `act` says so: `train/model/mlp.py` ACTIVATIONS).
 
     Weights are stacked along a leading expert dimension so `parallel/` can shard them by expert by slicing
     dim 0 (and then set `num_experts` to the local count).
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+    def __init__(self, num_experts: int, d_model: int, hidden: int, act: str = "silu") -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.act = activation(act)
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
@@ -71,6 +74,6 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """`x_ND` rows grouped by expert ascending, block sizes `num_tokens_per_expert_E`; returns `y_ND`."""
-        h_NF = F.silu(grouped_mm(x_ND, self.w_gate_EDF, num_tokens_per_expert_E))
+        h_NF = self.act(grouped_mm(x_ND, self.w_gate_EDF, num_tokens_per_expert_E))
         h_NF = h_NF * grouped_mm(x_ND, self.w_up_EDF, num_tokens_per_expert_E)
         return grouped_mm(h_NF, self.w_down_EFD, num_tokens_per_expert_E)

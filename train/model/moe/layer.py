@@ -58,17 +58,22 @@ class MoELayer(nn.Module):
     activation checkpointing turns it off while it recomputes a forward whose selections were already counted.
     """
 
-    def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02) -> None:
+    def __init__(self, d_model: int, moe: MoEConfig, init_std: float = 0.02, act: str = "silu") -> None:
         super().__init__()
         self.moe = moe
         self.num_experts, self.top_k = moe.num_routed_experts, moe.num_active_routed
         self.init_std = init_std
         self.router = build_router(d_model, moe)
-        self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden)
-        self.shared = SwiGLU(d_model, moe.shared_hidden) if moe.num_shared_experts > 0 else None
+        self.experts = GroupedExperts(self.num_experts, d_model, moe.routed_hidden, act)
+        self.shared = SwiGLU(d_model, moe.shared_hidden, act) if moe.num_shared_experts > 0 else None
+        # Qwen2-MoE's shared_expert_gate: sigmoid(w·x) scales the shared output per token.
+        gated = self.shared is not None and moe.shared_expert_gate
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if gated else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.count_load = True
+        if moe.expert_input_scaling and self.top_k != 1:
+            raise ValueError(f"moe.expert_input_scaling needs one active routed expert per token, got {self.top_k}")
         if moe.uses_expert_bias:
             # Selections since the last bias update; not checkpointed (the update happens every step).
             self.register_buffer("expert_load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
@@ -89,12 +94,14 @@ class MoELayer(nn.Module):
         self.router.num_devices = value
 
     def reset_parameters(self, init_std: float | None = None) -> None:
-        """normal(0, init_std) for the gate, the routed and the shared experts."""
+        """normal(0, init_std) for the gate, the routed and the shared experts (and the shared gate)."""
         std = self.init_std if init_std is None else init_std
         self.router.reset_parameters(std)
         self.experts.reset_parameters(std)
         if self.shared is not None:
             self.shared.reset_parameters(std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
 
     def forward(
         self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None
@@ -117,11 +124,17 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, capacity_factor)
             topk_ids_TK = drop_over_capacity(topk_ids_TK, self.num_experts, capacity)
 
-        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_TD, topk_ids_TK, route.topk_weights_TK)
+        x_in_TD, weights_TK = x_TD, route.topk_weights_TK
+        if self.moe.expert_input_scaling:  # Llama 4: scale the (single) expert's input; combine with weight 1
+            x_in_TD, weights_TK = x_TD * weights_TK.to(x_TD.dtype), torch.ones_like(weights_TK)
+        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_in_TD, topk_ids_TK, weights_TK)
         y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
         y_TD = self.dispatcher.combine(y_ND)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         aux_terms, stats = self._balance(route, topk_ids_TK, B)
         return y_TD.view(B, S, D), MoELayerOutput(aux_terms, stats)
