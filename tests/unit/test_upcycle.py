@@ -24,6 +24,7 @@ HF_CASES = {
     "llama": lambda **kw: transformers.LlamaConfig(**{**_HF, **kw}),
     "llama_tied": lambda **kw: transformers.LlamaConfig(**{**_HF, "tie_word_embeddings": True, **kw}),
     "mistral": lambda **kw: transformers.MistralConfig(**{**_HF, "sliding_window": 5, **kw}),
+    "qwen2": lambda **kw: transformers.Qwen2Config(**{**_HF, **kw}),  # biases on q/k/v
 }
 SHAPES = {  # name -> overrides: plain upcycling, then granular (FFN width 96 cut in 2 and 3 slices)
     "m1_e4_k2": ["model.moe.num_experts=4", "model.moe.top_k=2"],
@@ -171,8 +172,8 @@ def test_moe_sources_are_refused(tmp_path):
 
 
 def test_unsupported_architectures_are_refused(tmp_path):
-    transformers.Qwen2Config(**_HF).save_pretrained(str(tmp_path / "qwen2"))
-    with pytest.raises(HFConversionError, match="cannot upcycle Qwen2"):
+    transformers.Qwen2Config(**_HF, use_sliding_window=True).save_pretrained(str(tmp_path / "qwen2"))
+    with pytest.raises(HFConversionError, match="use_sliding_window=true"):
         upcycle(tmp_path / "qwen2", tmp_path / "out")
     transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4).save_pretrained(str(tmp_path / "gpt2"))
     with pytest.raises(HFConversionError, match="cannot upcycle HF model_type 'gpt2'"):

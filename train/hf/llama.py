@@ -1,4 +1,5 @@
-"""Dense Llama-style Hugging Face folders (Llama, Mistral) → our dense model, for upcycling (`train/upcycle.py`).
+"""Dense Llama-style Hugging Face folders (Llama, Mistral, Qwen2) → our dense model, for upcycling
+(`train/upcycle.py`). Qwen2 is a Llama with biases on q/k/v (`attention.qkv_bias`).
 
 Our model has no dense family of its own: a dense model is one whose layers all sit before `moe.first_k_dense`,
 each feed-forward a `SwiGLU` of width `dense_hidden`. The family is `mixtral`, which is exactly a Llama/Mistral
@@ -14,7 +15,7 @@ from train.config.model import ModelConfig
 from train.hf import common, rope
 from train.hf.common import Field, HFConversionError, StateDict, Weight
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 BASE_CONFIG = "mixtral_8x7b"  # training-only settings (balance coefficient, routing) of the upcycled model
 
 FIELDS = (
@@ -42,16 +43,17 @@ LAYER_WEIGHTS = (
     Weight("{p}ffn.w_down.weight", "{h}mlp.down_proj.weight"),
 )
 
-_QWEN2 = ("Qwen2 puts biases on q/k/v but not on o_proj, and moeforge's attention.bias covers all four "
-          "projections, so a Qwen2 model cannot be represented exactly yet")
+QKV_BIASES = (  # Qwen2 only
+    Weight("{p}attn.q_proj.bias", "{h}self_attn.q_proj.bias"),
+    Weight("{p}attn.k_proj.bias", "{h}self_attn.k_proj.bias"),
+    Weight("{p}attn.v_proj.bias", "{h}self_attn.v_proj.bias"),
+)
 
 
 def check_model_type(model_type: str, where: str) -> None:
     """A clear error for anything but a dense Llama or Mistral config."""
     if model_type in MODEL_TYPES:
         return
-    if model_type == "qwen2":
-        raise HFConversionError(f"{where}: cannot upcycle Qwen2: {_QWEN2}. Supported: dense Llama and Mistral")
     if model_type in ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe"):
         raise HFConversionError(f"{where} is already an MoE model (model_type {model_type!r}): upcycling starts "
                                 "from a dense model; import an MoE folder with `scripts/convert_hf.py import`")
@@ -72,7 +74,13 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
     head_dim = getattr(hf, "head_dim", None)
     cfg.attention.head_dim = head_dim if head_dim is not None else cfg.d_model // cfg.attention.num_heads
     cfg.attention.kind, cfg.attention.bias, cfg.attention.clip_qkv = "gqa", False, None
+    cfg.attention.qkv_bias = hf.model_type == "qwen2"
     cfg.attention.sliding_window = getattr(hf, "sliding_window", None)  # Mistral; Llama has none
+    if hf.model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+        cfg.attention.sliding_window = None  # Qwen2 carries a window size it does not use unless asked
+    elif hf.model_type == "qwen2":
+        raise HFConversionError(f"{where}: use_sliding_window=true (Qwen2 windows only some layers, "
+                                "max_window_layers); moeforge windows every layer or none")
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None)
     cfg.rope.theta, cfg.rope.scaling = rope.from_hf(params, getattr(hf, "rope_theta", None))
     cfg.rope.interleaved = False
@@ -89,6 +97,8 @@ def from_hf(cfg: ModelConfig, hf: StateDict, model_type: str) -> StateDict:
     common.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
         common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
+        if cfg.attention.qkv_bias:
+            common.rename_from_hf(QKV_BIASES, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
     common.check_consumed(hf, model_type)
     common.tie_head(cfg, out)
     return out
