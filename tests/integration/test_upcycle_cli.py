@@ -57,9 +57,8 @@ def test_upcycle_train_generate_export(tmp_path, cache):
 
 
 def test_bad_source_is_a_clear_error_on_the_command_line(tmp_path, cache):
-    transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(tmp_path / "qwen2"))
-    proc = subprocess.run([sys.executable, "scripts/upcycle.py", str(tmp_path / "qwen2"), str(tmp_path / "out")],
+    transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4).save_pretrained(str(tmp_path / "gpt2"))
+    proc = subprocess.run([sys.executable, "scripts/upcycle.py", str(tmp_path / "gpt2"), str(tmp_path / "out")],
                           cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "error: " in proc.stderr and "cannot upcycle Qwen2" in proc.stderr
+    assert proc.returncode == 1 and "error: " in proc.stderr and "cannot upcycle HF model_type 'gpt2'" in proc.stderr
     assert "Traceback" not in proc.stderr
