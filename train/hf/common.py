@@ -117,6 +117,23 @@ class Weight:
     hf: str
 
 
+# The tensors every Llama-style HF class (Mixtral, Llama, Mistral, Qwen2/3(-MoE), OLMoE, Llama 4, DeepSeek) names
+# alike: the embedding, final norm and head, and per layer the two pre-norms and the q/k/v/o projections.
+LLAMA_STYLE_WEIGHTS = (
+    Weight("embed.weight", "model.embed_tokens.weight"),
+    Weight("norm.weight", "model.norm.weight"),
+    Weight("lm_head.weight", "lm_head.weight"),
+)
+LLAMA_STYLE_NORM_WEIGHTS = (
+    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
+    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
+)
+LLAMA_STYLE_LAYER_WEIGHTS = (
+    *LLAMA_STYLE_NORM_WEIGHTS,
+    *(Weight(f"{{p}}attn.{n}_proj.weight", f"{{h}}self_attn.{n}_proj.weight") for n in "qkvo"),
+)
+
+
 def rename_to_hf(table: Iterable[Weight], src: StateDict, dst: StateDict, **fmt: Any) -> None:
     """Copy every table entry present in `src` (our names) into `dst` under its HF name."""
     for w in table:

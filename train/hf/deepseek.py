@@ -58,14 +58,9 @@ V3_FIELDS = (
     Field("rope.interleaved", "rope_interleave", from_hf=bool),
 )
 
-WEIGHTS = (
-    Weight("embed.weight", "model.embed_tokens.weight"),
-    Weight("norm.weight", "model.norm.weight"),
-    Weight("lm_head.weight", "lm_head.weight"),
-)
+WEIGHTS = common.LLAMA_STYLE_WEIGHTS
 ATTN_WEIGHTS = (
-    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
-    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
+    *common.LLAMA_STYLE_NORM_WEIGHTS,
     *(Weight(f"{{p}}attn.{n}.{t}", f"{{h}}self_attn.{n}.{t}")
       for n in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                 "kv_b_proj", "o_proj")

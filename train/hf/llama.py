@@ -25,19 +25,10 @@ FIELDS = (
     Field("dense_hidden", "intermediate_size"),
 )
 
-WEIGHTS = (
-    Weight("embed.weight", "model.embed_tokens.weight"),
-    Weight("norm.weight", "model.norm.weight"),
-    Weight("lm_head.weight", "lm_head.weight"),
-)
+WEIGHTS = common.LLAMA_STYLE_WEIGHTS
 
 LAYER_WEIGHTS = (
-    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
-    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
-    Weight("{p}attn.q_proj.weight", "{h}self_attn.q_proj.weight"),
-    Weight("{p}attn.k_proj.weight", "{h}self_attn.k_proj.weight"),
-    Weight("{p}attn.v_proj.weight", "{h}self_attn.v_proj.weight"),
-    Weight("{p}attn.o_proj.weight", "{h}self_attn.o_proj.weight"),
+    *common.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.w_gate.weight", "{h}mlp.gate_proj.weight"),
     Weight("{p}ffn.w_up.weight", "{h}mlp.up_proj.weight"),
     Weight("{p}ffn.w_down.weight", "{h}mlp.down_proj.weight"),

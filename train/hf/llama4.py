@@ -37,17 +37,11 @@ FIELDS = (
     Field("dense_hidden", "intermediate_size_mlp"),
 )
 
-WEIGHTS = (
-    Weight("embed.weight", "model.embed_tokens.weight"),
-    Weight("norm.weight", "model.norm.weight"),
-    Weight("lm_head.weight", "lm_head.weight"),
-)
+WEIGHTS = common.LLAMA_STYLE_WEIGHTS
 
 _PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 LAYER_WEIGHTS = (
-    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
-    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
-    *(Weight(f"{{p}}attn.{n}_proj.weight", f"{{h}}self_attn.{n}_proj.weight") for n in "qkvo"),
+    *common.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.router.gate.weight", "{h}feed_forward.router.weight"),
     Weight("{p}ffn.experts.w_down_EFD", "{h}feed_forward.experts.down_proj"),
     *(Weight(f"{{p}}ffn.shared.{o}.weight", f"{{h}}feed_forward.shared_expert.{hf}.weight") for o, hf in _PROJ.items()),

@@ -31,19 +31,10 @@ FIELDS = (
 # (E / (K T) * sum_i count_i * P_i, DeepSeek-V2's and MegaBlocks' normalisation, 1.0 at perfect balance);
 # router_aux_loss_coef = ours / K keeps the same objective on both sides.
 
-WEIGHTS = (
-    Weight("embed.weight", "model.embed_tokens.weight"),
-    Weight("norm.weight", "model.norm.weight"),
-    Weight("lm_head.weight", "lm_head.weight"),
-)
+WEIGHTS = common.LLAMA_STYLE_WEIGHTS
 
 LAYER_WEIGHTS = (
-    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
-    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
-    Weight("{p}attn.q_proj.weight", "{h}self_attn.q_proj.weight"),
-    Weight("{p}attn.k_proj.weight", "{h}self_attn.k_proj.weight"),
-    Weight("{p}attn.v_proj.weight", "{h}self_attn.v_proj.weight"),
-    Weight("{p}attn.o_proj.weight", "{h}self_attn.o_proj.weight"),
+    *common.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.router.gate.weight", "{h}block_sparse_moe.gate.weight"),
 )
 

@@ -36,16 +36,11 @@ FIELDS = (
 # OLMoE calls the expert width intermediate_size and has no dense layers.
 OLMOE_FIELDS = tuple(Field(f.ours, "intermediate_size") if f.ours == "moe.expert_hidden" else f for f in FIELDS)
 
-WEIGHTS = (
-    Weight("embed.weight", "model.embed_tokens.weight"),
-    Weight("norm.weight", "model.norm.weight"),
-    Weight("lm_head.weight", "lm_head.weight"),
-)
+WEIGHTS = common.LLAMA_STYLE_WEIGHTS
 
 _PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 LAYER_WEIGHTS = (
-    Weight("{p}attn_norm.weight", "{h}input_layernorm.weight"),
-    Weight("{p}ffn_norm.weight", "{h}post_attention_layernorm.weight"),
+    *common.LLAMA_STYLE_NORM_WEIGHTS,
     *(Weight(f"{{p}}attn.{n}_proj.{t}", f"{{h}}self_attn.{n}_proj.{t}") for n in "qkvo" for t in ("weight", "bias")),
     Weight("{p}attn.q_norm.weight", "{h}self_attn.q_norm.weight"),
     Weight("{p}attn.k_norm.weight", "{h}self_attn.k_norm.weight"),
