@@ -22,13 +22,7 @@ MODELS = ("tiny_mixtral", "tiny_deepseek_v3", "tiny_deepseek_moe")
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared two-core machine a second thread only contends (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def _model(name: str, mode: str, seed: int = 0, *overrides: str):

@@ -23,13 +23,7 @@ V3 = ["model=deepseek_v3", "parallel.world_size=256", "parallel.ep_size=64", "tr
       "trainer.seq_len=4096"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared two-core machine a second thread only contends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def test_parse_bytes():
