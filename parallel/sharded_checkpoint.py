@@ -93,15 +93,15 @@ class Writers:
         return replica * self.ep + position
 
 
-def _pieces(prefix_key, name: str, t: torch.Tensor, slices, param_shape) -> Iterator[tuple[str, Optional[int], torch.Tensor]]:
-    """(key, global expert or None, tensor) for one local tensor of parameter `name`: split per expert when it
-    is a stacked expert tensor shaped like its parameter, whole otherwise."""
+def _pieces(t: torch.Tensor, slices, param_shape) -> Iterator[tuple[Optional[int], torch.Tensor]]:
+    """(global expert or None, tensor) for one local tensor of a parameter: split per expert when it is a stacked
+    expert tensor shaped like its parameter, whole otherwise (a scalar such as the step)."""
     if slices is not None and tuple(t.shape) == tuple(param_shape):
         offset, count, _ = slices
         for i in range(count):
-            yield prefix_key(offset + i), offset + i, t[i]
+            yield offset + i, t[i]
     else:
-        yield prefix_key(None), None, t
+        yield None, t
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -126,9 +126,9 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
     for name, states in exported:
         shape = tuple(getattr(params[name], "ds_shape", params[name].shape))  # ZeRO-3: the unpartitioned shape
         for kind, t in states.items():
-            make = (lambda e, n=name: model_key(n, e)) if kind == "param" else (lambda e, n=name, k=kind: optim_key(n, k, e))
-            for key, expert, piece in _pieces(make, name, t, slices.get(name), shape):
+            for expert, piece in _pieces(t, slices.get(name), shape):
                 if writer(name, expert) == mesh.rank:  # a view: DCP copies one tensor at a time as it writes
+                    key = model_key(name, expert) if kind == "param" else optim_key(name, kind, expert)
                     owned[key] = piece.detach().cpu()
     for name, b in buffers.items():
         if writers.dense(name) == mesh.rank:
