@@ -9,8 +9,9 @@ What the forward keeps, per precision:
     fp32 in every precision (norms compute in fp32 and their fp32 weight promotes the output);
   - matmul outputs are bf16 under `precision=bf16`, and every linear saves its own bf16 cast of an fp32 input
     (q, k and v each cast the same norm output) plus a bf16 copy of its weight (autocast's cache: one per weight);
-  - routed experts see the fp32 norm output: on CPU (and in fp32) they run `torch._grouped_mm` in fp32; on CUDA
-    under bf16 they take the per-expert matmul loop, which autocasts the rows and each local expert's weights.
+  - routed experts see the fp32 norm output: under bf16 their grouped GEMMs cast the rows and the stacked weights
+    as autocast casts a linear's (on every device); in fp32 they run `torch._grouped_mm` (CPU) or the per-expert
+    loop (CUDA) in fp32.
 Attention: fused SDPA (flash / memory-efficient: q, k, v, output and log-sum-exp) on CUDA, and on CPU when q and v
 have one head size; CPU MLA (q/k 192 ≠ v 128 wide) takes the math path, which keeps the T×T probabilities (in fp32:
 CPU upcasts reduced precision there).
@@ -65,7 +66,7 @@ class Shapes:
     @property
     def expert_act(self) -> int:
         """Bytes per element inside the routed experts (see the module docstring)."""
-        return 2 if self.bf16 and self.device_type == "cuda" else 4
+        return self.act
 
 
 @dataclass
@@ -239,22 +240,19 @@ def expected_devices_per_token(cfg: ModelConfig, ep: int) -> float:
 
 
 def _experts(s: _Saved, sh: Shapes, E_loc: int, N: int, D: int, F: int) -> None:
-    """The routed experts, one selective region. fp32 and CPU: `torch._grouped_mm` on the fp32 rows, whose outputs
-    autograd saves. CUDA bf16: the per-expert loop, which casts rows and weights, and whose per-expert matmul
-    outputs (cached) are concatenated into new tensors (saved)."""
+    """The routed experts, one selective region: two GEMMs (gate+up fused, then down), whose outputs autograd saves.
+    bf16: the GEMMs save their bf16 casts of the rows and of the stacked weights. The offsets are saved where
+    `torch._grouped_mm` runs (bf16 anywhere, fp32 on CPU; fp32 on CUDA loops over views)."""
     e = sh.expert_act
     s.keep("experts.in", N * D * 4, _EXPERTS, saved=e == 4, cached=True)  # the dispatched fp32 rows
     if e == 2:
-        s.keep("experts.in_bf16", 2 * N * D * 2, _EXPERTS)
+        s.keep("experts.in_bf16", N * D * 2, _EXPERTS)
         s.keep("experts.weight_bf16", 3 * E_loc * D * F * 2, _EXPERTS)
-        s.keep("experts.matmul_out", 2 * N * F * 2 + N * D * 2, _EXPERTS, saved=False, cached=True)
-        s.keep("experts.hidden", 4 * N * F * 2, _EXPERTS)  # gate and up (concatenated), silu out, product
-        return
-    if sh.device_type == "cpu":
-        s.keep("experts.offsets", 3 * E_loc * 4, _EXPERTS)
-    s.keep("experts.gate_up", 2 * N * F * 4, _EXPERTS, cached=True)  # silu's and the product's inputs
-    s.keep("experts.silu_product", 2 * N * F * 4, _EXPERTS)
-    s.keep("experts.out", N * D * 4, _EXPERTS, saved=False, cached=True)  # the combine saves it
+    if e == 2 or sh.device_type == "cpu":
+        s.keep("experts.offsets", 2 * E_loc * 4, _EXPERTS)
+    s.keep("experts.gate_up", 2 * N * F * e, _EXPERTS, cached=True)  # silu's and the product's inputs
+    s.keep("experts.silu_product", 2 * N * F * e, _EXPERTS)
+    s.keep("experts.out", N * D * e, _EXPERTS, saved=e == 4, cached=True)  # in fp32 the combine saves it
 
 
 def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:

@@ -53,14 +53,21 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E:
     """Row block e of `x_NI` (length `num_tokens_per_expert_E[e]`) times `w_EOI[e].T`; returns `y_NO`.
 
     `torch._grouped_mm` (CPU and Hopper GPUs in this torch, backward included, experts with zero rows too)
-    with the offsets on the device, so nothing waits for the host. Rows past the last offset are not
+    with the offsets on the device, so nothing waits for the host; under autocast in the autocast dtype. Rows past the last offset are not
     computed (their output is unspecified; `LocalDispatcher` masks them). Operands the kernel does not take
     fall back to `looped_mm`.
     """
+    device = x_NI.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast has no rule for this op on the CPU (it would run in fp32): cast as it casts a matmul's inputs.
+        dtype = torch.get_autocast_dtype(device)
+        x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
     if not grouped_mm_supported(x_NI, w_EOI):
         return looped_mm(x_NI, w_EOI, num_tokens_per_expert_E)
     offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
-    return _ContiguousGrad.apply(torch._grouped_mm(x_NI.contiguous(), w_EOI.transpose(-2, -1), offs=offs_E))
+    with torch.autocast(device, enabled=False):
+        y_NO = torch._grouped_mm(x_NI.contiguous(), w_EOI.transpose(-2, -1), offs=offs_E)
+    return _ContiguousGrad.apply(y_NO)
 
 
 def looped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
