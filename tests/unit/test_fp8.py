@@ -232,3 +232,25 @@ def test_shared_expert_gate_and_unaligned_linears_stay_high_precision(one_thread
     odd = nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 32), nn.Linear(32, 32))
     report = convert_to_fp8(odd, Fp8Recipe.tensorwise, torch.device("cpu"))
     assert report.kept["dims not multiples of 16"] == ["0", "1"] and report.converted == ["2"]
+
+
+@pytest.mark.parametrize("recipe", [Fp8Recipe.rowwise, Fp8Recipe.blockwise])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_fp8_gradients(recipe, mode, one_thread):
+    """Converting after activation checkpointing is applied (the trainer's order) gives the gradients of the
+    converted model without checkpointing."""
+    from parallel.activation_checkpointing import apply_activation_checkpointing
+
+    grads = []
+    for ac in ("none", mode):
+        model = _tiny(["model.num_layers=2", "model.mtp_depth=0"])
+        apply_activation_checkpointing(model, ac)
+        convert_to_fp8(model, recipe, torch.device("cpu"))
+        ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels_BT=ids)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
