@@ -30,7 +30,7 @@ from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.mesh import Mesh, validate_parallel_config
 
-EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+EXPERT_WEIGHTS = ("w_gate_up_EHD", "w_down_EDF")
 
 
 class AllReduceSum:

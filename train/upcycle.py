@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 # Fields the MoE model must share with its dense source: they shape the weights that are copied as they are.
 ARCHITECTURE = ("vocab_size", "d_model", "num_layers", "norm", "norm_eps", "dense_hidden", "tie_embeddings",
                 "attention", "rope", "mtp_depth", "family")
-_EXPERT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 class UpcycleError(HFConversionError):
@@ -183,10 +182,11 @@ def _experts(prefix: str, w_gate_FD, w_up_FD, w_down_DF, m: int, n: int, noise_s
                              ).to(w_EFX.dtype)
         return w_EFX
 
+    gate_EFD, up_EFD = stack(w_gate_FD, 1.0), stack(w_up_FD, 1.0)  # noise drawn gate, up, down, in that order
+    down_EDF = stack(w_down_DF.t(), float(m)).transpose(1, 2)
     return {
-        f"{prefix}experts.w_gate_EDF": stack(w_gate_FD, 1.0).transpose(1, 2).contiguous(),
-        f"{prefix}experts.w_up_EDF": stack(w_up_FD, 1.0).transpose(1, 2).contiguous(),
-        f"{prefix}experts.w_down_EFD": stack(w_down_DF.t(), float(m)).contiguous(),
+        f"{prefix}experts.w_gate_up_EHD": torch.cat([gate_EFD, up_EFD], dim=1).contiguous(),
+        f"{prefix}experts.w_down_EDF": down_EDF.contiguous(),
     }
 
 

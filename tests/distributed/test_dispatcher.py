@@ -68,7 +68,7 @@ def _check_one(rank, world_size, drop):
     sl = slice(rank * e_loc, (rank + 1) * e_loc)
     loc = _experts()
     with torch.no_grad():
-        for n in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        for n in ("w_gate_up_EHD", "w_down_EDF"):
             setattr(loc, n, torch.nn.Parameter(getattr(loc, n)[sl].clone()))
     loc.num_experts = e_loc
     disp = AllToAllDispatcher(mesh.ep_group, world_size, rank, e_loc)
@@ -79,7 +79,7 @@ def _check_one(rank, world_size, drop):
     torch.testing.assert_close(gx, gx_ref[ts], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw, gw_ref[ts], atol=1e-6, rtol=1e-5)
     # a local expert's gradient already sums the contributions of every rank's tokens (loss is a plain sum)
-    for n in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+    for n in ("w_gate_up_EHD", "w_down_EDF"):
         torch.testing.assert_close(getattr(loc, n).grad, getattr(ref, n).grad[sl], atol=1e-6, rtol=1e-5)
 
     # dedup bookkeeping: copies sent away = distinct foreign owners per token

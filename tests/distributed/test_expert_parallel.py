@@ -89,7 +89,7 @@ def _check_against_reference(rank, world_size, ep_size, device_limit, checkpoint
     assert len(layers) == 2  # the main MoE block and the MTP block
     for _, layer in layers:
         assert layer.num_devices == ep_size
-        assert layer.experts.w_up_EDF.shape[0] == cfg.model.moe.num_routed_experts // ep_size
+        assert layer.experts.w_down_EDF.shape[0] == cfg.model.moe.num_routed_experts // ep_size
         assert isinstance(layer.dispatcher, AllToAllDispatcher) == (ep_size > 1)
     mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     ref_params = dict(ref.named_parameters())

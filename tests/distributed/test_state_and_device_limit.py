@@ -26,8 +26,8 @@ def _check_state_dict(rank, world_size):
     load_full_state_dict(model, new_sd, mesh)
     for _, layer in model.moe_layers():
         e = layer.experts
-        assert e.w_down_EFD.shape[0] == 8 and e.expert_offset == 8 * (rank % 2)
-    key = "layers.1.ffn.experts.w_gate_EDF"
+        assert e.w_down_EDF.shape[0] == 8 and e.expert_offset == 8 * (rank % 2)
+    key = "layers.1.ffn.experts.w_gate_up_EHD"
     lo = 8 * (rank % 2)
     assert torch.equal(model.state_dict()[key], new_sd[key][lo : lo + 8])
     again = gather_full_state_dict(model, mesh)

@@ -1,10 +1,12 @@
 """Config-driven architecture features of the newer published models: MoE layer placement with an offset
 (Qwen2-MoE / Llama 4 / OpenMoE), the sigmoid-gated shared expert (Qwen2-MoE) and q/k RMSNorm (Qwen3, OLMoE)."""
 import dataclasses
+import functools
 
 import pytest
 import torch
 
+from tests.expert_ref import expert_ffn
 from train.config import load_train_config
 from train.model.attention import GroupedQueryAttention
 from train.model.moe.layer import MoELayer
@@ -122,8 +124,8 @@ def test_gelu_gated_experts():
     experts = GroupedExperts(2, 16, 8, "gelu_tanh")
     counts = torch.tensor([2, 3])
     y = experts(x, counts)
-    h = F.gelu(x[:2] @ experts.w_gate_EDF[0], approximate="tanh") * (x[:2] @ experts.w_up_EDF[0])
-    torch.testing.assert_close(y[:2], h @ experts.w_down_EFD[0])
+    gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+    torch.testing.assert_close(y[:2], expert_ffn(experts, 0, x[:2], gelu_tanh))
     with pytest.raises(ValueError, match="ffn_activation"):
         SwiGLU(16, 8, "relu")
     assert _model_cfg("grok1").ffn_activation == "gelu_tanh"

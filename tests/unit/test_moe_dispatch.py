@@ -5,6 +5,7 @@ Shape legend: T tokens, D model dim, K active experts, E experts, N routed rows.
 import pytest
 import torch
 
+from tests.expert_ref import expert_ffn
 from train.model.moe import (
     GroupedExperts,
     LocalDispatcher,
@@ -13,6 +14,8 @@ from train.model.moe import (
     expert_capacity,
     gather_rows,
     grouped_mm,
+    grouped_mm_supported,
+    looped_mm,
     sort_by_expert,
 )
 
@@ -79,20 +82,50 @@ def test_grouped_experts_match_per_expert_loop(d_model, hidden):
     rows, ref = 0, []
     for e, n in enumerate(counts_E.tolist()):
         xe = x_ND[rows : rows + n]
-        ref.append((torch.nn.functional.silu(xe @ ex.w_gate_EDF[e]) * (xe @ ex.w_up_EDF[e])) @ ex.w_down_EFD[e])
+        ref.append(expert_ffn(ex, e, xe))
         rows += n
     assert torch.allclose(y_ND, torch.cat(ref), atol=1e-6)
     y_ND.sum().backward()  # an expanded (stride-0) gradient must work on the kernel path too
-    assert ex.w_gate_EDF.grad[1].abs().sum() == 0 and ex.w_gate_EDF.grad[0].abs().sum() > 0
+    assert ex.w_gate_up_EHD.grad[1].abs().sum() == 0 and ex.w_gate_up_EHD.grad[0].abs().sum() > 0
     assert x_ND.grad.shape == x_ND.shape
 
 
-def test_grouped_mm_paths_agree():
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_and_loop_paths_agree_with_gradients(dtype, tol):
+    """The grouped kernel, the loop oracle and plain per-expert matmuls: outputs and gradients, with an expert
+    that gets no rows and two trailing (dropped) rows that no expert computes."""
     torch.manual_seed(0)
-    x, w, c = torch.randn(7, 16), torch.randn(3, 16, 8), torch.tensor([2, 0, 5])
-    loop = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
-    assert torch.allclose(grouped_mm(x, w, c), loop, atol=1e-5)
-    assert grouped_mm(torch.randn(0, 16), w, torch.zeros(3, dtype=torch.long)).shape == (0, 8)
+    x0, w0, c = torch.randn(9, 16, dtype=dtype), torch.randn(3, 8, 16, dtype=dtype), torch.tensor([2, 0, 5])
+    dy = torch.randn(7, 8, dtype=dtype)
+    results = []
+    for gemm in (grouped_mm, looped_mm, None):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if gemm is None:
+            y = torch.cat([x[:2] @ w[0].t(), x[2:7] @ w[2].t()])
+        else:
+            y = gemm(x, w, c)[:7]  # rows 7, 8 lie past the last expert's block
+        (y * dy).sum().backward()
+        results.append((y, x.grad[:7], w.grad))
+    assert grouped_mm_supported(x0, w0)  # the first really is the kernel
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):
+            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    assert grouped_mm(torch.randn(0, 16), w0.float(), torch.zeros(3, dtype=torch.long)).shape == (0, 8)
+
+
+def test_fused_gate_up_equals_separate_projections():
+    """One GEMM over [W_gate; W_up] equals the two projections computed apart (`expert_ffn`), gradients too."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(3, 16, 8)
+    x = torch.randn(6, 16, requires_grad=True)
+    c = torch.tensor([1, 2, 3])
+    y = ex(x, c)
+    ref = torch.cat([expert_ffn(ex, e, xe) for e, xe in enumerate(torch.split(x, c.tolist()))])
+    torch.testing.assert_close(y, ref)
+    g_fused = torch.autograd.grad(y.square().sum(), [x, ex.w_gate_up_EHD, ex.w_down_EDF])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, ex.w_gate_up_EHD, ex.w_down_EDF])
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_grouped_experts_compile_fp32_forward_backward():

@@ -5,6 +5,7 @@ Shape legend: B batch, S sequence, T tokens, D model dim, E experts, K active ex
 import pytest
 import torch
 
+from tests.expert_ref import expert_ffn
 from train.config.model import MoEConfig
 from train.model.mlp import SwiGLU
 from train.model.moe import (
@@ -28,8 +29,7 @@ def _layer(seed=0, **kw) -> MoELayer:
 
 
 def _expert(layer, e, x_D):
-    ex = layer.experts
-    return (torch.nn.functional.silu(x_D @ ex.w_gate_EDF[e]) * (x_D @ ex.w_up_EDF[e])) @ ex.w_down_EFD[e]
+    return expert_ffn(layer.experts, e, x_D)
 
 
 def _naive(layer, x_BSD, ids_TK=None):
@@ -97,7 +97,7 @@ def test_granularity_keeps_total_and_active_params(shared):
         moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=64, num_shared_experts=shared, granularity=m)
         layer = MoELayer(D, moe)
         assert layer.experts.num_experts == moe.num_routed_experts
-        assert layer.experts.w_gate_EDF.shape == (moe.num_routed_experts, D, moe.routed_hidden)
+        assert layer.experts.w_gate_up_EHD.shape == (moe.num_routed_experts, 2 * moe.routed_hidden, D)
         routed = sum(p.numel() for p in layer.experts.parameters())
         shared_n = sum(p.numel() for p in layer.shared.parameters()) if layer.shared is not None else 0
         return routed + shared_n, routed * moe.num_active_routed // moe.num_routed_experts + shared_n

@@ -167,9 +167,8 @@ def test_bad_routing_groups_name_the_fields(groups, limit, match):
 
 def _copy_hf_experts(layer: MoELayer, hf_experts, F_: int) -> None:
     # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2); y = linear(h, down_proj[e]).
-    layer.experts.w_gate_EDF.data.copy_(hf_experts.gate_up_proj[:, :F_, :].transpose(1, 2))
-    layer.experts.w_up_EDF.data.copy_(hf_experts.gate_up_proj[:, F_:, :].transpose(1, 2))
-    layer.experts.w_down_EFD.data.copy_(hf_experts.down_proj.transpose(1, 2))
+    layer.experts.w_gate_up_EHD.data.copy_(hf_experts.gate_up_proj)  # the same layout as ours
+    layer.experts.w_down_EDF.data.copy_(hf_experts.down_proj)
 
 
 def _copy_hf_shared(layer: MoELayer, hf_mlp) -> None:

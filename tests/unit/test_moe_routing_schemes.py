@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.expert_ref import expert_ffn
 from train.config.model import AttentionConfig, ModelConfig, MoEConfig
 from train.model.moe import MoELayer
 from train.model.moe.router import BalanceInputs, Router
@@ -172,8 +172,7 @@ def test_expert_choice_layer_output_is_the_score_weighted_sum():
         for e in range(E):
             if route.topk_ids_TK[t, e] == e:
                 ex = layer.experts
-                h = F.silu(x[0, t] @ ex.w_gate_EDF[e]) * (x[0, t] @ ex.w_up_EDF[e])
-                want[t] += route.topk_weights_TK[t, e] * (h @ ex.w_down_EFD[e])
+                want[t] += route.topk_weights_TK[t, e] * expert_ffn(ex, e, x[0, t])
     assert torch.allclose(y[0], want, atol=1e-6)
 
 
@@ -231,7 +230,6 @@ def test_hash_routes_on_token_ids_by_the_fixed_formula():
     ex = layer.experts
     for t in range(6):
         e = int(hash_experts(tok[0, t], E))
-        h = F.silu(x[0, t] @ ex.w_gate_EDF[e]) * (x[0, t] @ ex.w_up_EDF[e])
-        assert torch.allclose(y[0, t], h @ ex.w_down_EFD[e], atol=1e-6)
+        assert torch.allclose(y[0, t], expert_ffn(ex, e, x[0, t]), atol=1e-6)
     with pytest.raises(ValueError, match="token ids"):
         layer(x)

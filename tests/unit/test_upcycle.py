@@ -89,7 +89,7 @@ def test_conditions_are_needed(tmp_path):
     assert equality_conditions(cfg, 0.01)
     assert 1e-5 < (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()
     _, state, _ = load_model(tmp_path / "noisy")
-    w = state["layers.0.ffn.experts.w_up_EDF"]
+    w = state["layers.0.ffn.experts.w_gate_up_EHD"]
     assert not torch.equal(w[0], w[2])  # copies of the same slice differ once noised
 
 

@@ -151,6 +151,37 @@ def rename_from_hf(table: Iterable[Weight], src: StateDict, dst: StateDict, **fm
             dst[w.ours.format(**fmt)] = src.pop(key)
 
 
+def split_experts(sd: StateDict) -> StateDict:
+    """Our stacked experts (`experts.w_gate_up_EHD` (E, 2F, D), `experts.w_down_EDF` (E, D, F), Linear layout)
+    as the per-projection (E, in, out) tensors the family converters map: `experts.w_gate_EDF`,
+    `experts.w_up_EDF` (E, D, F) and `experts.w_down_EFD` (E, F, D). Views, no copies; other keys pass."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k.endswith("experts.w_gate_up_EHD"):
+            base, f = k[: -len("w_gate_up_EHD")], v.shape[1] // 2
+            out[base + "w_gate_EDF"], out[base + "w_up_EDF"] = v[:, :f].transpose(1, 2), v[:, f:].transpose(1, 2)
+        elif k.endswith("experts.w_down_EDF"):
+            out[k[: -len("w_down_EDF")] + "w_down_EFD"] = v.transpose(1, 2)
+        else:
+            out[k] = v
+    return out
+
+
+def fuse_experts(sd: StateDict) -> StateDict:
+    """Inverse of `split_experts`: the converters' per-projection tensors as our stacked experts."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k.endswith("experts.w_gate_EDF"):
+            base = k[: -len("w_gate_EDF")]
+            up = sd[base + "w_up_EDF"]
+            out[base + "w_gate_up_EHD"] = torch.cat([v, up], dim=2).transpose(1, 2).contiguous()
+        elif k.endswith("experts.w_down_EFD"):
+            out[k[: -len("w_down_EFD")] + "w_down_EDF"] = v.transpose(1, 2).contiguous()
+        elif not k.endswith("experts.w_up_EDF"):
+            out[k] = v
+    return out
+
+
 def experts_to_linears(w_EIO: torch.Tensor) -> List[torch.Tensor]:
     """Stacked (E, in, out) → E `nn.Linear` weights (out, in)."""
     return [w.t().contiguous() for w in w_EIO.unbind(0)]

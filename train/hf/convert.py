@@ -135,7 +135,7 @@ def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES)
         real = dict(ckpt_io.iter_weights(ckpt_dir, block))
         if cfg.tie_embeddings and "embed.weight" in real:
             real["lm_head.weight"] = real["embed.weight"]
-        for key, value in module.to_hf(flat, {**expected, **real}).items():
+        for key, value in module.to_hf(flat, common.split_experts({**expected, **real})).items():
             if not value.is_meta:
                 writer.add(key, value)
         del real
@@ -204,7 +204,7 @@ def import_checkpoint(hf_dir, out) -> Path:
     hf_state = common.read_hf_weights(hf_dir)
     if model_type == "deepseek_v3":
         cfg.mtp_depth = deepseek.mtp_layers_in(hf_state, cfg.num_layers)  # what the weights actually hold
-    state = module.from_hf(cfg, hf_state)
+    state = common.fuse_experts(module.from_hf(cfg, hf_state))  # the converters speak (E, in, out)
     common.check_shapes(expected_state(cfg), state, f"{hf_dir} does not match its config.json")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,10 +128,13 @@ class MoETransformer(nn.Module):
                 elif not isinstance(seed, int):
                     p.normal_(0.0, std, generator=seed)
                 elif isinstance(module, GroupedExperts):
+                    if id(module) in done:
+                        continue
+                    done.add(id(module))
                     first = getattr(module, "expert_offset", 0)
-                    for i in range(p.shape[0]):  # one generator per global expert
-                        gen = _generator(seed, f"{prefix}.{name}", p.device, first + i)
-                        p[i].normal_(0.0, std, generator=gen)
+                    for i in range(module.num_experts):  # one generator per global expert and weight stream
+                        module.init_expert(i, std, lambda stream, i=i: _generator(
+                            seed, f"{prefix}.{stream}", p.device, first + i))
                 else:
                     p.normal_(0.0, std, generator=_generator(seed, f"{prefix}.{name}", p.device))
             for b in module.buffers(recurse=False):  # the expert bias, and counters such as expert_load_E

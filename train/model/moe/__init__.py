@@ -7,7 +7,7 @@ from train.model.moe.capacity import (
     expert_capacity,
 )
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher, combine_rows, gather_rows, sort_by_expert
-from train.model.moe.experts import GroupedExperts, grouped_mm
+from train.model.moe.experts import GroupedExperts, grouped_mm, grouped_mm_supported, looped_mm
 from train.model.moe.layer import AUX_TERMS, MoELayer, MoELayerOutput
 from train.model.moe.router import BalanceInputs, Router, RouterOutput, RoutingPlan
 from train.model.moe.routers import ROUTERS, build_router
@@ -32,6 +32,8 @@ __all__ = [
     "expert_capacity",
     "gather_rows",
     "grouped_mm",
+    "grouped_mm_supported",
+    "looped_mm",
     "sort_by_expert",
     "update_expert_bias",
     "update_expert_biases",

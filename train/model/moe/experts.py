@@ -1,14 +1,27 @@
-"""Routed experts stored as stacked weights, computed with one grouped GEMM per projection.
+"""Routed experts stored as stacked weights, computed with one grouped GEMM for gate+up and one for down.
 
 Shape legend: N routed rows (token copies, grouped by expert in ascending order), D model dim,
-F expert hidden, E experts (local experts once `parallel/` has sliced the stacks).
+F expert hidden, H = 2F (gate and up rows together), E experts (local experts once `parallel/` has sliced
+the stacks), I / O a GEMM's input / output width.
+
+Layout: each expert's weights are stored as `nn.Linear` stores them, (out, in): `w_gate_up_EHD` (E, 2F, D)
+with the gate's F rows first, then the up projection's, and `w_down_EDF` (E, D, F). This is transformers 5's
+`gate_up_proj` / `down_proj` and torchtitan's layout. Its transpose (E, in, out) is a column-major view, which
+`torch._grouped_mm` takes as it is and torchao's FP8 grouped GEMM requires, so neither kernel copies a weight;
+and gate and up share one GEMM over the same rows.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from train.model.mlp import activation
+
+# gemm(x_NI, w_EOI, num_tokens_per_expert_E) -> y_NO: row block e of x times w[e].T. The precision recipe may
+# install another one on a GroupedExperts (FP8); the model itself never chooses one.
+ExpertGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -24,56 +37,82 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
-    # The kernel needs 16-byte aligned row strides; other shapes (odd tiny test widths) take the loop.
+def grouped_mm_supported(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands; others (odd tiny test widths, fp32 on CUDA) loop."""
     if not hasattr(torch, "_grouped_mm") or x_NI.dtype not in (torch.float32, torch.bfloat16):
         return False
     if x_NI.is_cuda and x_NI.dtype != torch.bfloat16:
         return False  # the CUDA kernel's documented dtype is bf16; not verified for fp32 yet
     if x_NI.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False  # the op's meta (fake-tensor) kernel accepts bf16 only, so tracing fp32 would fail
-    align = 16 // x_NI.element_size()
-    return x_NI.dtype == w_EIO.dtype and w_EIO.shape[1] % align == 0 and w_EIO.shape[2] % align == 0
+    align = 16 // x_NI.element_size()  # 16-byte aligned strides
+    return x_NI.dtype == w_EOI.dtype and w_EOI.shape[1] % align == 0 and w_EOI.shape[2] % align == 0
 
 
-def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """Row block e of `x_NI` (length `num_tokens_per_expert_E[e]`) times `w_EIO[e]`; returns `y_NO`.
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Row block e of `x_NI` (length `num_tokens_per_expert_E[e]`) times `w_EOI[e].T`; returns `y_NO`.
 
-    The single place that chooses the kernel: `torch._grouped_mm` (works on CPU and Hopper GPUs in this torch,
-    including backward and experts with zero rows), else a loop over experts (also for fp32 under
-    `torch.compile`, whose tracing of `_grouped_mm` is bf16-only).
+    `torch._grouped_mm` (CPU and Hopper GPUs in this torch, backward included, experts with zero rows too)
+    with the offsets on the device, so nothing waits for the host. Rows past the last offset are not
+    computed (their output is unspecified; `LocalDispatcher` masks them). Operands the kernel does not take
+    fall back to `looped_mm`.
     """
-    if _grouped_mm_supported(x_NI, w_EIO):
-        offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offs_E))
-    chunks = torch.split(x_NI, num_tokens_per_expert_E.tolist(), dim=0)
-    return torch.cat([chunk @ w_EIO[e] for e, chunk in enumerate(chunks)], dim=0)
+    if not grouped_mm_supported(x_NI, w_EOI):
+        return looped_mm(x_NI, w_EOI, num_tokens_per_expert_E)
+    offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+    return _ContiguousGrad.apply(torch._grouped_mm(x_NI.contiguous(), w_EOI.transpose(-2, -1), offs=offs_E))
+
+
+def looped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """The same product as `grouped_mm`, one matmul per expert: the test oracle, and the fallback. Reads the
+    counts on the host (a device sync on a GPU). Rows past the last block come back as zeros."""
+    counts = num_tokens_per_expert_E.tolist()
+    tail = x_NI.shape[0] - sum(counts)
+    chunks = torch.split(x_NI, [*counts, tail], dim=0)
+    out = [chunk @ w_EOI[e].t() for e, chunk in enumerate(chunks[:-1])]
+    out.append(x_NI.new_zeros(tail, w_EOI.shape[1]))
+    return torch.cat(out, dim=0)
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts: `y = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]` for the rows routed to expert e
-    (another gate activation when `act` says so: `train/model/mlp.py` ACTIVATIONS).
+    """E SwiGLU experts: `y = (act(x W_gate[e]ᵀ) * (x W_up[e]ᵀ)) W_down[e]ᵀ` for the rows routed to expert e (act
+    is silu unless configured: `train/model/mlp.py` ACTIVATIONS).
 
     Weights are stacked along a leading expert dimension so `parallel/` can shard them by expert by slicing
-    dim 0 (and then set `num_experts` to the local count).
+    dim 0 (and then set `num_experts` to the local count). `gemm` computes each projection; it defaults to
+    `grouped_mm`.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, act: str = "silu") -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.hidden = hidden
         self.act = activation(act)
-        self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.gemm: ExpertGemm = grouped_mm
+        self.w_gate_up_EHD = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.reset_parameters()
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         """Draw every weight from normal(0, init_std), the framework-wide init."""
-        for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD):
+        for w in (self.w_gate_up_EHD, self.w_down_EDF):
             nn.init.normal_(w, mean=0.0, std=init_std)
+
+    @torch.no_grad()
+    def init_expert(self, i: int, std: float, generator_for: Callable[[str], torch.Generator]) -> None:
+        """normal(0, std) for local expert i, one generator per logical weight (`generator_for(stream)`).
+
+        The streams keep the names and (in, out) draw order of the earlier per-projection layout (`w_gate_EDF`,
+        `w_up_EDF` (D, F), `w_down_EFD` (F, D)), so a seed gives the same weights as before this layout: the
+        golden curves did not move with it."""
+        F = self.hidden
+        targets = (("w_gate_EDF", self.w_gate_up_EHD[i, :F]), ("w_up_EDF", self.w_gate_up_EHD[i, F:]),
+                   ("w_down_EFD", self.w_down_EDF[i]))
+        for stream, w_OI in targets:
+            drawn_IO = torch.empty(w_OI.shape[1], w_OI.shape[0], dtype=w_OI.dtype, device=w_OI.device)
+            w_OI.copy_(drawn_IO.normal_(0.0, std, generator=generator_for(stream)).t())
 
     def forward(self, x_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """`x_ND` rows grouped by expert ascending, block sizes `num_tokens_per_expert_E`; returns `y_ND`."""
-        h_NF = self.act(grouped_mm(x_ND, self.w_gate_EDF, num_tokens_per_expert_E))
-        h_NF = h_NF * grouped_mm(x_ND, self.w_up_EDF, num_tokens_per_expert_E)
-        return grouped_mm(h_NF, self.w_down_EFD, num_tokens_per_expert_E)
+        gate_NF, up_NF = self.gemm(x_ND, self.w_gate_up_EHD, num_tokens_per_expert_E).chunk(2, dim=-1)
+        return self.gemm(self.act(gate_NF) * up_NF, self.w_down_EDF, num_tokens_per_expert_E)
