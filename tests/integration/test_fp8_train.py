@@ -26,6 +26,7 @@ def test_fp8_recipe_trains_close_to_bf16(recipe, tmp_path, cache, bf16_losses):
     log = proc.stdout + proc.stderr
     kernel = "emulated blockwise linear" if recipe == "blockwise" else "torchao Float8Linear"
     assert f"fp8 recipe={recipe}: 32 linears -> {kernel}" in log
+    assert f"3 expert stacks -> emulated {recipe} grouped gemm" in log
     assert "output head (lm_head)" in log and "router (layers.1.ffn.router.gate" in log
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert len(losses) == STEPS

@@ -166,6 +166,19 @@ def test_pad_groups_hand_worked():
     assert torch.equal(x_pad.index_select(0, rows), x)
     (x_pad.index_select(0, rows) * 2).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    # rows past the last group (dropped, masked by the dispatcher) go after every padded group
+    x_pad, rows, _ = pad_groups(torch.ones(6, 1), torch.tensor([2, 1]), 16)
+    assert rows.tolist() == [0, 1, 16, 32, 33, 34] and x_pad.shape == (35, 1)
+
+
+def test_rows_past_the_last_group_are_zero_and_enter_no_scale(one_thread):
+    x, w = _x(10, 32), _x(2, 16, 32)
+    counts = torch.tensor([3, 4])
+    y = emulated_fp8_grouped_mm(x, w, counts, Fp8Recipe.tensorwise)
+    assert torch.equal(y[7:], torch.zeros(3, 16))
+    x_big = x.clone()
+    x_big[7:] = 1e4  # a huge dropped row must not change the tensor-wide scale of the others
+    assert torch.equal(emulated_fp8_grouped_mm(x_big, w, counts, Fp8Recipe.tensorwise), y)
 
 
 def test_emulated_linear_keeps_parameters_and_bias(one_thread):

@@ -113,9 +113,16 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 def emulated_fp8_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
                             recipe: Fp8Recipe) -> torch.Tensor:
     """`y_NO`: row block e of `x_NI` times `w_EOI[e]^T`, with x, w (and in backward the gradients) quantised to
-    FP8 as `recipe` says, dequantised, and multiplied in fp32."""
+    FP8 as `recipe` says, dequantised, and multiplied in fp32. Rows past the last block come back as zeros.
+    Reads the counts on the host (a device sync on a GPU, where this is only the fallback)."""
     counts = [int(c) for c in num_tokens_per_expert_E.tolist()]
-    return _EmulatedFp8GroupedGemm.apply(x_NI, w_EOI, counts, EMULATED_RECIPES[recipe], output_dtype(x_NI))
+    total, spec, dtype = sum(counts), EMULATED_RECIPES[recipe], output_dtype(x_NI)
+    if total == x_NI.shape[0]:
+        return _EmulatedFp8GroupedGemm.apply(x_NI, w_EOI, counts, spec, dtype)
+    # rows past the last group (the dispatcher's dropped rows, masked by it) are not computed, as in
+    # `grouped_mm`, and do not enter any scale
+    y = _EmulatedFp8GroupedGemm.apply(x_NI[:total], w_EOI, counts, spec, dtype)
+    return torch.cat([y, y.new_zeros(x_NI.shape[0] - total, w_EOI.shape[1])])
 
 
 class EmulatedFp8Linear(torch.nn.Linear):

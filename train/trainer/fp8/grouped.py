@@ -31,16 +31,19 @@ def _is_sm90(device: torch.device) -> bool:
 def pad_groups(x_NI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor, align: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy each expert's row block of `x_NI` to the start of a block padded with zero rows to a multiple of
-    `align`; returns `(x_PI, rows_N, padded_counts_E)` with `x_PI[rows_N] == x_NI`. `index_copy` and the later
-    `index_select(0, rows_N)` are differentiable, so padding sits outside the FP8 kernel's autograd."""
+    `align`; rows past the last block (the dispatcher's masked dropped rows) go after the padded blocks, outside
+    every group. Returns `(x_PI, rows_N, padded_counts_E)` with `x_PI[rows_N] == x_NI`. `index_copy` and the
+    later `index_select(0, rows_N)` are differentiable, so the padding sits outside the FP8 kernel's autograd.
+    Sizes are read on the host (one sync)."""
     counts = num_tokens_per_expert_E.to(torch.int64)
     padded = (counts + align - 1) // align * align
+    total, padded_total = (int(v) for v in torch.stack([counts.sum(), padded.sum()]).tolist())
     starts = torch.cumsum(counts, 0) - counts
     padded_starts = torch.cumsum(padded, 0) - padded
-    shift = torch.repeat_interleave(padded_starts - starts, counts, output_size=x_NI.shape[0])
-    rows_N = torch.arange(x_NI.shape[0], device=x_NI.device) + shift
-    total = int(padded.sum())
-    x_PI = x_NI.new_zeros(total, x_NI.shape[1]).index_copy(0, rows_N, x_NI)
+    shift = torch.repeat_interleave(padded_starts - starts, counts, output_size=total)
+    rows_N = torch.cat([torch.arange(total, device=x_NI.device) + shift,
+                        torch.arange(padded_total, padded_total + x_NI.shape[0] - total, device=x_NI.device)])
+    x_PI = x_NI.new_zeros(padded_total + x_NI.shape[0] - total, x_NI.shape[1]).index_copy(0, rows_N, x_NI)
     return x_PI, rows_N, padded
 
 
