@@ -26,7 +26,7 @@ from train.model.moe.router import Router
 from train.model.mtp import MTPModule
 from train.model.norms import LayerNorm, RMSNorm
 from train.trainer.fp8.emulated import EmulatedFp8Linear
-from train.trainer.fp8.grouped import Fp8GroupedGemm, _is_sm90
+from train.trainer.fp8.grouped import Fp8GroupedGemm, is_sm90
 
 ALIGN = 16
 
@@ -87,7 +87,7 @@ def _owners(model: nn.Module) -> dict[str, str]:
 
 def _blockwise_linear(device: torch.device):
     """torchao's blockwise linear class where it can run (CUDA sm90+, triton), else None."""
-    if not _is_sm90(device):
+    if not is_sm90(device):
         return None
     try:
         from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
@@ -121,8 +121,6 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, device: torch.device) ->
             reason = next((r for p, r in owners.items() if name.startswith(p + ".")), None)
             if reason is None and any(d % ALIGN for p in module.parameters() for d in p.shape[1:]):
                 reason = f"dims not multiples of {ALIGN}"
-            if reason is None and not hasattr(module, "gemm"):
-                reason = "GroupedExperts has no gemm seam"
             if reason is not None:
                 report.kept[reason].append(name)
                 continue

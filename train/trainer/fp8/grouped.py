@@ -24,7 +24,7 @@ from train.trainer.fp8.emulated import emulated_fp8_grouped_mm, output_dtype
 GROUP_ALIGN = 16  # torch._scaled_grouped_mm: every group's rows a multiple of 16
 
 
-def _is_sm90(device: torch.device) -> bool:
+def is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -79,7 +79,7 @@ class Fp8GroupedGemm:
 
     def __init__(self, recipe: Fp8Recipe, device: torch.device):
         self.recipe = recipe
-        sm90 = _is_sm90(torch.device(device))
+        sm90 = is_sm90(torch.device(device))
         self._cuda_rowwise = sm90 and recipe in (Fp8Recipe.tensorwise, Fp8Recipe.rowwise)
         self._cuda_blockwise = sm90 and recipe is Fp8Recipe.blockwise and _torchao_blockwise_imports()
 
