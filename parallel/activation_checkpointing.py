@@ -59,7 +59,11 @@ MODES = ("none", "full", "selective")
 # The matmuls whose outputs `selective` keeps (nn.Linear lowers to mm/addmm, grouped experts to _grouped_mm, the
 # experts' fallback loop to mm). bmm is deliberately absent: SDPA's math path uses it for scores and the
 # weighted sum, which are recomputed.
-_KEPT_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._grouped_mm.default})
+# precision=fp8 adds torchao's scaled GEMMs (its emulated kernels dequantise and use mm).
+_KEPT_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._grouped_mm.default,
+                       torch.ops.aten._scaled_mm.default,
+                       *([torch.ops.aten._scaled_grouped_mm.default] if hasattr(torch.ops.aten, "_scaled_grouped_mm")
+                         else [])})
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:

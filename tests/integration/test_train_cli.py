@@ -82,7 +82,7 @@ def test_train_tiny_deepseek_v3_cli_logs_mtp(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("override,field", [("model.moe.top_k=9", "model.moe.top_k=9"),
-                                            ("precision=fp8", "precision=fp8"),
+                                            ("precision.recipe=rowwise", "precision.recipe=rowwise"),
                                             ("parallel.zero_stage=2", "parallel.zero_stage=2 partitions"),
                                             ("trainer.init_from=/nope", "trainer.init_from")])
 def test_invalid_config_fails_fast_with_the_field_name(tmp_path, cache_dir, override, field):

@@ -75,7 +75,8 @@ def test_unknown_key_fails_at_composition():
     (["model.moe.scoring=softmax"], r"model.moe.scoring='softmax' is not valid"),
     (["model.norm=batchnorm"], r"model.norm='batchnorm'"),
     (["model.attention.kind=mqa"], r"model.attention.kind='mqa'"),
-    (["precision.name=fp8"], r"fp8 is not implemented yet"),
+    (["precision.recipe=rowwise"], r"precision.recipe=rowwise only applies to precision=fp8 \(precision.name=fp32\)"),
+    (["precision=bf16", "precision.recipe=blockwise"], r"precision.recipe=blockwise only applies to precision=fp8"),
     (["precision.name=fp16"], r"precision.name='fp16'"),
     (["model.moe.device_limit=2"], r"model.moe.device_limit=2 must be between 1 and parallel.ep_size=1"),
     (["model.moe.device_capacity_factor=0"], r"model.moe.device_capacity_factor=0.0 must be > 0"),
@@ -183,3 +184,18 @@ def test_data_smaller_than_one_global_batch_is_an_error_before_the_model(tmp_pat
 ])
 def test_routing_scheme_combinations(overrides, match):
     _check(overrides, match)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "blockwise"])
+def test_fp8_recipes_are_valid(recipe):
+    cfg = load_train_config(["model=tiny_deepseek_v3", "model.vocab_size=8192", "precision=fp8",
+                             f"precision.recipe={recipe}"])
+    validate_config(cfg, world_size=1)
+    assert cfg.precision.recipe.value == recipe
+
+
+def test_fp8_recipe_defaults_to_tensorwise_and_a_typo_names_the_field():
+    assert load_train_config(["precision=fp8"]).precision.recipe.value == "tensorwise"
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["precision=fp8", "precision.recipe=blockwize"])
+    assert "precision.recipe" in str(e.value.__cause__) and "blockwise" in str(e.value.__cause__)

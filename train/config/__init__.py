@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from train.config.model import AttentionConfig, ModelConfig, MoEConfig, RopeConfig, RopeScalingConfig
 from train.config.run import (
     DataConfig,
+    Fp8Recipe,
     LoggingConfig,
     OptimConfig,
     ParallelConfig,
@@ -50,7 +51,7 @@ def load_train_config(overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 __all__ = [
-    "AttentionConfig", "ModelConfig", "MoEConfig", "RopeConfig", "RopeScalingConfig", "DataConfig",
+    "AttentionConfig", "ModelConfig", "MoEConfig", "RopeConfig", "RopeScalingConfig", "DataConfig", "Fp8Recipe",
     "LoggingConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "TrainConfig", "TrainerConfig",
     "CONFIG_DIR", "register_configs", "compose", "to_train_config", "load_train_config",
 ]

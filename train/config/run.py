@@ -2,6 +2,7 @@
 trainer and logging. `TrainConfig` is the root that `configs/train.yaml` fills in."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -21,11 +22,24 @@ class ParallelConfig:
     deepspeed: Dict[str, Any] = field(default_factory=dict)
 
 
+class Fp8Recipe(str, enum.Enum):
+    """FP8 scaling granularity (train/trainer/fp8/): one scale per tensor; one per row (torchao's rowwise,
+    power-of-2 scales); DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks."""
+
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+    blockwise = "blockwise"
+
+
 @dataclass
 class PrecisionConfig:
     # fp32 | bf16 | fp8: the recipe (train/trainer/precision.py). Parameters and optimizer state always stay
-    # fp32 (master weights); bf16 autocasts the forward pass.
+    # fp32 (master weights); bf16 autocasts the forward pass; fp8 autocasts like bf16 and runs the dense
+    # attention/MLP linears and the routed-expert GEMMs in FP8.
     name: str = "fp32"
+    # fp8 only (configs/precision/fp8.yaml sets tensorwise): tensorwise | rowwise | blockwise. Must stay null
+    # with fp32 and bf16, where it would mean nothing (validation says so rather than ignoring it).
+    recipe: Optional[Fp8Recipe] = None
 
 
 @dataclass

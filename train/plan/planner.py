@@ -88,7 +88,8 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
                  .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
     held = state_bytes(rp.groups, rp.expert_flags, stage, world_size, ep, int(threshold))
 
-    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name == "bf16", ep, device_type)
+    # fp8 autocasts like bf16 and its GEMMs save their bf16 inputs (re-quantised in backward): planned as bf16
+    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name in ("bf16", "fp8"), ep, device_type)
     acts = activation_bytes(m, sh)
     a2a, a2a_worst = 0, 0
     if ep > 1 and any(m.is_moe_layer(i) for i in range(m.num_layers)):

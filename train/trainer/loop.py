@@ -64,6 +64,10 @@ class Trainer:
         with torch.device("meta"):  # nothing allocated: parallelize allocates only what this rank owns
             model = MoETransformer(cfg.model)
         parallel.parallelize(model, cfg, mesh, init_seed=init_seed)
+        # fp8 swaps GEMM modules (same Parameters) once the model is materialised and before the engine builds
+        # the optimizer and compiles / ZeRO-wraps it; activation checkpointing (applied above) wraps methods of
+        # the blocks, which call whatever linears they hold at run time.
+        precision_report = self.precision.prepare_model(model)
         model.train()
 
         self.initialised_from: Optional[Path] = None
@@ -89,13 +93,16 @@ class Trainer:
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                                 wandb_run_id=self.state.wandb_run_id)
         self.state.wandb_run_id = self.logger.wandb_run_id
+        if precision_report:
+            self.logger.info(precision_report)
         where = (f"resumed from {self.resumed_from}" if self.resumed_from else
                  f"new run initialised from {self.initialised_from}" if self.initialised_from else "new run")
         if self.resumed_from and t.init_from is not None:
             where += f" (trainer.resume wins: trainer.init_from={t.init_from} weights not loaded)"
         self.logger.info(f"{where}: step {self.state.step}/{t.max_steps}, run_dir {self.run_dir}, "
                          f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
-                         f"device {mesh.device}, precision {cfg.precision.name}, "
+                         f"device {mesh.device}, precision {cfg.precision.name}"
+                         f"{'' if self.precision.recipe is None else ' recipe=' + self.precision.recipe.value}, "
                          f"MFU against {self.peak_flops:.3g} FLOP/s per device")
 
     def _resolve_routing_groups(self) -> None:
