@@ -37,7 +37,8 @@ Implementations, each handed x (1, T, D) with requires_grad and the same output 
 `--dtype bf16` converts every implementation's weights and the input to bf16 (no autocast). Routers keep their
 own gate precision: ours and DeepSpeed's compute the gate logits in fp32 from the bf16 weights; HF's in bf16
 (softmax in fp32), and torchtitan's too on a CPU (its fp32 autocast region is a no-op there: CPU autocast
-supports bf16/fp16 only), so in bf16 those two may route a few tokens differently from ours.
+supports bf16/fp16 only), so in bf16 those two may route a few tokens differently from ours (each row prints
+the fraction), and their max |Δ| then reflects those tokens.
 
 Before timing, in fp32, ours and HF's outputs must agree (asserted); every row prints max |Δ| of the output and
 of the input gradient against ours. Timings are the median of `--repeats` after `--warmup` untimed calls. The
@@ -252,6 +253,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def routing_mismatch(impls: dict, x_BSD: torch.Tensor) -> dict[str, float]:
+    """Fraction of tokens whose set of K experts differs from ours, for the peers whose router we can call alone
+    (HF's, torchtitan's). DeepSpeed's gate is ours in fp32; its outputs show any difference."""
+    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+    ours_TK = impls["ours"][1].router(x_TD).topk_ids_TK.sort(-1).values
+    peers = {"hf": lambda: impls["hf"][1].gate(x_TD)[2]}
+    if "torchtitan" in impls:
+        peers["torchtitan"] = lambda: impls["torchtitan"][1].router(x_BSD, None)[1].reshape(x_TD.shape[0], -1)
+    return {k: (ids().sort(-1).values != ours_TK).any(-1).float().mean().item() for k, ids in peers.items()}
+
+
 def run(c: Case, dtype_name: str, args, tt) -> dict:
     """Build every implementation for case `c` in `dtype_name`, check outputs against ours, time each."""
     dtype = DTYPES[dtype_name]
@@ -290,6 +302,7 @@ def run(c: Case, dtype_name: str, args, tt) -> dict:
                 row["torchtitan_error"] = f"forward: {type(e).__name__}: {e}"
                 del impls["torchtitan"]
                 break
+        row["routing_mismatch_frac"] = routing_mismatch(impls, x)
     # DeepSpeed runs every expert on C = the busiest expert's count rows: its expert FLOPs over ours.
     row["deepspeed_padded_rows_ratio"] = (c.experts * counts_E.max() / counts_E.sum()).item()
     row["max_abs_diff_vs_ours"] = {k: max_diff(v, outs["ours"]) for k, v in outs.items() if k != "ours"}
@@ -333,6 +346,8 @@ def print_row(r: dict) -> None:
         d, g = diffs.get(name), dx.get(name)
         print(f"{name:<12} {ms:>10.1f} {ms / r['ours_ms']:>8.2f}  {'' if d is None else f'{d:.3g}':>15}  "
               f"{'' if g is None else f'{g:.3g}':>16}")
+    mis = ", ".join(f"{k} {100 * v:.2f}%" for k, v in r["routing_mismatch_frac"].items())
+    print(f"tokens routed to other experts than ours: {mis}")
     print(f"notes: DeepSpeed computes {r['deepspeed_padded_rows_ratio']:.3f}x our expert rows (capacity padding to "
           "the busiest expert); torchtitan's expert GEMMs are bf16 in every row"
           + ("; HF's and torchtitan's gates run in bf16 here, so a few tokens may route differently" if
