@@ -1,0 +1,28 @@
+"""Smoke tests of the hand-run benchmarks in scripts/: tiny shapes, one repeat, the last line's JSON."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_moe_smoke():
+    """ours, HF, DeepSpeed and the dense floor all run and time; ours and HF agree (the script asserts it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOEFORGE_TORCHTITAN_PATH": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_moe.py"), "--tokens", "64", "--d-model", "32",
+                          "--experts", "4", "--hidden", "64", "--repeats", "1", "--warmup", "0", "--dtype", "fp32",
+                          "--case", "default", "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("ours_ms", "hf_ms", "deepspeed_ms", "dense_floor_ms"):
+        assert result[key] > 0, key
+    assert result["torchtitan_ms"] is None or result["torchtitan_ms"] > 0
+    assert (result["torchtitan_ms"] is None) == (result["torchtitan_error"] is not None)
+    shape = tuple(result[k] for k in ("tokens", "d_model", "experts", "hidden", "top_k"))
+    assert shape == (64, 32, 4, 64, 2)
+    assert result["dtype"] == "fp32"
+    assert [r["case"] for r in result["results"]] == ["default"]
+    assert result["results"][0]["max_abs_diff_vs_ours"]["deepspeed"] < 1e-6
