@@ -4,6 +4,7 @@ on the same weights and the same tokens, with a dense floor.
     python scripts/bench_moe.py [--tokens 4096] [--d-model 1024] [--experts 8] [--hidden 2816] [--top-k 2]
                                 [--dtype fp32|bf16|both] [--case default|fine|both] [--repeats 5] [--warmup 1]
                                 [--threads N] [--torchtitan-path DIR] [--torchtitan-stub-ep]
+                                [--compile] [--device cpu|cuda]
 
 Cases: `default` is E experts of width F, top-k K (Mixtral-like: top-k logits, softmax over them). `fine` is the
 fine-grained split of the same expert parameters: E·m experts of width F/m with top-`--fine-top-k` (m =
@@ -12,6 +13,8 @@ fine-grained split of the same expert parameters: E·m experts of width F/m with
 Implementations, each handed x (1, T, D) with requires_grad and the same output gradient:
 - ours: `train.model.moe.layer.MoELayer` from the tiny_mixtral config composed with the shapes as overrides
   (Mixtral routing; the forward also computes the balance terms and statistics, as in training).
+- ours_loop: the same layer with `experts.gemm = looped_mm`, one matmul per expert (the test oracle; the GPU
+  target compares the grouped path against it). ours_compiled (`--compile`): `torch.compile` of the layer.
 - hf: transformers' `MixtralSparseMoeBlock` with `experts_implementation="grouped_mm"` (what `from_pretrained`
   picks in transformers 5); hf_eager: the same block with its per-expert loop.
 - deepspeed: `deepspeed.moe.layer.MoE` (ep_size=1 in a one-process gloo group) with our `SwiGLU` as the expert,
@@ -114,7 +117,7 @@ def load_ours(layer, w: dict[str, torch.Tensor]) -> None:
         ex.w_down_EFD.copy_(w["down_EDF"].transpose(1, 2))
 
 
-def build_ours(c: Case, w) -> tuple[Callable, torch.nn.Module]:
+def build_ours(c: Case, w, gemm: str = "grouped", compiled: bool = False) -> tuple[Callable, torch.nn.Module]:
     from train.config import compose, to_train_config
     from train.model.moe.layer import MoELayer
 
@@ -123,7 +126,12 @@ def build_ours(c: Case, w) -> tuple[Callable, torch.nn.Module]:
                                    f"model.moe.expert_hidden={c.hidden}"])).model
     layer = MoELayer(cfg.d_model, cfg.moe, cfg.init_std, cfg.ffn_activation)
     load_ours(layer, w)
-    return (lambda x: layer(x)[0]), layer
+    if gemm == "loop":
+        from train.model.moe.experts import looped_mm
+
+        layer.experts.gemm = looped_mm
+    fn = torch.compile(layer) if compiled else layer
+    return (lambda x: fn(x)[0]), layer
 
 
 def build_hf(c: Case, w, impl: str) -> tuple[Callable, torch.nn.Module]:
@@ -236,14 +244,17 @@ def time_fwd_bwd(fn: Callable, mod: torch.nn.Module, x: torch.Tensor, warmup: in
     g = torch.Generator().manual_seed(1)
     grad = None
     times = []
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for i in range(warmup + repeats):
         mod.zero_grad(set_to_none=True)
         x.grad = None
+        sync()
         start = time.perf_counter()
         y = fn(x)
         if grad is None:
-            grad = torch.randn(y.shape, generator=g).to(y.dtype)
+            grad = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
         y.backward(grad)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
@@ -268,11 +279,14 @@ def run(c: Case, dtype_name: str, args, tt) -> dict:
     """Build every implementation for case `c` in `dtype_name`, check outputs against ours, time each."""
     dtype = DTYPES[dtype_name]
     w = draw_weights(c)
-    x = torch.randn(1, c.tokens, c.d_model, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(1, c.tokens, c.d_model, generator=torch.Generator().manual_seed(2)).to(args.device, dtype)
     x.requires_grad_(True)
     impls: dict[str, tuple[Callable, torch.nn.Module]] = {
-        "ours": build_ours(c, w), "hf": build_hf(c, w, "grouped_mm"), "hf_eager": build_hf(c, w, "eager"),
-        "deepspeed": build_deepspeed(c, w), "dense_floor": build_dense_floor(c, w, x)}
+        "ours": build_ours(c, w), "ours_loop": build_ours(c, w, "loop"), "hf": build_hf(c, w, "grouped_mm"),
+        "hf_eager": build_hf(c, w, "eager"), "deepspeed": build_deepspeed(c, w),
+        "dense_floor": build_dense_floor(c, w, x)}
+    if args.compile:
+        impls["ours_compiled"] = build_ours(c, w, compiled=True)
     row = {**asdict(c), "case": c.name, "dtype": dtype_name, "torchtitan_ms": None, "torchtitan_error": None}
     del row["name"]
     if isinstance(tt, Exception):
@@ -283,7 +297,7 @@ def run(c: Case, dtype_name: str, args, tt) -> dict:
         except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
             row["torchtitan_error"] = f"build: {type(e).__name__}: {e}"
     for _, mod in impls.values():
-        mod.to(dtype)
+        mod.to(args.device, dtype)
 
     with torch.no_grad():
         outs = {}
@@ -294,6 +308,8 @@ def run(c: Case, dtype_name: str, args, tt) -> dict:
                 if name == "ours":
                     outs[name], info = impls["ours"][1](x)
                     counts_E = info.stats["tokens_per_expert_E"]
+                elif name == "ours_compiled":
+                    continue  # compiled on first use, inside the timing's warm-up
                 else:
                     outs[name] = fn(x)
             except Exception as e:  # noqa: BLE001
@@ -326,6 +342,8 @@ def run(c: Case, dtype_name: str, args, tt) -> dict:
     row["dx_max_abs_diff_vs_ours"] = {k: max_diff(v, dx["ours"]) for k, v in dx.items() if k != "ours"}
     ours = row["ours_ms"]
     row["ratios"] = {"hf/ours": row["hf_ms"] / ours, "hf_eager/ours": row["hf_eager_ms"] / ours,
+                     "ours_loop/ours": row["ours_loop_ms"] / ours,
+                     "ours_compiled/ours": row["ours_compiled_ms"] / ours if args.compile else None,
                      "deepspeed/ours": row["deepspeed_ms"] / ours,
                      "torchtitan/ours": None if row["torchtitan_ms"] is None else row["torchtitan_ms"] / ours,
                      "ours/floor": ours / row["dense_floor_ms"]}
@@ -338,8 +356,10 @@ def print_row(r: dict) -> None:
     diffs, dx = r["max_abs_diff_vs_ours"], r["dx_max_abs_diff_vs_ours"]
     print(f"{'impl':<12} {'ms':>10} {'vs ours':>8}  {'max|Δy| vs ours':>15}  {'max|Δdx| vs ours':>16}  "
           f"(max |y| {r['output_max_abs']:.3g})")
-    for name in ("ours", "hf", "hf_eager", "deepspeed", "torchtitan", "dense_floor"):
+    for name in ("ours", "ours_loop", "ours_compiled", "hf", "hf_eager", "deepspeed", "torchtitan", "dense_floor"):
         ms = r.get(f"{name}_ms")
+        if ms is None and name == "ours_compiled":
+            continue
         if ms is None:
             print(f"{name:<12} {'-':>10} {'-':>8}  {r['torchtitan_error']}")
             continue
@@ -373,6 +393,8 @@ def main() -> None:
                    help="directory holding torchtitan (default: $MOEFORGE_TORCHTITAN_PATH, else a plain import)")
     p.add_argument("--torchtitan-stub-ep", action="store_true",
                    help="stand in for torchtitan's Triton-only expert-parallel module so it imports without triton")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of our layer (ours_compiled)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (DeepSpeed's MoE still runs in a gloo group)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -392,10 +414,12 @@ def main() -> None:
             rows.append(run(c, d, args, tt))
             print_row(rows[-1])
     first = rows[0]
-    top = {k: first[k] for k in ("case", "dtype", "tokens", "d_model", "experts", "hidden", "top_k", "ours_ms",
-                                 "hf_ms", "hf_eager_ms", "deepspeed_ms", "torchtitan_ms", "torchtitan_error",
-                                 "dense_floor_ms")}
-    print(json.dumps({**top, "threads": torch.get_num_threads(), "torch": torch.__version__, "results": rows}))
+    top = {k: first.get(k) for k in ("case", "dtype", "tokens", "d_model", "experts", "hidden", "top_k", "ours_ms",
+                                     "ours_loop_ms", "ours_compiled_ms", "hf_ms", "hf_eager_ms", "deepspeed_ms",
+                                     "torchtitan_ms", "torchtitan_error", "dense_floor_ms")}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(json.dumps({**top, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "results": rows}))
 
 
 if __name__ == "__main__":
