@@ -38,10 +38,12 @@ class AllToAllDispatcher:
         self.stats: dict = {}
         self._state = None
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 may_drop: bool = True):
         """Before: this rank holds its T tokens and their global top-k expert ids (-1 = dropped) and weights.
         After: it holds the N rows destined for its own E_loc experts, from every rank of the EP group, sorted
-        by local expert, and `num_tokens_per_local_expert_E` (length E_loc)."""
+        by local expert, and `num_tokens_per_local_expert_E` (length E_loc). `may_drop` changes nothing here: the
+        all-to-all reads its split sizes on the host anyway, and the received slots for other ranks are -1."""
         plan = plan_send(topk_ids_TK, self.num_local_experts, self.ep_size)
         send_counts = plan.send_counts_R
         recv_counts = exchange_counts(send_counts, self.group)

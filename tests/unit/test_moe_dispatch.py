@@ -62,6 +62,24 @@ def test_local_dispatcher_round_trip():
         d.combine(x_ND)
 
 
+def test_dropless_dispatch_skips_the_cut_and_agrees():
+    """`may_drop=False` (a dropless plan) returns the same rows and output as the cutting path, without reading
+    the kept count on the host; every scheme that can leave a slot empty says so."""
+    torch.manual_seed(0)
+    x_TD, ids_TK, w_TK = torch.randn(5, 4), torch.tensor([[0, 2], [1, 2], [2, 0], [0, 1], [1, 0]]), torch.rand(5, 2)
+    outs = []
+    for may_drop in (True, False):
+        d = LocalDispatcher(3)
+        x_ND, counts_E = d.dispatch(x_TD, ids_TK, w_TK, may_drop)
+        outs.append((x_ND, counts_E, d.combine(x_ND * 3)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    from train.model.moe.routers import ROUTERS
+
+    leaves_empty = {name for name, cls in ROUTERS.items() if not cls.fills_every_slot}
+    assert leaves_empty == {"gshard", "expert_choice"}
+
+
 def test_capacity_hand_worked():
     assert expert_capacity(4, 2, 2, 0.5) == 2
     assert expert_capacity(5, 2, 4, 1.0) == 3  # ceil(2.5)

@@ -20,8 +20,8 @@ def sort_by_expert(
 
     Returns `perm_N`, the flat assignment indices `t * K + k` whose id is not -1, sorted by expert ascending
     and, within an expert, by flat index (token order; the sort is stable), and `num_tokens_per_expert_E`.
-    `keep_dropped`: return all T*K assignments, the dropped ones last, instead of cutting them off; the cut
-    needs their number on the host, a device sync this way avoids.
+    `keep_dropped`: return all T*K assignments, dropped ones last, instead of cutting those off: for callers that
+    know nothing is dropped, since the cut reads the kept count on the host (a device sync).
     """
     ids_A = topk_ids_TK.reshape(-1)
     keys_A = torch.where(ids_A >= 0, ids_A, num_experts)  # dropped assignments sort last, then are cut
@@ -39,21 +39,16 @@ def gather_rows(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.T
     return x_TD[perm_N // top_k]
 
 
-def combine_rows(
-    y_ND: torch.Tensor, perm_N: torch.Tensor, topk_weights_TK: torch.Tensor, kept_N: torch.Tensor | None = None
-) -> torch.Tensor:
+def combine_rows(y_ND: torch.Tensor, perm_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """Inverse of `gather_rows`: `y_TD[t] = sum_k w[t, k] * y_ND[row of (t, k)]`, in y's dtype.
 
-    Dropped assignments have no row (or, with `kept_N`, a row whose output is ignored, whatever it holds) and
-    so contribute zero. Accumulates in fp32 because the K copies of a token are summed.
+    Dropped assignments have no row and so contribute zero. Accumulates in fp32 because the K copies of a
+    token are summed.
     """
     T, K = topk_weights_TK.shape
     w_N = topk_weights_TK.reshape(-1)[perm_N]
-    yw_ND = y_ND.float() * w_N.unsqueeze(-1)
-    if kept_N is not None:
-        yw_ND = torch.where(kept_N.unsqueeze(-1), yw_ND, 0.0)  # `where`, not a product: the rows may hold NaN
     y_TD = torch.zeros(T, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
-    y_TD.index_add_(0, perm_N // K, yw_ND)
+    y_TD.index_add_(0, perm_N // K, y_ND.float() * w_N.unsqueeze(-1))
     return y_TD.to(y_ND.dtype)
 
 
@@ -61,7 +56,8 @@ class TokenDispatcher(Protocol):
     """Contract shared by all dispatchers (see docs/ARCHITECTURE.md).
 
     `dispatch` receives this rank's tokens and routing and returns the rows this rank's experts must
-    process, grouped by local expert ascending, with their counts. `combine` receives the expert outputs for
+    process, grouped by local expert ascending, with their counts. `may_drop=False` promises that no id is -1
+    (a dropless plan), which lets a dispatcher skip work that finds the dropped ones. `combine` receives the expert outputs for
     exactly those rows and returns, for this rank's tokens, the gate-weighted sum over the K copies.
     `stats` holds detached statistics of the last call (at least `a2a_tokens_sent`).
     """
@@ -69,7 +65,7 @@ class TokenDispatcher(Protocol):
     stats: dict[str, Any]
 
     def dispatch(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, may_drop: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def combine(self, y_ND: torch.Tensor) -> torch.Tensor: ...
@@ -83,27 +79,21 @@ class LocalDispatcher:
         self.stats: dict[str, Any] = {}
         self._perm_N: torch.Tensor | None = None
         self._topk_weights_TK: torch.Tensor | None = None
-        self._kept_N: torch.Tensor | None = None
 
     def dispatch(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, may_drop: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(x_ND, num_tokens_per_local_expert_E)`; ids of -1 are dropped assignments."""
-        # All T*K rows, dropped ones last: their count never reaches the host. The expert GEMMs stop at the
-        # last expert's block, and the dropped rows are zeroed here and ignored by combine, so whatever the
-        # kernel leaves in them (and their gradient) goes nowhere.
-        perm_N, num_tokens_per_expert_E = sort_by_expert(topk_ids_TK, self.num_experts, keep_dropped=True)
-        kept_N = topk_ids_TK.reshape(-1)[perm_N] >= 0
-        self._perm_N, self._topk_weights_TK, self._kept_N = perm_N, topk_weights_TK, kept_N
+        """Returns `(x_ND, num_tokens_per_local_expert_E)`; ids of -1 are dropped assignments. With
+        `may_drop=False` (a dropless plan) N = T*K is known, so nothing waits for the host."""
+        perm_N, num_tokens_per_expert_E = sort_by_expert(topk_ids_TK, self.num_experts, keep_dropped=not may_drop)
+        self._perm_N, self._topk_weights_TK = perm_N, topk_weights_TK
         self.stats = {"a2a_tokens_sent": 0}
-        x_ND = gather_rows(x_TD, perm_N, topk_ids_TK.shape[1])
-        return torch.where(kept_N.unsqueeze(-1), x_ND, 0.0), num_tokens_per_expert_E
+        return gather_rows(x_TD, perm_N, topk_ids_TK.shape[1]), num_tokens_per_expert_E
 
     def combine(self, y_ND: torch.Tensor) -> torch.Tensor:
         """Gate-weighted sum of each token's expert outputs, `y_TD`, for the tokens of the last dispatch."""
         if self._perm_N is None:
             raise RuntimeError("combine() called before dispatch()")
-        y_TD = combine_rows(y_ND, self._perm_N, self._topk_weights_TK, self._kept_N)
-        # Free the routing state: one combine per dispatch.
-        self._perm_N = self._topk_weights_TK = self._kept_N = None
+        y_TD = combine_rows(y_ND, self._perm_N, self._topk_weights_TK)
+        self._perm_N = self._topk_weights_TK = None  # free the routing state; one combine per dispatch
         return y_TD

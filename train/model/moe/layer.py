@@ -127,7 +127,10 @@ class MoELayer(nn.Module):
         x_in_TD, weights_TK = x_TD, route.topk_weights_TK
         if self.moe.expert_input_scaling:  # Llama 4: scale the (single) expert's input; combine with weight 1
             x_in_TD, weights_TK = x_TD * weights_TK.to(x_TD.dtype), torch.ones_like(weights_TK)
-        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_in_TD, topk_ids_TK, weights_TK)
+        # Dropless plans tell the dispatcher so, which then needs no device sync to count the kept rows.
+        may_drop = not self.router.fills_every_slot or capacity_factor is not None or (
+            self.moe.device_capacity_factor is not None)
+        x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_in_TD, topk_ids_TK, weights_TK, may_drop)
         y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
         y_TD = self.dispatcher.combine(y_ND)
         if self.shared is not None:

@@ -123,6 +123,7 @@ class Router(nn.Module):
     # ---- the seam: what every scheme states (defaults are token choice's) ----
     causal = True  # a token's routing depends on that token alone (needed by KV-cache decoding)
     needs_token_ids = False  # the layer passes the token ids to `forward` (hash routing)
+    fills_every_slot = True  # every slot names an expert (no -1) before capacity: the dispatch can skip the cut
 
     def reset_parameters(self, std: float) -> None:
         """normal(0, std) for the learned gate."""

@@ -30,6 +30,7 @@ class ExpertChoiceRouter(Router):
     picks among its own tokens."""
 
     causal = False
+    fills_every_slot = False  # slot e is -1 unless expert e picked the token
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)

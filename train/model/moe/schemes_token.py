@@ -108,6 +108,8 @@ class GShardRouter(Router):
     tokens whose FIRST choice is e (summed over data-parallel ranks), m_e the mean gate of e over this rank's
     tokens (the differentiable proxy)."""
 
+    fills_every_slot = False  # the second slot is -1 when its random draw skips it
+
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
         if moe.num_active_routed != 2 or moe.scoring != "softmax_topk":
             raise ValueError("model.moe.router=gshard is top-2 over softmax gates: set model.moe.top_k=2 (granularity "

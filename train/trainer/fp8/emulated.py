@@ -119,7 +119,7 @@ def emulated_fp8_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_
     total, spec, dtype = sum(counts), EMULATED_RECIPES[recipe], output_dtype(x_NI)
     if total == x_NI.shape[0]:
         return _EmulatedFp8GroupedGemm.apply(x_NI, w_EOI, counts, spec, dtype)
-    # rows past the last group (the dispatcher's dropped rows, masked by it) are not computed, as in
+    # rows past the last group (if a caller passes any) are not computed, as in
     # `grouped_mm`, and do not enter any scale
     y = _EmulatedFp8GroupedGemm.apply(x_NI[:total], w_EOI, counts, spec, dtype)
     return torch.cat([y, y.new_zeros(x_NI.shape[0] - total, w_EOI.shape[1])])

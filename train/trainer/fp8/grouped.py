@@ -31,7 +31,7 @@ def is_sm90(device: torch.device) -> bool:
 def pad_groups(x_NI: torch.Tensor, num_tokens_per_expert_E: torch.Tensor, align: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy each expert's row block of `x_NI` to the start of a block padded with zero rows to a multiple of
-    `align`; rows past the last block (the dispatcher's masked dropped rows) go after the padded blocks, outside
+    `align`; rows past the last block (if a caller passes any) go after the padded blocks, outside
     every group. Returns `(x_PI, rows_N, padded_counts_E)` with `x_PI[rows_N] == x_NI`. `index_copy` and the
     later `index_select(0, rows_N)` are differentiable, so the padding sits outside the FP8 kernel's autograd.
     Sizes are read on the host (one sync)."""
