@@ -4,8 +4,12 @@
 # 1. the unit tests on a CUDA build of torch;
 # 2. with >= 2 GPUs: the expert-parallel all-to-all over NCCL (scripts/bench_dispatch.py --backend nccl);
 # 3. with >= 2 GPUs: DeepSpeed ZeRO 0-3 over NCCL, per-rank bytes and step time (scripts/bench_zero.py);
-# 4. a short bf16 training run on one GPU.
-# Each figure goes into docs/MEASUREMENTS.md with the command above it.
+# 4. short bf16 and FP8 (each recipe) training runs on one GPU;
+# 5. speed (issue 10): scripts/bench_moe.py at the default shapes and at 16K routed tokens, bf16, against the
+#    per-expert loop and the peers; scripts/bench_step.py for a ~1.1B-total Mixtral-style model in bf16 and FP8,
+#    and for hidden 4096 (mixtral_8x7b's widths, 2 layers) in bf16 and FP8 rowwise;
+# 6. scripts/perf_report.py writes every figure of step 5 into docs/performance.md with the device name.
+# The other figures go into docs/MEASUREMENTS.md with the command above them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,4 +36,30 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 step train_bf16 "$PY" -m train model=tiny_deepseek_v3 precision=bf16 trainer.max_steps=20 \
     trainer.run_dir="$OUT/train_bf16" logging.progress=false
+for recipe in tensorwise rowwise blockwise; do
+    step "train_fp8_$recipe" "$PY" -m train model=tiny_deepseek_v3 precision=fp8 "precision.recipe=$recipe" \
+        trainer.max_steps=20 trainer.run_dir="$OUT/train_fp8_$recipe" logging.progress=false
+done
+
+# Speed. bench_moe: the layer alone; bench_step: whole steps against transformers' MixtralForCausalLM loop.
+TT=()
+[ -n "${MOEFORGE_TORCHTITAN_PATH:-}" ] && TT=(--torchtitan-path "$MOEFORGE_TORCHTITAN_PATH")
+step bench_moe_default "$PY" scripts/bench_moe.py --device cuda --dtype bf16 --repeats 20 --warmup 3 --compile "${TT[@]}"
+step bench_moe_16k "$PY" scripts/bench_moe.py --device cuda --dtype bf16 --tokens 8192 --case default \
+    --repeats 20 --warmup 3 "${TT[@]}"
+MIXTRAL_1B=(model=mixtral_8x7b model.d_model=2048 model.num_layers=12 model.moe.expert_hidden=1408
+            model.attention.num_heads=16 model.attention.num_kv_heads=4 model.vocab_size=32000)
+for prec in bf16 "fp8 precision.recipe=rowwise" "fp8 precision.recipe=blockwise"; do
+    tag=$(echo "$prec" | tr ' =.' '___')
+    # shellcheck disable=SC2086
+    step "bench_step_1b_$tag" "$PY" scripts/bench_step.py --steps 10 --warmup 3 --batch 8 --seq 2048 \
+        "${MIXTRAL_1B[@]}" trainer.device=cuda precision=$prec
+done
+for prec in bf16 "fp8 precision.recipe=rowwise"; do
+    tag=$(echo "$prec" | tr ' =.' '___')
+    # shellcheck disable=SC2086
+    step "bench_step_h4096_$tag" "$PY" scripts/bench_step.py --steps 6 --warmup 2 --batch 2 --seq 4096 \
+        model=mixtral_8x7b model.num_layers=2 trainer.device=cuda precision=$prec
+done
+step perf_report "$PY" scripts/perf_report.py "$OUT"
 exit $status

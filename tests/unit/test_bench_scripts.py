@@ -8,8 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_moe_smoke():
-    """ours, HF, DeepSpeed and the dense floor all run and time; ours and HF agree (the script asserts it)."""
+def test_bench_moe_smoke(tmp_path):
+    """ours, HF, DeepSpeed and the dense floor all run and time; ours and HF agree (the script asserts it); the
+    GPU report (scripts/perf_report.py) renders its JSON into the marked section of a document."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOEFORGE_TORCHTITAN_PATH": ""}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_moe.py"), "--tokens", "64", "--d-model", "32",
                           "--experts", "4", "--hidden", "64", "--repeats", "1", "--warmup", "0", "--dtype", "fp32",
@@ -17,7 +18,7 @@ def test_bench_moe_smoke():
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("ours_ms", "hf_ms", "deepspeed_ms", "dense_floor_ms"):
+    for key in ("ours_ms", "ours_loop_ms", "hf_ms", "deepspeed_ms", "dense_floor_ms"):
         assert result[key] > 0, key
     assert result["torchtitan_ms"] is None or result["torchtitan_ms"] > 0
     assert (result["torchtitan_ms"] is None) == (result["torchtitan_error"] is not None)
@@ -26,3 +27,13 @@ def test_bench_moe_smoke():
     assert result["dtype"] == "fp32"
     assert [r["case"] for r in result["results"]] == ["default"]
     assert result["results"][0]["max_abs_diff_vs_ours"]["deepspeed"] < 1e-6
+
+    (tmp_path / "bench_moe_smoke.log").write_text(out.stdout)
+    doc = tmp_path / "performance.md"
+    doc.write_text("# head\n<!-- gpu-figures:begin -->\nnone yet\n<!-- gpu-figures:end -->\ntail\n")
+    rep = subprocess.run([sys.executable, str(ROOT / "scripts" / "perf_report.py"), str(tmp_path), "--doc", str(doc)],
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    text = doc.read_text()
+    assert "none yet" not in text and text.startswith("# head") and text.endswith("tail\n")
+    assert "| default | fp32 | 64 | 4 | 64 | 2 |" in text and "**cpu**" in text
