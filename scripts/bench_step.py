@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         trainer.fit()
         trainer.close()
         ours = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-        flops_per_token, peak = trainer.flops_per_token, trainer.peak_flops
+        flops_per_token, peak, peak_source = trainer.flops_per_token, trainer.peak_flops, trainer.peak_flops_source
         del trainer
         hf = hf_loop(hf_model, cfg, batches, mesh.device)
 
@@ -168,12 +168,15 @@ def main(argv=None) -> dict:
     hf_tps = statistics.median(tokens_per_step / r["seconds"] for r in hf[timed])
     lm_diff = abs(ours[0]["lm_loss"] - hf[0]["lm_loss"])
     mfu = lambda tps: flops_per_token * tps / peak  # noqa: E731
-    hf_cfg = hf_model.config
+    hf_cfg, m = hf_model.config, cfg.model
     result = {
         "model": cfg.model.name, "precision": cfg.precision.name, "device": str(mesh.device),
+        "d_model": m.d_model, "num_layers": m.num_layers, "num_experts": m.moe.num_experts, "top_k": m.moe.top_k,
+        "expert_hidden": m.moe.expert_hidden,
         "tokens_per_step": tokens_per_step, "steps": args.steps, "warmup": args.warmup,
         "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps, "speedup": ours_tps / hf_tps,
-        "mfu": mfu(ours_tps), "hf_mfu": mfu(hf_tps), "peak_flops": peak, "flops_per_token": flops_per_token,
+        "mfu": mfu(ours_tps), "hf_mfu": mfu(hf_tps), "peak_flops": peak, "peak_flops_source": peak_source,
+        "flops_per_token": flops_per_token,
         "first_lm_loss_ours": ours[0]["lm_loss"], "first_lm_loss_hf": hf[0]["lm_loss"],
         "first_lm_loss_diff": lm_diff, "first_step_agrees": lm_diff <= LM_LOSS_TOL[cfg.precision.name],
         "first_loss_ours": ours[0]["loss"], "first_loss_hf": hf[0]["loss"],
@@ -187,9 +190,10 @@ def main(argv=None) -> dict:
 
 
 def print_summary(r: dict) -> None:
-    print(f"\n{r['model']} {r['precision']} on {r['device']} ({r['torch_threads']} threads), {r['tokens_per_step']} "
+    print(f"\n{r['model']} (d_model {r['d_model']}, {r['num_layers']} layers, {r['num_experts']} experts of width "
+          f"{r['expert_hidden']}, top {r['top_k']}) {r['precision']} on {r['device']} ({r['torch_threads']} threads), {r['tokens_per_step']} "
           f"tokens per step, median of {r['steps']} steps after {r['warmup']} warm-up; MFU against "
-          f"{r['peak_flops']:.3g} FLOP/s (measured), {r['flops_per_token']:.3g} FLOPs per token")
+          f"{r['peak_flops']:.3g} FLOP/s ({r['peak_flops_source']}), {r['flops_per_token']:.3g} FLOPs per token")
     print(f"  moeforge trainer      {r['ours_tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu']:7.2%}")
     print(f"  transformers loop     {r['hf_tokens_per_s']:>12,.0f} tokens/s   MFU {r['hf_mfu']:7.2%}   "
           f"(attention {r['hf_attn_implementation']}, experts {r['hf_experts_implementation']})")

@@ -88,7 +88,7 @@ class Trainer:
             peak = parallel.broadcast_object(peak, mesh)
         else:
             peak = resolve_peak_flops(t.peak_flops, mesh.device, cfg.precision.name)
-        self.peak_flops = peak.value
+        self.peak_flops, self.peak_flops_source = peak.value, peak.source
         self._write_config()
         self.logger = RunLogger(cfg.logging, self.run_dir, self.is_main, t.max_steps, self.state.step,
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
