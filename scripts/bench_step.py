@@ -152,6 +152,8 @@ def main(argv=None) -> dict:
         cfg = compose(args, tmp / "run")
         check_mixtral(cfg.model)
         mesh = parallel.init_distributed(cfg)
+        if mesh.world_size > 1:
+            sys.exit("bench_step.py compares one process with one HF loop: run it with python, not torchrun")
         trainer = Trainer(cfg, mesh)
         hf_model = export_initial_weights(trainer, tmp / "hf", args.hf_experts)
         batches = [trainer.data.global_batch_for_rank(s) for s in range(cfg.trainer.max_steps)]
