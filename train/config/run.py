@@ -99,8 +99,10 @@ class TrainerConfig:
     # none | full | selective: recompute activations in backward (parallel/activation_checkpointing.py says what
     # each mode keeps); gradients are those of `none`.
     activation_checkpointing: str = "none"
-    # Per-device peak FLOP/s for MFU; null picks the dense bf16 peak from the GPU's name (1e12 on CPU).
-    peak_flops: Optional[float] = None
+    # Per-device peak FLOP/s for MFU: null picks the dense bf16 peak from the GPU's name (1e12 on CPU); a number;
+    # or `measure`: a timed matmul in the run's compute dtype, cached per device (train/trainer/peak_flops.py).
+    # Typed Any because OmegaConf has no float-or-string union: validate.py checks the value.
+    peak_flops: Any = None
 
 
 @dataclass

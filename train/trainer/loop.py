@@ -30,7 +30,7 @@ from train.model.transformer import draw_init_seed
 from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.optim import optimizer_factory, param_groups
-from train.trainer.peak_flops import peak_flops_per_device
+from train.trainer.peak_flops import MEASURE, resolve_peak_flops
 from train.trainer.precision import build_precision
 from train.trainer.health import StepHealth, TrainingStopped
 from train.trainer.preemption import PreemptionGuard
@@ -87,7 +87,12 @@ class Trainer:
         self.ctx = StepContext(precision=self.precision, schedule=self.schedule, mesh=mesh,
                                tokens_per_step=t.global_batch_size * t.seq_len)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
-        self.peak_flops = peak_flops_per_device(t.peak_flops, mesh.device)
+        if t.peak_flops == MEASURE:  # rank 0 measures (ranks sharing a CPU would contend), every rank uses it
+            peak = resolve_peak_flops(t.peak_flops, mesh.device, cfg.precision.name) if self.is_main else None
+            peak = parallel.broadcast_object(peak, mesh)
+        else:
+            peak = resolve_peak_flops(t.peak_flops, mesh.device, cfg.precision.name)
+        self.peak_flops, self.peak_flops_source = peak.value, peak.source
         self._write_config()
         self.logger = RunLogger(cfg.logging, self.run_dir, self.is_main, t.max_steps, self.state.step,
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -103,7 +108,7 @@ class Trainer:
                          f"{mesh.world_size} rank(s), {self.data.grad_accum_steps} micro-batch(es) per step, "
                          f"device {mesh.device}, precision {cfg.precision.name}"
                          f"{'' if self.precision.recipe is None else ' recipe=' + self.precision.recipe.value}, "
-                         f"MFU against {self.peak_flops:.3g} FLOP/s per device")
+                         f"MFU against {self.peak_flops:.3g} FLOP/s per device ({peak.source})")
 
     def _resolve_routing_groups(self) -> None:
         """Set `model.moe.routing_groups` for this run (the stored value of the checkpoint it resumes, else this

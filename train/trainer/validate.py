@@ -15,6 +15,7 @@ from parallel.zero.config import check_deepspeed_config
 from train.config import TrainConfig
 from train.config.routing import check_group_limit, resolve_routing_groups
 from train.data import check_batch_sizes
+from train.trainer.peak_flops import MEASURE
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -230,6 +231,7 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     _check(t.eval_batches >= 1, f"trainer.eval_batches={t.eval_batches} must be >= 1")
     _one_of("trainer.device", t.device, DEVICES)
     _one_of("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    _validate_peak_flops(t.peak_flops)
     if t.resume not in ("auto", "never"):
         _check(Path(t.resume).expanduser().exists(),
                f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint or run dir")
@@ -241,6 +243,17 @@ def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     _check(cfg.precision.recipe is None or cfg.precision.name == "fp8",
            f"precision.recipe={_value(cfg.precision.recipe)} only applies to precision=fp8 (precision.name="
            f"{cfg.precision.name}): drop the override or use precision=fp8")
+
+
+def _validate_peak_flops(value) -> None:
+    """The config types it Any (OmegaConf has no float-or-string union), so the choices are checked here."""
+    choices = f"choose null (the device's table value), a number (FLOP/s per device) or {MEASURE}"
+    if isinstance(value, str):
+        _check(value == MEASURE, f"trainer.peak_flops={value!r} is not valid: {choices}")
+    elif value is not None:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"trainer.peak_flops={value!r} is not valid: {choices}")
+        _check(value > 0, f"trainer.peak_flops={value} must be > 0: {choices}")
 
 
 def _validate_data(cfg: TrainConfig) -> None:
