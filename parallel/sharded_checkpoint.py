@@ -229,6 +229,13 @@ def load_model_weights(model: nn.Module, ckpt_dir: Path, mesh) -> None:
             expected[model_key(name, 0)] = tuple(t.shape[1:])
             if model_key(name, total - 1) not in idx or model_key(name, total) in idx:
                 have = sum(1 for k in idx if k.startswith(model_key(name) + "/expert/"))
+                legacy = model_key(name.rsplit(".", 1)[0] + ".w_gate_EDF", 0)
+                if have == 0 and legacy in idx:
+                    raise ShardedCheckpointError(
+                        f"{ckpt_dir} stores experts in the per-projection layout (w_gate_EDF, w_up_EDF, w_down_EFD) "
+                        "of moeforge before the fused w_gate_up_EHD / w_down_EDF layout; this version cannot read "
+                        "it: resume it with the moeforge commit that wrote it, or export it to Hugging Face there "
+                        "and import the export here (scripts/convert_hf.py)")
                 raise ShardedCheckpointError(f"{name}: the checkpoint {ckpt_dir} has {have} experts, the model "
                                              f"{total}: check model.moe.num_experts / granularity against its config.yaml")
         else:

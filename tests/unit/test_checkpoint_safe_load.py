@@ -45,3 +45,25 @@ def test_a_planted_payload_in_a_sharded_checkpoint_index_is_refused_and_never_ru
                                                      r"not part of a checkpoint index\)"):
         index(tmp_path)
     assert not marker.exists()
+
+
+def test_a_checkpoint_in_the_old_expert_layout_is_refused_by_name(tmp_path, monkeypatch):
+    """A sharded checkpoint whose experts are stored per projection (before the fused w_gate_up_EHD layout) gets an
+    error that names the layout change and the way out, not a wrong expert count."""
+    from parallel import sharded_checkpoint as sharded
+    from train.config import load_train_config
+    from train.model import build_model
+
+    model = build_model(load_train_config(["model=tiny_mixtral"]).model)
+    old = {}
+    for name, t in model.state_dict().items():
+        if ".experts." not in name:
+            old[sharded.model_key(name)] = (tuple(t.shape), t.dtype)
+            continue
+        base = name.rsplit(".", 1)[0]
+        for legacy in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+            for e in range(t.shape[0]):
+                old[sharded.model_key(f"{base}.{legacy}", e)] = ((1,), t.dtype)
+    monkeypatch.setattr(sharded, "index", lambda ckpt_dir: old)
+    with pytest.raises(sharded.ShardedCheckpointError, match=r"per-projection layout \(w_gate_EDF.*convert_hf"):
+        sharded.load_model_weights(model, tmp_path, mesh=None)
