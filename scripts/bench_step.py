@@ -193,8 +193,8 @@ def main(argv=None) -> dict:
 
 def print_summary(r: dict) -> None:
     print(f"\n{r['model']} (d_model {r['d_model']}, {r['num_layers']} layers, {r['num_experts']} experts of width "
-          f"{r['expert_hidden']}, top {r['top_k']}) {r['precision']} on {r['device']} ({r['torch_threads']} threads), {r['tokens_per_step']} "
-          f"tokens per step, median of {r['steps']} steps after {r['warmup']} warm-up; MFU against "
+          f"{r['expert_hidden']}, top {r['top_k']}) {r['precision']} on {r['device']} ({r['torch_threads']} threads), "
+          f"{r['tokens_per_step']} tokens per step, median of {r['steps']} steps after {r['warmup']} warm-up; MFU against "
           f"{r['peak_flops']:.3g} FLOP/s ({r['peak_flops_source']}), {r['flops_per_token']:.3g} FLOPs per token")
     print(f"  moeforge trainer      {r['ours_tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu']:7.2%}")
     print(f"  transformers loop     {r['hf_tokens_per_s']:>12,.0f} tokens/s   MFU {r['hf_mfu']:7.2%}   "

@@ -92,7 +92,8 @@ def _stages_match_stage0(rank, world_size, model_name, optimizer, tol, *extra):
         for r, ref in zip(records, ref_records):
             for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
                 k_tol = tol * (GRAD_NORM_BF16_FACTOR if key == "grad_norm" and "precision=bf16" in extra else 1)
-                assert r[key] == pytest.approx(ref[key], rel=k_tol, abs=k_tol), (stage, r["step"], key, r[key], ref[key])
+                assert r[key] == pytest.approx(ref[key], rel=k_tol, abs=k_tol), (
+                    stage, r["step"], key, r[key], ref[key])
         assert set(weights) == set(ref_weights)
         for name, w in weights.items():
             _assert_weights_close(w, ref_weights[name], tol, "precision=bf16" in extra, f"stage {stage}: {name}")

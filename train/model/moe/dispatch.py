@@ -57,8 +57,8 @@ class TokenDispatcher(Protocol):
 
     `dispatch` receives this rank's tokens and routing and returns the rows this rank's experts must
     process, grouped by local expert ascending, with their counts. `may_drop=False` promises that no id is -1
-    (a dropless plan), which lets a dispatcher skip work that finds the dropped ones. `combine` receives the expert outputs for
-    exactly those rows and returns, for this rank's tokens, the gate-weighted sum over the K copies.
+    (a dropless plan), which lets a dispatcher skip work that finds the dropped ones. `combine` receives the
+    expert outputs for exactly those rows and returns, for this rank's tokens, the gate-weighted sum over the K copies.
     `stats` holds detached statistics of the last call (at least `a2a_tokens_sent`).
     """
 

@@ -53,8 +53,9 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, num_tokens_per_expert_E:
     """Row block e of `x_NI` (length `num_tokens_per_expert_E[e]`) times `w_EOI[e].T`; returns `y_NO`.
 
     `torch._grouped_mm` (CPU and Hopper GPUs in this torch, backward included, experts with zero rows too)
-    with the offsets on the device, so nothing waits for the host; under autocast in the autocast dtype. Rows past the last offset are not
-    computed (their output is unspecified). Operands the kernel does not take fall back to `looped_mm`.
+    with the offsets on the device, so nothing waits for the host; under autocast in the autocast dtype. Rows
+    past the last offset are not computed (their output is unspecified). Operands the kernel does not take fall
+    back to `looped_mm`.
     """
     device = x_NI.device.type
     if torch.is_autocast_enabled(device):
