@@ -29,6 +29,10 @@ Hazards of recomputing a whole MoE block (`full`), and how each is handled:
 - routing statistics come from the first forward's outputs; the recompute's outputs are discarded;
 - RNG (router noise or jitter): `checkpoint` restores the forward's CPU and device RNG states for the recompute.
 
+Document masking's `document_ids_BT` (and the per-row positions) reach the wrapped methods as ordinary tensor
+arguments, saved as inputs: the recompute rebuilds the same mask from them, and `selective` recomputes the mask
+rather than keeping it (it comes from comparisons, not a kept GEMM).
+
 Bypassed, so nothing changes there: forwards without autograd (evaluation under `torch.no_grad`, generation)
 and any call that passes a `KVCache` (a recompute would append the keys and values a second time).
 

@@ -62,6 +62,9 @@ class DataConfig:
     val_fraction: float = 0.01
     cache_dir: str = "${oc.env:MOEFORGE_CACHE,.cache/moeforge}"
     num_proc: int = 1
+    # Packed rows hold several documents: keep attention within each document and restart positions at each
+    # one (the model's `document_ids`); the data pipeline then adds `document_ids` to each micro-batch.
+    document_mask: bool = False
 
 
 @dataclass

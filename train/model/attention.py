@@ -2,6 +2,7 @@
 cache and the masked scaled-dot-product call.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, Hkv key/value heads, Dh head dim.
+Positions are (T,), shared by the rows, or (B, T) per row with document masking (`train/model/documents.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config.model import ModelConfig
+from train.model.documents import document_attention_mask
 from train.model.norms import RMSNorm
 from train.model.rope import RotaryEmbedding, apply_rotary
 
@@ -62,8 +64,12 @@ def attend(
     sliding_window: Optional[int],
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    keep_B1TS: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention of the T newest positions over all S keys.
+
+    `keep_B1TS` (document masking): a boolean mask, True = attend, that replaces the causal, window and chunk
+    mask built here; the caller has folded all of them into it (`document_attention_mask`).
 
     With `softcap` (Grok-1) the scores s become softcap · tanh(s / softcap) before masking: SDPA cannot do
     that, so the scores are materialised and the softmax taken in fp32.
@@ -75,9 +81,15 @@ def attend(
     if softcap is not None:
         s_BHTS = (q_BHTD @ k_BHSD.transpose(-1, -2)).float() * scale
         s_BHTS = softcap * torch.tanh(s_BHTS / softcap)
-        keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
+        if keep_B1TS is None:
+            keep_TS = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
+        else:
+            keep_TS = keep_B1TS
         p_BHTS = s_BHTS.masked_fill(~keep_TS, float("-inf")).softmax(-1).to(v_BHSD.dtype)
         return p_BHTS @ v_BHSD
+    if keep_B1TS is not None:
+        # On CUDA too this is SDPA with the boolean mask (no FlexAttention or varlen kernel yet).
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=keep_B1TS, scale=scale)
     mask, is_causal = None, False
     if sliding_window is not None or chunk_size is not None or num_queries not in (1, num_keys):
         mask = attention_mask(num_queries, num_keys, sliding_window, q_BHTD.device, chunk_size)
@@ -151,21 +163,29 @@ class GroupedQueryAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+        self, x_BTD: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache] = None,
+        document_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Attention output (B, T, D). `positions` (T,) or (B, T); with `document_ids_BT` (then no cache and
+        (B, T) positions that restart per document) each token attends only within its document."""
         b, t, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD)
         if self.use_rope:
-            cos_TR, sin_TR = self.rope(positions_T)
+            cos_TR, sin_TR = self.rope(positions)
             q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
             k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
         elif self.temperature is not None:  # Llama 4's attention temperature on NoPE layers
             floor_scale, scale = self.temperature
-            t_T1 = torch.log1p(torch.floor((positions_T.float() + 1.0) / floor_scale)) * scale + 1.0
-            q = (q * t_T1[:, None]).to(q.dtype)
+            t_T = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * scale + 1.0
+            # (T,) scales the T axis of q (B, H, T, Dh); (B, T) per-row positions need the B axis too.
+            t_T = t_T[:, None, :, None] if t_T.dim() == 2 else t_T[:, None]
+            q = (q * t_T).to(q.dtype)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         rep = self.num_heads // self.num_kv_heads
+        keep_B1TS = None
+        if document_ids_BT is not None:
+            keep_B1TS = document_attention_mask(document_ids_BT, positions, self.sliding_window, self.chunk_size)
         o_BHTD = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), self.scale, self.sliding_window, self.softcap,
-                        self.chunk_size)
+                        self.chunk_size, keep_B1TS)
         return self.o_proj(o_BHTD.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

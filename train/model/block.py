@@ -50,20 +50,22 @@ class Block(nn.Module):
             self.ffn_post_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
 
     def token_mixing(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+        self, x_BTD: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache] = None,
+        document_ids_BT: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything before the feed-forward: `h = x + attn(attn_norm(x))` and the FFN's input `ffn_norm(h)`.
         A method of its own so `parallel/activation_checkpointing.py` can recompute it as one region."""
-        a_BTD = self.attn(self.attn_norm(x_BTD), positions_T, kv_cache)
+        a_BTD = self.attn(self.attn_norm(x_BTD), positions, kv_cache, document_ids_BT)
         h_BTD = x_BTD + (self.attn_post_norm(a_BTD) if self.post_norms else a_BTD)
         return h_BTD, self.ffn_norm(h_BTD)
 
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None,
-        token_ids_BT: Optional[torch.Tensor] = None,
+        self, x_BTD: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache] = None,
+        token_ids_BT: Optional[torch.Tensor] = None, document_ids_BT: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
-        """`token_ids_BT`: the input ids, for routers that route on them (hash)."""
-        h_BTD, ffn_in_BTD = self.token_mixing(x_BTD, positions_T, kv_cache)
+        """`positions`: (T,), or (B, T) with `document_ids_BT`, which keeps attention within each document (see
+        `train/model/documents.py`). `token_ids_BT`: the input ids, for routers that route on them (hash)."""
+        h_BTD, ffn_in_BTD = self.token_mixing(x_BTD, positions, kv_cache, document_ids_BT=document_ids_BT)
         if self.is_moe:
             y_BTD, moe_out = self.ffn(ffn_in_BTD, token_ids_BT)
         else:

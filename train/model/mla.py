@@ -18,6 +18,7 @@ from torch import nn
 
 from train.config.model import ModelConfig
 from train.model.attention import KVCache, attend
+from train.model.documents import document_attention_mask
 from train.model.norms import RMSNorm
 from train.model.rope import RotaryEmbedding, apply_rotary, softmax_mscale
 
@@ -52,8 +53,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = RotaryEmbedding(self.rope_dim, cfg.rope)
 
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, kv_cache: Optional[KVCache] = None
+        self, x_BTD: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache] = None,
+        document_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Attention output (B, T, D). `positions` (T,) or (B, T); with `document_ids_BT` (then no cache and
+        (B, T) positions that restart per document) each token attends only within its document."""
         b, t, _ = x_BTD.shape
         h = self.num_heads
         if self.q_lora_rank is None:
@@ -68,7 +72,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv_BHTK = kv.view(b, t, h, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v_BHTV = kv_BHTK.split([self.nope_dim, self.v_dim], dim=-1)
 
-        cos_TR, sin_TR = self.rope(positions_T)
+        cos_TR, sin_TR = self.rope(positions)
         q_rope = apply_rotary(q_rope, cos_TR, sin_TR, self.interleaved)
         k_rope_B1TR = apply_rotary(k_rope_BTR[:, None], cos_TR, sin_TR, self.interleaved)
 
@@ -77,5 +81,8 @@ class MultiHeadLatentAttention(nn.Module):
         v = v_BHTV
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        o_BHTV = attend(q, k, v, self.scale, sliding_window=None)
+        keep_B1TS = None
+        if document_ids_BT is not None:
+            keep_B1TS = document_attention_mask(document_ids_BT, positions, sliding_window=None)
+        o_BHTV = attend(q, k, v, self.scale, sliding_window=None, keep_B1TS=keep_B1TS)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, h * self.v_dim))

@@ -36,11 +36,15 @@ class MTPModule(nn.Module):
         self.norm = build_norm(cfg.norm, d, cfg.norm_eps)
 
     def forward(
-        self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, positions_T: torch.Tensor
+        self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, positions: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[MoELayerOutput]]:
-        """Returns (h^k before the final norm, for the next depth; h^k after it, for the head; MoE output)."""
+        """Returns (h^k before the final norm, for the next depth; h^k after it, for the head; MoE output).
+
+        `positions` and `document_ids_BT` are the main row's: position i stays in its document although its
+        input embedding is that of token i + k, as in the main model's positions without document masking."""
         x_BTD = self.eh_proj(torch.cat((self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)), dim=-1))
-        h_BTD, moe_out = self.block(x_BTD, positions_T)
+        h_BTD, moe_out = self.block(x_BTD, positions, document_ids_BT=document_ids_BT)
         return h_BTD, self.norm(h_BTD), moe_out
 
 

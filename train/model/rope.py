@@ -89,7 +89,8 @@ def softmax_mscale(scaling: Optional[RopeScalingConfig]) -> float:
 
 class RotaryEmbedding(nn.Module):
     """Holds `inv_freq` (non-persistent: derived from the config, never checkpointed) and turns positions
-    into half-width `cos_TR`, `sin_TR` tables, already multiplied by the YaRN mscale."""
+    into half-width `cos_TR`, `sin_TR` tables, already multiplied by the YaRN mscale. Positions (T,) shared by
+    the batch give (T, R) tables; per-row positions (B, T) (document masking) give (B, T, R)."""
 
     def __init__(self, dim: int, rope: RopeConfig):
         super().__init__()
@@ -105,15 +106,20 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
 
     @torch.no_grad()
-    def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in fp32 whatever autocast says: positions up to 1e5+ times small frequencies need the mantissa.
-        freqs_TR = positions_T.float()[:, None] * self.inv_freq.float()[None, :]
+        freqs_TR = positions.float()[..., None] * self.inv_freq.float()
         return freqs_TR.cos() * self.mscale, freqs_TR.sin() * self.mscale
 
 
 def apply_rotary(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the last dim of `x` (..., T, 2R) by the angles in the half-width tables, in fp32, keeping the
-    input's channel layout. `interleaved` selects adjacent pairs (DeepSeek) over halves (Llama)."""
+    input's channel layout. `interleaved` selects adjacent pairs (DeepSeek) over halves (Llama).
+
+    Tables of per-row positions (B, T, R) apply to `x` laid out (B, heads, T, 2R): they broadcast over heads.
+    """
+    if cos_TR.dim() == 3:
+        cos_TR, sin_TR = cos_TR[:, None], sin_TR[:, None]
     x32 = x.float()
     if interleaved:
         x1, x2 = x32[..., 0::2], x32[..., 1::2]

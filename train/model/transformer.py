@@ -16,6 +16,7 @@ from torch import nn
 from train.config.model import ModelConfig
 from train.model.attention import KVCache
 from train.model.block import Block
+from train.model.documents import document_positions
 from train.model.moe.experts import GroupedExperts
 from train.model.moe.layer import MoELayer, MoELayerOutput
 from train.model.mtp import MTPModule, shift_left
@@ -147,13 +148,28 @@ class MoETransformer(nn.Module):
         labels_BT: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         kv_caches: Optional[list[KVCache]] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> ModelOutput:
         """`labels_BT[b, t]` is the target of position t (the caller shifts; -100 = ignore). `positions`
         (T,) default to past..past+T-1 where past is the cached length. With `kv_caches` (one per layer, see
-        `new_kv_caches`) the new tokens' keys/values are appended; MTP runs only with labels and no caches."""
+        `new_kv_caches`) the new tokens' keys/values are appended; MTP runs only with labels and no caches.
+
+        `document_ids` (B, T), for packed rows (`data.document_mask`): the index of each token's document in its
+        row, non-decreasing along T, the EOD in the document it closes. Positions are then derived per row,
+        restarting at 0 at each document, and every attention layer (MTP's too) sees only the same document,
+        causally. The MoE balance losses keep their meaning: DeepSeek-V3's sequence-wise term still treats a
+        packed row as the sequence. Not with `kv_caches` or explicit `positions`."""
         b, t = input_ids_BT.shape
         if kv_caches is not None:
             check_causal_routing(self)
+        if document_ids is not None:
+            if kv_caches is not None or positions is not None:
+                raise ValueError("document_ids cannot be combined with kv_caches or positions: document masking "
+                                 "derives per-row positions itself and is for full-sequence forwards only")
+            if document_ids.shape != input_ids_BT.shape:
+                raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected the input ids' "
+                                 f"{tuple(input_ids_BT.shape)}")
+            positions = document_positions(document_ids)
         if positions is None:
             past = kv_caches[0].length if kv_caches else 0
             positions = torch.arange(past, past + t, device=input_ids_BT.device)
@@ -163,7 +179,8 @@ class MoETransformer(nn.Module):
         h_BTD = emb_BTD
         moe_outs: list[tuple[int, MoELayerOutput]] = []
         for i, block in enumerate(self.layers):
-            h_BTD, moe_out = block(h_BTD, positions, kv_caches[i] if kv_caches is not None else None, input_ids_BT)
+            h_BTD, moe_out = block(h_BTD, positions, kv_caches[i] if kv_caches is not None else None, input_ids_BT,
+                                   document_ids_BT=document_ids)
             if moe_out is not None:
                 moe_outs.append((block.layer_idx, moe_out))
         logits_BTV = self.lm_head(self.norm(h_BTD))
@@ -176,7 +193,8 @@ class MoETransformer(nn.Module):
             for module in self.mtp:
                 # Depth k sees emb(t_{i+k}) and predicts t_{i+k+1} = labels[i + k].
                 k = module.depth
-                h_BTD, hn_BTD, moe_out = module(h_BTD, self.embed(shift_left(input_ids_BT, k, 0)), positions)
+                h_BTD, hn_BTD, moe_out = module(h_BTD, self.embed(shift_left(input_ids_BT, k, 0)), positions,
+                                                document_ids)
                 if moe_out is not None:
                     moe_outs.append((module.layer_idx, moe_out))
                 mtp_losses.append(token_cross_entropy(self.lm_head(hn_BTD), shift_left(labels_BT, k, IGNORE_INDEX)))

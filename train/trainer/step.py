@@ -50,8 +50,13 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
     for mb in micro_batches:
         input_ids = mb["input_ids"].to(device, non_blocking=True)
         labels = mb["labels"].to(device, non_blocking=True)
+        # Present only with data.document_mask: the loader then adds each token's document index in its row.
+        # Passed only then, so the call without it stays the plain (input_ids, labels) one.
+        extra = {}
+        if mb.get("document_ids") is not None:
+            extra["document_ids"] = mb["document_ids"].to(device, non_blocking=True)
         with ctx.precision.autocast():
-            out = engine.forward(input_ids, labels)
+            out = engine.forward(input_ids, labels, **extra)
         engine.backward(out.loss)
         metrics.add(out)
     outcome = engine.step()
