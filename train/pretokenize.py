@@ -32,11 +32,12 @@ def main(argv: list[str]) -> int:
         from train.data.pretokenize import pretokenize
 
         data_cfg = to_train_config(compose(overrides)).data
-        summary = pretokenize(data_cfg, args.out, args.workers or max(1, data_cfg.num_proc), args.shard_tokens,
+        workers = args.workers if args.workers is not None else max(1, data_cfg.num_proc)
+        summary = pretokenize(data_cfg, args.out, workers, args.shard_tokens,
                               progress=not args.no_progress)
     except (ValueError, KeyError, OSError, HydraException, OmegaConfBaseException) as e:  # TokenFileError: ValueError
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"moeforge: {message}", file=sys.stderr)
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        print("moeforge: " + "; ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

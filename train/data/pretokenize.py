@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -79,8 +78,8 @@ class Encoder:
     def __call__(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
         ids = self.ids(texts)
         lengths = np.array([len(x) + 1 if x else 0 for x in ids], dtype=np.int64)
-        flat = np.fromiter(itertools.chain.from_iterable(x + [self.eod_id] for x in ids if x), dtype=np.int64,
-                           count=int(lengths.sum()))
+        parts = [np.array(x + [self.eod_id], dtype=np.int64) for x in ids if x]
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         if flat.size and int(flat.max()) > np.iinfo(self.dtype).max:
             raise TokenFileError(f"token id {int(flat.max())} does not fit {self.dtype} (vocabulary size below "
                                  "the largest id?)")
