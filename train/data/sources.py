@@ -128,8 +128,10 @@ def _max_token_id(tf, cache_dir: Path) -> int:
     if cached.is_file():
         return int(json.loads(cached.read_text())["max_token_id"])
     top = -1
-    for a in range(0, tf.num_tokens, SCAN_TOKENS):
-        top = max(top, int(np.max(tf.tokens[a:a + SCAN_TOKENS])))
+    with open(path, "rb") as f:  # read, not mapped: the scan leaves no pages in this process's resident set
+        for a in range(0, tf.num_tokens, SCAN_TOKENS):
+            chunk = np.fromfile(f, dtype=tf.dtype, count=min(SCAN_TOKENS, tf.num_tokens - a))
+            top = max(top, int(chunk.max()))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"file": str(path), "max_token_id": top}))
