@@ -239,8 +239,13 @@ class _ShardWriter:
         self.out, self.shard_tokens, self.dtype, self.fields = out, shard_tokens, dtype, fields
         self.manifests: Dict[int, Dict[str, Any]] = {}
 
-    def begin(self, index: int, first_doc: int) -> None:
-        self.index, self.first_doc, self.num_docs = index, first_doc, 0
+    def begin(self, index: int, first_doc: int, limit: Optional[int] = None) -> None:
+        """Start shard `index` at source document `first_doc`; `limit`: the first index it may not write (a kept
+        shard), None for no limit."""
+        if index == limit:
+            raise ValueError(f"{self.out}: documents before shard {limit} no longer fit in the shards they filled; "
+                             "the corpus changed since: delete the outputs and re-run")
+        self.index, self.first_doc, self.num_docs, self.limit = index, first_doc, 0, limit
         self.prefix = shard_prefix(self.out, index, self.shard_tokens is not None)
         manifest_path(self.prefix).unlink(missing_ok=True)  # its files are about to change
         self.writer = IndexedWriter(self.prefix, self.dtype)
@@ -248,7 +253,7 @@ class _ShardWriter:
     def add(self, doc: int, tokens: np.ndarray) -> None:
         if self.shard_tokens is not None and self.writer.num_tokens >= self.shard_tokens:
             self.end(doc, last=False)
-            self.begin(self.index + 1, doc)
+            self.begin(self.index + 1, doc, self.limit)
         self.writer.add_document(tokens)
         self.num_docs += 1
 
@@ -354,7 +359,8 @@ def _run_jobs(corpus: Corpus, jobs: List[_Job], encoder: Encoder, out: Path, sha
     started = time.perf_counter()
     with bar:
         for job in jobs:
-            shards.begin(job.first_shard, job.start)
+            shards.begin(job.first_shard, job.start,
+                         None if job.num_shards is None else job.first_shard + job.num_shards)
             doc = job.start
             for first, n, (flat, lengths) in _encoded(encoder, _chunks(docs, job.start, job.stop), workers):
                 ends = np.cumsum(lengths)
