@@ -45,16 +45,21 @@ class PrecisionConfig:
 @dataclass
 class DataConfig:
     # stdlib: the Python standard library sources shipped with the running interpreter (offline default)
-    # hf: a Hugging Face dataset by name; files: local text/json/jsonl/parquet files
+    # hf: a Hugging Face dataset by name; files: local text/json/jsonl/parquet files; tokens: token files
+    # (Megatron PREFIX.bin/.idx pairs or OLMo-core headerless .npy arrays) named by data.paths
     source: str = "stdlib"
     name: Optional[str] = None  # hf dataset name
     config_name: Optional[str] = None
     split: str = "train"
-    paths: List[str] = field(default_factory=list)  # files source: files or globs
+    # files: files or globs; tokens: prefixes, directories or globs of token files (one source per entry)
+    paths: List[str] = field(default_factory=list)
+    weights: Optional[List[float]] = None  # tokens: mixing weights, one per data.paths entry (normalised)
+    token_dtype: Optional[str] = None  # tokens: dtype of headerless arrays (null: from the vocabulary size)
     text_field: str = "text"
     streaming: bool = False
-    # "builtin": a byte-level BPE trained on the corpus with `tokenizers` and cached; else an HF name or path
-    tokenizer: str = "builtin"
+    # "builtin": a byte-level BPE trained on the corpus with `tokenizers` and cached; else an HF name or path.
+    # tokens: null = the tokenizer the manifests name (PREFIX.manifest.json); needed where there is none
+    tokenizer: Optional[str] = "builtin"
     tokenizer_vocab_size: int = 8192
     # stdlib source: how much of it to use (deterministic file order); every source: the text the builtin
     # tokenizer is trained on (the first max_corpus_mb MB, of the unshuffled stream when streaming)

@@ -1,17 +1,20 @@
-"""Data pipeline: documents (`corpus`), tokenizer (`tokenizer`), packed blocks (`packing`), and
-world-size-independent batches (`loader`). `build_data` puts them together for one data-parallel rank."""
+"""Data pipeline: documents (`corpus`), tokenizer (`tokenizer`), token files (`indexed`), sources and windows
+(`token_source`), the blended sample index (`blend`) and world-size-independent batches (`loader`). `build_data`
+puts them together for one data-parallel rank; the checks on the files (`sources`) run there, before the model
+exists, each failing with one line that names the file and the fix."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 from train.config.run import TrainConfig, TrainerConfig
-from train.data.corpus import Corpus, cache_root, load_corpus, split_train_val
-from train.data.loader import DataModule, MapBlocks, StreamBlocks, StreamValBlocks
-from train.data.packing import pack_dataset, pack_key, tokenizer_fingerprint
+from train.data.blend import BlendIndex, build_blend_index, index_key
+from train.data.corpus import cache_root, load_corpus
+from train.data.loader import DataModule
+from train.data.sources import data_key, file_stamps, open_sources, resolve_weights, source_specs
 from train.data.tokenizer import EOS_TOKEN, PAD_TOKEN, ensure_tokenizer, load_tokenizer, open_tokenizer
 
-# Streams keep this many validation global batches in memory (enough for `trainer.eval_batches`).
-STREAM_VAL_GLOBAL_BATCHES = 16
+log = logging.getLogger("train")
 
 
 def check_batch_sizes(trainer: TrainerConfig, dp_size: int) -> int:
@@ -31,53 +34,54 @@ def check_batch_sizes(trainer: TrainerConfig, dp_size: int) -> int:
                      f"trainer.micro_batch_size = {W} x {b} = {W * b}; would divide: {', or '.join(hints)}")
 
 
-def _build(cfg: TrainConfig, dp_rank: int, dp_size: int) -> DataModule:
+def _build(cfg: TrainConfig, dp_rank: int, dp_size: int, is_main: bool) -> DataModule:
     data, trainer = cfg.data, cfg.trainer
-    corpus: Corpus = load_corpus(data)
-    tokenizer_dir = ensure_tokenizer(data, corpus)
+    specs, tokenizer_dir = source_specs(data)
     tokenizer = open_tokenizer(tokenizer_dir)
-    key = pack_key(corpus.fingerprint, tokenizer_fingerprint(tokenizer_dir), trainer.seq_len, data.val_fraction)
-    if corpus.streaming:
-        train_blocks = StreamBlocks(corpus.documents, tokenizer, trainer.seq_len, trainer.seed, data.val_fraction)
-        val_blocks = StreamValBlocks(corpus.documents, tokenizer, trainer.seq_len, data.val_fraction,
-                                     STREAM_VAL_GLOBAL_BATCHES * trainer.global_batch_size)
-    else:
-        train_docs, val_docs = split_train_val(corpus.documents, data.val_fraction)
-        out = cache_root(data) / "packed" / key
-        train_blocks = MapBlocks(pack_dataset(train_docs, tokenizer, trainer.seq_len, out / "train.arrow",
-                                              data.num_proc), trainer.seed)
-        val_blocks = (pack_dataset(val_docs, tokenizer, trainer.seq_len, out / "val.arrow", data.num_proc)
-                      if len(val_docs) else None)
-        if train_blocks.num_blocks < trainer.global_batch_size:
-            raise ValueError(
-                f"the corpus gives {train_blocks.num_blocks} training sequences of trainer.seq_len+1="
-                f"{trainer.seq_len + 1} tokens, fewer than one global batch (trainer.global_batch_size="
-                f"{trainer.global_batch_size}); use more data (data.max_corpus_mb, data.paths) or lower "
-                "trainer.seq_len / trainer.global_batch_size")
-    return DataModule(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, train_blocks=train_blocks,
-                      val_blocks=val_blocks, seq_len=trainer.seq_len, global_batch_size=trainer.global_batch_size,
+    sources = open_sources(specs, cfg, tokenizer, tokenizer_dir)
+    weights = resolve_weights(data, len(sources))
+    num_samples = trainer.max_steps * trainer.global_batch_size
+    files = [[p for tf in s.files for p in tf.files()] for s in sources]
+    key = index_key(files, weights, trainer.seq_len, trainer.seed, num_samples, data.val_fraction)
+    meta = {"sources": [s.name for s in sources], "weights": weights, "num_samples": num_samples,
+            "windows": [s.num_train_windows for s in sources]}
+    directory = build_blend_index(cache_root(data) / "indices", key, weights, [s.num_train_windows for s in sources],
+                                  num_samples, trainer.seed, meta)
+    index = BlendIndex(directory)
+    if is_main:
+        for s, count in zip(sources, index.meta["samples_per_source"]):
+            if count > s.num_train_windows:
+                log.info(f"data: source {s.name} repeats: {count / s.num_train_windows:.1f} epochs of its "
+                         f"{s.num_train_windows} training windows in {trainer.max_steps} steps")
+            if s.num_val_windows == 0:
+                log.info(f"data: source {s.name} has no validation window of {trainer.seq_len + 1} tokens in its "
+                         f"last data.val_fraction={data.val_fraction}: val/{s.name}/loss is not logged")
+    return DataModule(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, sources=sources, weights=weights,
+                      index=index, seq_len=trainer.seq_len, global_batch_size=trainer.global_batch_size,
                       micro_batch_size=trainer.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                      seed=trainer.seed, data_key=key)
+                      seed=trainer.seed, data_key=data_key(files, weights, trainer, data.val_fraction),
+                      files=file_stamps(files), document_mask=data.document_mask)
 
 
 def build_data(cfg: TrainConfig, dp_rank: int = 0, dp_size: int = 1, is_main: bool = True,
                barrier: Optional[Callable[[], None]] = None) -> DataModule:
     """The `DataModule` of data-parallel rank `dp_rank` of `dp_size` (also carries `tokenizer`,
     `tokenizer_dir`, `vocab_size`). Distributed: pass `is_main` true on exactly one rank (per shared
-    filesystem) and a `barrier` callable that every rank calls once; the main rank builds the tokenizer
-    and packed caches before the barrier, the others load them after it. Without a barrier every process
-    builds what is missing itself (cache writes are atomic, so this is safe, only redundant)."""
+    filesystem) and a `barrier` callable that every rank calls once; the main rank tokenizes (non-token sources),
+    checks the files and writes the sample index before the barrier, the others memory-map them after it. Without
+    a barrier every process builds what is missing itself (cache writes are atomic, so this is safe, only
+    redundant)."""
     check_batch_sizes(cfg.trainer, dp_size)
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
     if is_main or barrier is None:
         try:
-            return _build(cfg, dp_rank, dp_size)
+            return _build(cfg, dp_rank, dp_size, is_main)
         finally:  # also on failure, so the other ranks fail with the same error instead of hanging
             if barrier is not None:
                 barrier()
     barrier()
-    return _build(cfg, dp_rank, dp_size)
+    return _build(cfg, dp_rank, dp_size, is_main)
 
 
 __all__ = ["DataModule", "build_data", "check_batch_sizes", "load_tokenizer", "load_corpus", "ensure_tokenizer",

@@ -1,201 +1,207 @@
-"""World-size-independent batching of packed blocks.
+"""World-size-independent batches read through the blended sample index.
 
-The training order is one infinite sequence of block ids, fixed by the seed alone. Map-style data: the
-concatenation of per-epoch permutations (epoch e: `numpy.random.default_rng(seed + e).permutation(N)`), so
-batches span epoch boundaries seamlessly. Streams: the packed output of the document stream shuffled with a
-seeded buffer (`IterableDataset.shuffle(seed, buffer)`, `set_epoch(e)` each pass).
+The training order is the index (`blend.py`): global sample position p reads window `window_ids[p]` of source
+`source_ids[p]`. Global batch s is positions [s·G, (s+1)·G) (G = global_batch_size); data-parallel rank r of W
+holds positions [s·G + r·G/W, s·G + (r+1)·G/W), cut into micro-batches of b rows (accumulation steps G/(W·b)). So
+the union over ranks of step s is exactly the single-rank step s for any W, and the only state is s (global batches
+consumed): resuming reads the index at s·G, whatever s is. Each rank reads only its own rows, through memory maps.
 
-Global batch s is positions [s·G, (s+1)·G) of that sequence (G = global_batch_size). Data-parallel rank r of W
-holds positions [s·G + r·G/W, s·G + (r+1)·G/W): its contiguous slice, cut into micro-batches of b rows
-(accumulation steps G/(W·b)). So the union over ranks of step s is exactly the single-rank step s for any W,
-and the only state is s (global batches consumed).
+While a step runs, a background thread reads this rank's next global batch (`next_global_batch_for_rank`);
+`last_wait_s` is how long the caller waited for it.
 """
 from __future__ import annotations
 
-import itertools
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
-import datasets
 import numpy as np
 import torch
 
-from train.data.corpus import is_val_text, iter_texts
-from train.data.packing import stream_blocks
+from train.data.blend import BlendIndex
+from train.data.token_source import TokenSource
 
-SHUFFLE_BUFFER_DOCS = 10_000  # streaming: documents in the seeded shuffle buffer
 MicroBatch = Dict[str, torch.Tensor]
 
 
-class MapBlocks:
-    """Random access into packed blocks in the seeded epoch-permutation order."""
-
-    def __init__(self, blocks: datasets.Dataset, seed: int):
-        self.blocks, self.seed, self.num_blocks = blocks, seed, len(blocks)
-        self._perms: Dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 4:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.num_blocks)
-        return self._perms[epoch]
-
-    def block_ids(self, start: int, stop: int) -> np.ndarray:
-        """Block ids at global positions [start, stop) of the training order."""
-        pos = np.arange(start, stop)
-        epochs, offsets = np.divmod(pos, self.num_blocks)
-        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, seq_len + 1) token ids at positions [start, stop)."""
-        return np.asarray(self.blocks[self.block_ids(start, stop).tolist()]["input_ids"], dtype=np.int64)
+def read_rows(sources: Sequence[TokenSource], source_ids: np.ndarray, window_ids: np.ndarray,
+              document_mask: bool, val: bool = False) -> Dict[str, np.ndarray]:
+    """`rows` (n, L + 1) int64 windows (and `document_ids` (n, L) int32 when `document_mask`) of the given
+    (source, window) pairs, in order."""
+    n, L = len(source_ids), sources[0].seq_len
+    rows = np.empty((n, L + 1), dtype=np.int64)
+    docs = np.empty((n, L), dtype=np.int32) if document_mask else None
+    for s in np.unique(source_ids):
+        where = np.flatnonzero(source_ids == s)
+        rows[where] = sources[int(s)].windows(window_ids[where], val)
+        if docs is not None:
+            docs[where] = sources[int(s)].document_ids(window_ids[where], val)
+    out = {"rows": rows}
+    if docs is not None:
+        out["document_ids"] = docs
+    return out
 
 
-class StreamBlocks:
-    """Sequential reading of blocks packed on the fly from a shuffled document stream. Reading a position
-    behind the cursor restarts the stream from the beginning and skips forward (resume costs re-packing)."""
-
-    def __init__(self, docs: datasets.IterableDataset, tokenizer, seq_len: int, seed: int, val_fraction: float):
-        self.docs, self.tokenizer, self.seq_len = docs, tokenizer, seq_len
-        self.seed, self.val_fraction = seed, val_fraction
-        self.num_blocks = None  # unknown for a stream
-        self._restart()
-
-    def _train_texts(self) -> Iterator[str]:
-        for epoch in itertools.count():
-            shuffled = self.docs.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER_DOCS)
-            shuffled.set_epoch(epoch)
-            num_texts = 0
-            for text in iter_texts(shuffled, batch_size=64):
-                if not is_val_text(text, self.val_fraction):
-                    num_texts += 1
-                    yield text
-            if num_texts == 0:
-                raise ValueError("streaming corpus has no training documents (all held out or empty)")
-
-    def _restart(self) -> None:
-        self._it = stream_blocks(self._train_texts(), self.tokenizer, self.seq_len)
-        self._cursor = 0
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        if start < self._cursor:
-            self._restart()
-        for _ in range(start - self._cursor):
-            next(self._it)
-        out = np.stack([next(self._it) for _ in range(stop - start)])
-        self._cursor = stop
-        return out
-
-
-def _to_micro_batches(rows: np.ndarray, micro_batch_size: int) -> List[MicroBatch]:
-    tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-    return [{"input_ids": tensor[i:i + micro_batch_size, :-1].contiguous(),
-             "labels": tensor[i:i + micro_batch_size, 1:].contiguous()}
-            for i in range(0, tensor.shape[0], micro_batch_size)]
+def to_micro_batches(read: Dict[str, np.ndarray], micro_batch_size: int) -> List[MicroBatch]:
+    """Split rows into micro-batches: `input_ids`, `labels` int64 (b, L), and `document_ids` if read."""
+    tensor = torch.from_numpy(read["rows"])
+    docs = torch.from_numpy(read["document_ids"]) if "document_ids" in read else None
+    out = []
+    for i in range(0, tensor.shape[0], micro_batch_size):
+        mb = {"input_ids": tensor[i:i + micro_batch_size, :-1].contiguous(),
+              "labels": tensor[i:i + micro_batch_size, 1:].contiguous()}
+        if docs is not None:
+            mb["document_ids"] = docs[i:i + micro_batch_size].contiguous()
+        out.append(mb)
+    return out
 
 
 class DataModule:
     """Training and validation batches for one data-parallel rank.
 
-    Each rank holds the same tokenizer and the same (seeded) order; it reads only its slice of each global
+    Every rank holds the same tokenizer, sources and (memory-mapped) index; it reads only its slice of each global
     batch. `step` = global batches consumed; it is the whole loader state (`state_dict`).
     """
 
-    def __init__(self, *, tokenizer, tokenizer_dir: Path, train_blocks, val_blocks, seq_len: int,
-                 global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 data_key: str):
+    def __init__(self, *, tokenizer, tokenizer_dir: Path, sources: Sequence[TokenSource], weights: Sequence[float],
+                 index: BlendIndex, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int, data_key: str, files: Dict[str, list], document_mask: bool = False):
         self.tokenizer, self.tokenizer_dir = tokenizer, Path(tokenizer_dir)
         self.vocab_size = len(tokenizer)
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id
-        self.train_blocks, self.val_blocks = train_blocks, val_blocks
-        self.seq_len, self.seed, self.data_key = seq_len, seed, data_key
+        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.sources, self.weights, self.index = list(sources), list(weights), index
+        self.source_names = [s.name for s in self.sources]
+        self.seq_len, self.seed, self.data_key, self.files = seq_len, seed, data_key, files
+        self.document_mask = document_mask
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.grad_accum_steps = global_batch_size // (dp_size * micro_batch_size)
         self.step = 0
+        self.last_wait_s = 0.0
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._ahead: Optional[tuple] = None  # (step, Future) of the batch being read in the background
+        self._counts: Optional[tuple] = None  # (step, samples per source after it)
 
     @property
-    def num_train_blocks(self) -> Optional[int]:
-        """Training sequences per epoch (None for a stream)."""
-        return self.train_blocks.num_blocks
+    def num_train_blocks(self) -> int:
+        """Training windows per pass over all sources."""
+        return sum(s.num_train_windows for s in self.sources)
 
     @property
     def num_val_blocks(self) -> int:
-        return len(self.val_blocks) if self.val_blocks is not None else 0
+        return sum(s.num_val_windows for s in self.sources)
 
     # --- training ---
     def global_batch_for_rank(self, step: int, dp_rank: Optional[int] = None,
                               dp_size: Optional[int] = None) -> List[MicroBatch]:
-        """Micro-batches (each `input_ids`, `labels`: int64 (b, seq_len)) that rank `dp_rank` of `dp_size`
-        (default: this rank) reads at global batch `step`. Does not move `self.step`."""
+        """Micro-batches (each `input_ids`, `labels`: int64 (b, seq_len), plus `document_ids` int32 (b, seq_len)
+        with `data.document_mask`) that rank `dp_rank` of `dp_size` (default: this rank) reads at global batch
+        `step`. Does not move `self.step`."""
         rank = self.dp_rank if dp_rank is None else dp_rank
         world = self.dp_size if dp_size is None else dp_size
         per_rank = self.global_batch_size // world
         start = step * self.global_batch_size + rank * per_rank
-        return _to_micro_batches(self.train_blocks.rows(start, start + per_rank), self.micro_batch_size)
+        stop = start + per_rank
+        if stop > self.index.num_samples:
+            raise ValueError(f"global batch {step} is past the sample index ({self.index.num_samples} samples = "
+                             f"trainer.max_steps x trainer.global_batch_size); raise trainer.max_steps")
+        read = read_rows(self.sources, np.asarray(self.index.source_ids[start:stop]),
+                         np.asarray(self.index.window_ids[start:stop]), self.document_mask)
+        return to_micro_batches(read, self.micro_batch_size)
 
     def next_global_batch_for_rank(self) -> List[MicroBatch]:
-        """This rank's micro-batches of global batch `self.step`, then `self.step += 1`."""
-        batch = self.global_batch_for_rank(self.step)
+        """This rank's micro-batches of global batch `self.step`, then `self.step += 1`; the next batch is read
+        in the background meanwhile. `last_wait_s`: seconds spent waiting here for the data."""
+        t0 = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == self.step:
+            batch = self._ahead[1].result()
+        else:
+            batch = self.global_batch_for_rank(self.step)
+        self.last_wait_s = time.perf_counter() - t0
         self.step += 1
+        self._ahead = None
+        if (self.step + 1) * self.global_batch_size <= self.index.num_samples:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+            future: Future = self._pool.submit(self.global_batch_for_rank, self.step)
+            self._ahead = (self.step, future)
         return batch
 
     def train_batches(self, start_step: Optional[int] = None) -> Iterator[List[MicroBatch]]:
         """Endless iterator of this rank's micro-batch lists, one per optimizer step, from `start_step`
-        (default: the current position). `self.step` already counts a batch when it is yielded, so a
-        checkpoint taken after processing it resumes at the next one."""
+        (default: the current position). `self.step` already counts a batch when it is yielded."""
         if start_step is not None:
             self.step = start_step
         while True:
             yield self.next_global_batch_for_rank()
 
+    def samples_per_source(self, step: Optional[int] = None) -> Dict[str, int]:
+        """Samples each source contributed to the first `step` (default: `self.step`) global batches, all ranks
+        together (from the index: the same on every rank). Incremental from one step to the next."""
+        step = self.step if step is None else step
+        G = self.global_batch_size
+        if self._counts is not None and self._counts[0] == step - 1:
+            ids = np.asarray(self.index.source_ids[(step - 1) * G:step * G])
+            counts = self._counts[1] + np.bincount(ids, minlength=len(self.sources))[:len(self.sources)]
+        elif self._counts is not None and self._counts[0] == step:
+            counts = self._counts[1]
+        else:
+            counts = self.index.samples_per_source(step * G)
+        self._counts = (step, counts)
+        return {name: int(c) for name, c in zip(self.source_names, counts)}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead = None
+
     # --- validation ---
-    def val_batches(self, num_batches: int) -> Iterator[MicroBatch]:
-        """This rank's micro-batches of `num_batches` validation global batches: fixed, in order, the same
-        blocks every call (held-out documents, unshuffled; wraps around a small val set). Over all ranks
-        the same sequences are evaluated whatever the world size."""
-        if self.num_val_blocks == 0:
-            raise ValueError("no validation data: raise data.val_fraction (or use a larger corpus)")
+    def val_batches(self, source: int, num_batches: int) -> Iterator[MicroBatch]:
+        """This rank's micro-batches of `num_batches` validation global batches of source `source`: its held-out
+        windows in order, the same every call (wrapping around a small region). Over all ranks the same windows
+        are evaluated whatever the world size."""
+        src = self.sources[source]
+        if src.num_val_windows == 0:
+            raise ValueError(f"source {src.name} has no validation window: raise data.val_fraction")
         per_rank = self.global_batch_size // self.dp_size
         for k in range(num_batches):
             start = k * self.global_batch_size + self.dp_rank * per_rank
-            ids = [(start + i) % self.num_val_blocks for i in range(per_rank)]
-            rows = self.val_blocks[ids]
-            rows = rows["input_ids"] if isinstance(rows, dict) else rows
-            yield from _to_micro_batches(np.asarray(rows), self.micro_batch_size)
+            ids = np.arange(start, start + per_rank, dtype=np.int64) % src.num_val_windows
+            read = read_rows([src], np.zeros(per_rank, dtype=np.int64), ids, self.document_mask, val=True)
+            yield from to_micro_batches(read, self.micro_batch_size)
 
     # --- state ---
     def state_dict(self) -> dict:
         """The position (global batches consumed) plus what a resume must agree on."""
         return {"step": self.step, "sequences_consumed": self.step * self.global_batch_size,
                 "seed": self.seed, "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
-                "num_train_blocks": self.num_train_blocks, "data_key": self.data_key}
+                "data_key": self.data_key, "files": self.files}
+
+    def check_resumable(self, state: dict) -> None:
+        """Raise a one-line `ValueError` when the checkpoint's data position cannot be continued here: another
+        seed, global batch, sequence length, or changed data (naming the first file that changed)."""
+        mine = self.state_dict()
+        for key, name in (("seed", "trainer.seed"), ("global_batch_size", "trainer.global_batch_size"),
+                          ("seq_len", "trainer.seq_len")):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"cannot resume the data position: {name} differs from the checkpoint "
+                                 f"({key}: checkpoint {state[key]!r}, now {mine[key]!r})")
+        if "data_key" in state and state["data_key"] != self.data_key:
+            old = state.get("files") or {}
+            for path, stamp in self.files.items():
+                if path in old and list(old[path]) != list(stamp):
+                    raise ValueError(f"{path}: changed since the checkpoint was written (size, mtime_ns "
+                                     f"{list(old[path])} -> {list(stamp)}); restore the file or train in a new run "
+                                     "dir")
+            raise ValueError(f"cannot resume the data position: the training data differs from the checkpoint "
+                             f"(data.paths / data.weights / data.val_fraction; files now {sorted(self.files)}, "
+                             f"then {sorted(old)}); use the same data or a new run dir")
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state["step"]`. The world size and micro-batch size may differ from the saving run;
-        the seed, global batch, sequence length and data may not (a clear error says which differs)."""
-        for key, name in (("seed", "trainer.seed"), ("global_batch_size", "trainer.global_batch_size"),
-                          ("seq_len", "trainer.seq_len"), ("num_train_blocks", "the training data"),
-                          ("data_key", "the training data")):
-            if key in state and state[key] != self.state_dict()[key]:
-                raise ValueError(f"cannot resume the data position: {name} differs from the checkpoint "
-                                 f"({key}: checkpoint {state[key]!r}, now {self.state_dict()[key]!r})")
+        """Resume at `state["step"]`. The world size and micro-batch size may differ from the saving run; the
+        seed, global batch, sequence length and data may not (a clear error says which differs)."""
+        self.check_resumable(state)
+        self.close()
         self.step = int(state["step"])
-
-
-class StreamValBlocks:
-    """The first blocks packed from the held-out documents of a stream (unshuffled), kept in memory."""
-
-    def __init__(self, docs: datasets.IterableDataset, tokenizer, seq_len: int, val_fraction: float,
-                 max_blocks: int):
-        texts = (t for t in iter_texts(docs, batch_size=64) if is_val_text(t, val_fraction))
-        blocks = list(itertools.islice(stream_blocks(texts, tokenizer, seq_len), max_blocks))
-        self._rows = np.stack(blocks) if blocks else np.zeros((0, seq_len + 1), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, ids):
-        return self._rows[ids]

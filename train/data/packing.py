@@ -17,21 +17,12 @@ from typing import Iterable, Iterator, List
 import datasets
 import numpy as np
 
+from train.data.tokenizer import tokenizer_fingerprint  # noqa: F401  (moved; re-exported)
+
 PACK_BATCH_DOCS = 1000
 _PACK_VERSION = 1
 # Number of times a map batch was actually tokenised in this process (tests use it to see cache hits).
 TOKENIZE_CALLS = 0
-
-
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """Hash of the files that define the tokenizer's behaviour."""
-    digest = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                 "merges.txt", "tokenizer.model"):
-        path = Path(tokenizer_dir) / name
-        if path.exists():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def pack_key(corpus_fingerprint: str, tokenizer_fp: str, seq_len: int, val_fraction: float) -> str:

@@ -106,6 +106,21 @@ def ensure_tokenizer(cfg: DataConfig, corpus: Optional[Corpus] = None) -> Path:
     return out
 
 
+# The files that define a tokenizer's behaviour, hashed by `tokenizer_fingerprint`.
+FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                     "tokenizer.model")
+
+
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """Hash of the files that define the tokenizer's behaviour (token caches are keyed on it)."""
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def open_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer directory offline and check it can separate documents."""
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

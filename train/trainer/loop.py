@@ -20,14 +20,17 @@ import torch
 from omegaconf import OmegaConf
 
 import parallel
+from train import checkpoint as ckpt_io
 from train.checkpoint import load_config
 from train.config import TrainConfig
 from train.config.routing import resolve_routing_groups
 from train.data import build_data
+from train.data.indexed import TokenFileError
+from train.data.sources import DataError
 from train.flops import flops_per_token
 from train.model import MoETransformer
 from train.model.transformer import draw_init_seed
-from train.trainer.checkpointing import find_resume_checkpoint, load_weights, resume_from, save_checkpoint
+from train.trainer.checkpointing import COMMON_FILE, find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.peak_flops import MEASURE, resolve_peak_flops
@@ -54,7 +57,7 @@ class Trainer:
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
         self._resolve_routing_groups()
         self.precision = build_precision(cfg.precision, mesh.device)
-        self.data = build_data(cfg, mesh.rank, mesh.dp_size, self.is_main, barrier=lambda: parallel.barrier(mesh))
+        self.data = self._build_data()
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}: raise model.vocab_size or lower data.tokenizer_vocab_size")
@@ -110,6 +113,24 @@ class Trainer:
                          f"{'' if self.precision.recipe is None else ' recipe=' + self.precision.recipe.value}, "
                          f"MFU against {self.peak_flops:.3g} FLOP/s per device ({peak.source})")
 
+    def _build_data(self):
+        """The data module, its file checks and, when resuming, the check that the checkpoint's data position
+        still fits these files: all before the model is built, each failure one line (`ConfigError`)."""
+        try:
+            data = build_data(self.cfg, self.mesh.rank, self.mesh.dp_size, self.is_main,
+                              barrier=lambda: parallel.barrier(self.mesh))
+            if self.resumed_from is not None:
+                common = ckpt_io.load_torch_file(self.resumed_from / COMMON_FILE)
+                if "data" in common:
+                    data.check_resumable(common["data"])
+        except (TokenFileError, DataError) as e:
+            raise ConfigError(str(e)) from None
+        except ValueError as e:
+            if self.resumed_from is None:
+                raise
+            raise ConfigError(f"{e} (resuming {self.resumed_from})") from None
+        return data
+
     def _resolve_routing_groups(self) -> None:
         """Set `model.moe.routing_groups` for this run (the stored value of the checkpoint it resumes, else this
         run's ep_size when a device limit is set), before the model is built; it goes into every config.yaml."""
@@ -148,14 +169,14 @@ class Trainer:
             start = time.perf_counter()
             micro_batches = self.data.next_global_batch_for_rank()
             record = train_step(self.state, micro_batches, self.ctx)
+            record["data_wait_s"] = self.data.last_wait_s
+            record.update({f"data/samples/{name}": n for name, n in self.data.samples_per_source().items()})
             elapsed = time.perf_counter() - start  # finalize() read values back, so the device is synced
             record["tokens_per_s"] = self.ctx.tokens_per_step / elapsed
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak_flops * self.mesh.world_size)
             step = self.state.step
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
-                val = self.evaluate()
-                if val is not None:
-                    record["val_loss"] = val
+                record.update(self.evaluate())
             self.logger.log(record)
             for event in health.observe(record):
                 self.logger.event(event)
@@ -188,23 +209,36 @@ class Trainer:
         return path
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean next-token loss (`lm_loss`) over `trainer.eval_batches` fixed validation batches, all ranks."""
-        if self.data.num_val_blocks == 0:
+    def evaluate(self) -> dict:
+        """`val/<source>/loss`: mean next-token loss (`lm_loss`) over `trainer.eval_batches` fixed global batches of
+        each source's held-out windows, all ranks; `val_loss`: their mean weighted by `data.weights` (renormalised
+        over the sources that have validation windows). Empty when no source has any."""
+        data = self.data
+        evaluated = [i for i, s in enumerate(data.sources) if s.num_val_windows > 0]
+        if not evaluated:
             if not self._warned_no_val:
                 self.logger.info("no validation data (raise data.val_fraction): val_loss is not logged")
                 self._warned_no_val = True
-            return None
+            return {}
         model = self.state.model
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for mb in self.data.val_batches(self.cfg.trainer.eval_batches):
-            with self.precision.autocast():  # uncompiled; ZeRO-3's module hooks gather partitioned weights here too
-                out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device))
-            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+        total = torch.zeros(len(evaluated), 2, dtype=torch.float64)
+        for row, i in enumerate(evaluated):
+            for mb in data.val_batches(i, self.cfg.trainer.eval_batches):
+                extra = {}
+                if "document_ids" in mb:
+                    extra["document_ids"] = mb["document_ids"].to(self.mesh.device)
+                with self.precision.autocast():  # uncompiled; ZeRO-3's module hooks gather partitioned weights too
+                    out = model(mb["input_ids"].to(self.mesh.device), mb["labels"].to(self.mesh.device), **extra)
+                total[row] += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
         model.train()
         total = parallel.all_reduce_stats(total.to(self.mesh.device), self.mesh).cpu()
-        return float(total[0] / total[1])
+        losses = (total[:, 0] / total[:, 1]).tolist()
+        record = {f"val/{data.source_names[i]}/loss": loss for i, loss in zip(evaluated, losses)}
+        weights = [data.weights[i] for i in evaluated]
+        record["val_loss"] = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+        return record
 
     def close(self) -> None:
+        self.data.close()
         self.logger.close()

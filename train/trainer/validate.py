@@ -26,7 +26,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
-DATA_SOURCES = ("stdlib", "hf", "files")
+DATA_SOURCES = ("stdlib", "hf", "files", "tokens")
 MIN_CAPACITY_FACTOR = 0.5  # below it most token assignments are dropped
 SANE_LR = (1e-6, 1e-2)  # AdamW peak learning rates outside this range are almost always a typo
 
@@ -265,7 +265,12 @@ def _validate_data(cfg: TrainConfig) -> None:
         _check(len(d.paths) > 0, "data.source=files needs data.paths='[/path/a.jsonl,/path/dir/*.txt]'")
         missing = [p for p in d.paths if not glob.glob(os.path.expanduser(p))]
         _check(not missing, f"data.paths: nothing matches {missing}: fix the path(s) or the glob(s)")
-    _check(bool(d.tokenizer), "data.tokenizer is empty: use builtin or a Hugging Face tokenizer name or path")
+    if d.source == "tokens":
+        _validate_token_data(d)
+    else:
+        _check(bool(d.tokenizer), "data.tokenizer is empty: use builtin or a Hugging Face tokenizer name or path")
+        _check(d.weights is None, f"data.weights={d.weights} only applies to data.source=tokens (one per data.paths "
+               f"entry): drop it")
     if d.tokenizer == "builtin":
         # The BPE is trained on the first data.max_corpus_mb MB of the corpus (of the stream, unshuffled, when
         # data.streaming), so that budget must be positive whatever the source.
@@ -276,6 +281,24 @@ def _validate_data(cfg: TrainConfig) -> None:
                f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: "
                f"token ids would not fit the embedding; lower data.tokenizer_vocab_size or raise model.vocab_size")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+
+
+def _validate_token_data(d) -> None:
+    """data=tokens: paths given, one finite positive weight per path; the files themselves are checked by
+    build_data (train/data/sources.py), still before the model is built."""
+    _check(len(d.paths) > 0, "data.source=tokens needs data.paths='[/data/web,/data/code]' (token-file prefixes, "
+           "directories or globs)")
+    if d.weights is not None:
+        _check(len(d.weights) == len(d.paths),
+               f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}: give one weight per "
+               f"path (or data.weights=null for equal weights)")
+        for path, w in zip(d.paths, d.weights):
+            _check(w == w and w not in (float("inf"), float("-inf")) and w > 0,
+                   f"data.weights: {w} for {path} must be a positive finite number: drop the path from data.paths "
+                   f"rather than weighting it 0")
+    _check(d.tokenizer != "builtin",
+           "data.tokenizer=builtin trains a tokenizer on text, but data.source=tokens reads token ids: use "
+           "data.tokenizer=null (the manifests' tokenizer) or the directory/name the files were written with")
 
 
 def _validate_optim_logging(cfg: TrainConfig) -> None:
