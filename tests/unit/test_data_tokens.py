@@ -187,3 +187,18 @@ def test_bad_files_name_the_file(tmp_path, tokdir, corpus):
     no_tok = make_cfg(tmp_path, tokdir, [code], tokenizer=None)
     with pytest.raises(DataError, match=f"{code}: no manifest names a tokenizer"):
         build_data(no_tok)
+
+
+def test_small_corpus_with_a_long_last_document_still_holds_one_out(tmp_path):
+    """1% past the last document start leaves no window: the cut moves back to that start instead."""
+    from train.data.indexed import IndexedTokens
+    from train.data.token_source import TokenSource
+
+    docs = [[5] * 30 + [0], [6] * 30 + [0], [7] * 200 + [0]]
+    write_indexed(tmp_path / "c", docs, np.uint16)
+    source = TokenSource("c", [IndexedTokens(tmp_path / "c")], seq_len=16, val_fraction=0.01)
+    assert source.cut == 62  # the last document's start
+    assert source.num_val_windows == 200 // 16 and source.num_train_windows == 61 // 16
+    one_doc = tmp_path / "one"
+    write_indexed(one_doc, [[5] * 100 + [0]], np.uint16)
+    assert TokenSource("one", [IndexedTokens(one_doc)], 16, 0.01).num_val_windows == 0  # nothing to hold out

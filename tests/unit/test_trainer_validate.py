@@ -157,19 +157,20 @@ def test_suspicious_but_workable_settings_are_warned_about():
     assert "capacity_factor=0.8 < 1 drops at least 20%" in warned[1]
 
 
-def test_data_smaller_than_one_global_batch_is_an_error_before_the_model(tmp_path):
-    """The data module's own check (train/data/__init__.py), before any model is built."""
+def test_data_without_one_window_is_an_error_before_the_model(tmp_path):
+    """The data module's own check (train/data/sources.py), before any model is built. A corpus smaller than a
+    global batch but holding whole windows repeats instead (tests/unit/test_data_tokens.py)."""
     from parallel import Mesh
     from train.trainer.loop import Trainer
 
     text = tmp_path / "tiny.jsonl"
-    text.write_text('{"text": "just a few words, far too little data for a batch"}\n')
+    text.write_text('{"text": "hi there"}\n')
     cfg = load_train_config(["data=files", f"data.paths=[{text}]", "data.tokenizer_vocab_size=300",
                              "model.vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}", "trainer.seq_len=16",
                              f"trainer.run_dir={tmp_path / 'run'}"])
     validate_config(cfg, world_size=1)
-    with pytest.raises(ValueError, match=r"the corpus gives \d+ training sequences .* fewer than one global "
-                                         r"batch \(trainer.global_batch_size=16\)"):
+    with pytest.raises(ValueError, match=r"source files has \d+ tokens, \d+ before its held-out part: not one "
+                                         r"window of trainer.seq_len\+1=17 tokens"):
         Trainer(cfg, Mesh())
 
 

@@ -4,8 +4,8 @@ Windows follow Megatron's GPTDataset: window i of a region starting at token a i
 (L = seq_len): input = window[:-1], labels = window[1:], so consecutive windows share one token and every token
 is predicted once. Windows may span a file boundary (the slices are concatenated).
 
-The last `val_fraction` of a source's tokens, the cut moved forward to the next document start, are its held-out
-documents: training windows lie in [0, cut), validation windows in [cut, end). Nothing is read on construction
+The last `val_fraction` of a source's tokens, the cut moved forward to the next document start (or back to the last
+one that leaves a whole validation window, in a small corpus), are its held-out documents: training windows lie in [0, cut), validation windows in [cut, end). Nothing is read on construction
 except the files' headers (everything is memory-mapped).
 """
 from __future__ import annotations
@@ -26,12 +26,30 @@ class TokenSource:
         sizes = [f.num_tokens for f in self.files]
         self.file_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_tokens = int(self.file_starts[-1])
-        if val_fraction > 0 and self.num_tokens:
-            self.cut = self.next_doc_start(int(math.ceil(self.num_tokens * (1.0 - val_fraction))))
-        else:
-            self.cut = self.num_tokens
+        self.cut = self._val_cut(val_fraction)
         self.num_train_windows = self._num_windows(self.cut)
         self.num_val_windows = self._num_windows(self.num_tokens - self.cut)
+
+    def _val_cut(self, val_fraction: float) -> int:
+        """Where the held-out documents start: the first document start at or after the last `val_fraction` of the
+        tokens; when that leaves no whole validation window (a small corpus whose last document is long), the last
+        document start before it instead, so a source of several documents always holds one out."""
+        if val_fraction <= 0 or not self.num_tokens:
+            return self.num_tokens
+        target = int(math.ceil(self.num_tokens * (1.0 - val_fraction)))
+        cut = self.next_doc_start(target)
+        if self._num_windows(self.num_tokens - cut) > 0:
+            return cut
+        span = self.seq_len + 1
+        while span < 2 * self.num_tokens:  # widen the backward search; a scan only where documents are long
+            lo = max(self.num_tokens - span - self.seq_len - 1, 0)
+            starts = self.doc_starts_between(lo, self.num_tokens - self.seq_len)
+            if len(starts):
+                return int(starts[-1])
+            if lo == 0:
+                break
+            span *= 4
+        return cut
 
     def _num_windows(self, num_tokens: int) -> int:
         return max(num_tokens - 1, 0) // self.seq_len
