@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,11 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from parallel.ports import free_port  # noqa: E402
 
 
 def _routing(args, ep_size, limit, rank):
@@ -115,7 +110,7 @@ def main() -> None:
     for ep_size in args.ep_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
-            mp.start_processes(_worker, args=(args, ep_size, _free_port(), out), nprocs=ep_size, join=True,
+            mp.start_processes(_worker, args=(args, ep_size, free_port(), out), nprocs=ep_size, join=True,
                                start_method="spawn")
             all_results += json.loads(Path(out).read_text())
     for r in all_results:
