@@ -35,6 +35,18 @@ def _as_vector(value, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float64, device=device)
 
 
+def imbalance(counts: torch.Tensor) -> float:
+    """max / mean of a count vector (1.0 = balanced)."""
+    return float(counts.max() / counts.mean().clamp_min(1e-9))
+
+
+def load_balance(counts_E: torch.Tensor) -> dict:
+    """The least and most loaded expert relative to the even share, and the coefficient of variation."""
+    mean = counts_E.mean().clamp_min(1e-9)
+    return {"load_min": float(counts_E.min() / mean), "load_max": float(counts_E.max() / mean),
+            "load_cv": float(counts_E.std(unbiased=False) / mean)}
+
+
 class StepMetrics:
     """Accumulates the `ModelOutput`s of one step's micro-batches on this rank (on `device`)."""
 
@@ -94,13 +106,10 @@ class StepMetrics:
             elif k.endswith("/tokens_per_expert"):
                 counts = v / world
                 record[k] = [round(float(c), 3) for c in counts]
-                mean = counts.mean().clamp_min(1e-9)
                 prefix = k[: -len("tokens_per_expert")]
-                record[prefix + "load_min"] = float(counts.min() / mean)
-                record[prefix + "load_max"] = float(counts.max() / mean)
-                record[prefix + "load_cv"] = float(counts.std(unbiased=False) / mean)
+                record.update({prefix + name: x for name, x in load_balance(counts).items()})
             elif k.endswith(("/_tokens_per_device", "/_tokens_received_per_device")):
-                ratio = float(v.max() / v.mean().clamp_min(1e-9))
+                ratio = imbalance(v)
                 if k.endswith("/_tokens_per_device"):
                     record[k[: -len("_tokens_per_device")] + "device_load_imbalance"] = ratio
                     agg = "moe/device_load_imbalance"
