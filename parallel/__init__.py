@@ -9,7 +9,7 @@ Public API (the trainer calls only these):
   parallelism at `parallel.zero_stage=0`, DeepSpeed ZeRO (`parallel/zero/`) at 1–3.
 - `reduce_gradients(model, mesh)`: average gradients as the single-process reference would have them.
 - `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: global-norm clipping over sharded experts.
-- `all_reduce_stats(tensor, mesh)`: sum of a statistics tensor over every rank.
+- `all_reduce_stats(tensor, mesh, op='sum'|'max')`: a statistics tensor reduced over every rank.
 - `gather_full_state_dict(model, mesh)` / `load_full_state_dict(model, sd, mesh)`: logical (unsharded) weights.
 - `barrier(mesh)`, `broadcast_object(obj, mesh)`, `gather_objects(obj, mesh)`, `shutdown(mesh)`: housekeeping.
 - `parallel.sharded_checkpoint`: weights and optimizer state saved per rank in logical coordinates (DCP),

@@ -13,9 +13,10 @@ Order of use in a training script:
 from __future__ import annotations
 
 from parallel.engine import StepOutcome, TrainEngine, build_engine
-from parallel.grads import all_reduce_stats, clip_grad_norm_, reduce_gradients
+from parallel.grads import clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from parallel.parallelize import parallelize
+from parallel.reduce import all_reduce_stats
 from parallel.state_dict import gather_full_state_dict, load_full_state_dict
 
 __all__ = [
