@@ -83,7 +83,7 @@ def compose(args, run_dir: Path):
 def check_mixtral(model_cfg) -> None:
     """Stop with a clear message unless transformers' MixtralForCausalLM can express the model."""
     from train.hf import mixtral
-    from train.hf.common import HFConversionError
+    from train.hf.errors import HFConversionError
     from train.hf.convert import flatten_granularity
 
     if model_cfg.family != "mixtral":
