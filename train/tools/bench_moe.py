@@ -226,13 +226,13 @@ def build_dense_floor(c: Case, w, x: torch.Tensor) -> tuple[Callable, torch.nn.M
     ignored."""
     Fh = c.hidden
     mod = torch.nn.Module()
-    mod.x_RD = torch.nn.Parameter(x.detach().reshape(-1, c.d_model).repeat(c.top_k, 1).float())
+    mod.x_ND = torch.nn.Parameter(x.detach().reshape(-1, c.d_model).repeat(c.top_k, 1).float())
     mod.w_gate_up_HD = torch.nn.Parameter(w["gate_up_EHD"][0].clone())
     mod.w_down_DF = torch.nn.Parameter(w["down_EDF"][0].clone())
 
     def floor(_: torch.Tensor) -> torch.Tensor:
-        h_RH = F.linear(mod.x_RD, mod.w_gate_up_HD)
-        return F.linear(F.silu(h_RH[:, :Fh]) * h_RH[:, Fh:], mod.w_down_DF)
+        h_NH = F.linear(mod.x_ND, mod.w_gate_up_HD)
+        return F.linear(F.silu(h_NH[:, :Fh]) * h_NH[:, Fh:], mod.w_down_DF)
 
     return floor, mod
 
