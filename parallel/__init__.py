@@ -1,43 +1,34 @@
 """Expert parallelism applied to models built by `train/` (which never imports torch.distributed).
 
-Public API (the trainer calls only these):
-- `init_distributed(cfg) -> Mesh`: start the process group (nccl on GPUs, gloo on CPU) if launched by torchrun,
-  build the expert-parallel / expert-data-parallel groups; a 1-rank `Mesh` otherwise. Layout: `parallel/mesh.py`.
-- `parallelize(model, cfg, mesh)`: make a built model expert-parallel in place.
-- `build_engine(model, param_groups, optimizer_cls, cfg, mesh, accum_steps) -> TrainEngine`: the seam that owns
-  backward, gradient reduction, clipping, the optimizer step and the optimizer's state: moeforge's own data
-  parallelism at `parallel.zero_stage=0`, DeepSpeed ZeRO (`parallel/zero/`) at 1–3.
-- `reduce_gradients(model, mesh)`: average gradients as the single-process reference would have them.
-- `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: global-norm clipping over sharded experts.
-- `all_reduce_stats(tensor, mesh)`: sum of a statistics tensor over every rank.
-- `gather_full_state_dict(model, mesh)` / `load_full_state_dict(model, sd, mesh)`: logical (unsharded) weights.
+The API the trainer calls, in its order of use (each name is re-exported here from the module that owns it):
+    mesh = init_distributed(cfg)                  # process groups, device; 1-rank Mesh off torchrun (mesh.py)
+    with torch.device("meta"): model = MoETransformer(cfg.model)            # nothing allocated yet
+    parallelize(model, cfg, mesh, init_seed)      # shard experts, AC, allocate + init own tensors (parallelize.py)
+    engine = build_engine(model, groups, optimizer_cls, cfg, mesh, accum)   # backward, gradient reduction,
+        # clipping, step and optimizer state: moeforge's own at zero_stage=0, DeepSpeed ZeRO 1-3 (engine.py, zero/)
+    engine.backward(loss) per micro-batch; engine.step()
+- `reduce_gradients(model, mesh)`, `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: stage 0's gradient
+  average and global-norm clipping over sharded experts (grads.py).
+- `all_reduce_stats(tensor, mesh, op='sum'|'max')`: a statistics tensor reduced over every rank (reduce.py).
+- `gather_full_state_dict(model, mesh)` (to rank 0: tests, small models) / `load_full_state_dict(model, sd, mesh)`
+  (imported safetensors weights): logical (unsharded) weights (state_dict.py).
 - `barrier(mesh)`, `broadcast_object(obj, mesh)`, `gather_objects(obj, mesh)`, `shutdown(mesh)`: housekeeping.
-- `parallel.sharded_checkpoint`: weights and optimizer state saved per rank in logical coordinates (DCP),
-  read back into any layout.
+- `parallel.sharded_checkpoint` (imported by name): weights and optimizer state saved per rank in logical
+  coordinates (DCP), each rank its share, read back into any layout.
 
 Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differentiable all-to-all),
-`dispatcher` (`AllToAllDispatcher`), `parallelize`, `grads`, `state_dict`, `engine`, `sharded_checkpoint`,
-`zero` (DeepSpeed).
+`dispatcher` (`AllToAllDispatcher`), `parallelize`, `activation_checkpointing`, `grads`, `reduce`, `state_dict`,
+`engine`, `sharded_checkpoint`, `memory`, `memory_plan`, `ports`, `zero` (DeepSpeed).
 """
-from parallel.api import (
-    Mesh,
-    StepOutcome,
-    TrainEngine,
-    all_reduce_stats,
-    build_engine,
-    barrier,
-    broadcast_object,
-    gather_objects,
-    clip_grad_norm_,
-    gather_full_state_dict,
-    init_distributed,
-    load_full_state_dict,
-    parallelize,
-    reduce_gradients,
-    shutdown,
-)
+from parallel.engine import StepOutcome, TrainEngine, build_engine
+from parallel.grads import clip_grad_norm_, reduce_gradients
+from parallel.mesh import Mesh, barrier, broadcast_object, gather_objects, init_distributed, shutdown
+from parallel.parallelize import parallelize
+from parallel.reduce import all_reduce_stats
+from parallel.state_dict import gather_full_state_dict, load_full_state_dict
 
 __all__ = [
-    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "StepOutcome", "reduce_gradients", "clip_grad_norm_", "all_reduce_stats",
-    "gather_full_state_dict", "load_full_state_dict", "barrier", "broadcast_object", "gather_objects", "shutdown",
+    "Mesh", "init_distributed", "parallelize", "build_engine", "TrainEngine", "StepOutcome", "reduce_gradients",
+    "clip_grad_norm_", "all_reduce_stats", "gather_full_state_dict", "load_full_state_dict", "barrier",
+    "broadcast_object", "gather_objects", "shutdown",
 ]

@@ -40,8 +40,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.config import ModelConfig, TrainConfig
-from train.hf import common, llama
-from train.hf.common import HFConversionError, StateDict
+from train.hf import folders, llama, weights
+from train.hf.errors import HFConversionError
+from train.hf.weights import StateDict
 from train.hf.convert import expected_state, published_config
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ def _read_hf(src: Path) -> tuple[TrainConfig, StateDict, Optional[Path], str]:
     cfg = published_config(llama.BASE_CONFIG)
     llama.model_config(hf_config, cfg)
     cfg.name, cfg.family = f"upcycled_{hf_config.model_type}", "mixtral"
-    state = llama.from_hf(cfg, common.read_hf_weights(src), hf_config.model_type)
-    common.check_shapes(expected_state(cfg), state, f"{src} does not match its config.json")
+    state = llama.from_hf(cfg, folders.read_hf_weights(src), hf_config.model_type)
+    weights.check_shapes(expected_state(cfg), state, f"{src} does not match its config.json")
     return TrainConfig(model=cfg), state, src, f"HF {hf_config.model_type}"
 
 
@@ -165,7 +166,7 @@ def upcycle_state(cfg: ModelConfig, dense: StateDict, noise_std: float = 0.0, se
     if dense:
         raise UpcycleError(f"{len(dense)} tensors of the dense source have no place in the MoE model: "
                            f"{sorted(dense)[:5]}")
-    common.check_shapes(expected, out, "upcycled weights")
+    weights.check_shapes(expected, out, "upcycled weights")
     return out
 
 
@@ -200,7 +201,7 @@ def upcycle(src, out, overrides: Sequence[str] = (), noise_std: float = 0.0, see
     state = upcycle_state(cfg, dense, noise_std, seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
-        has_tokenizer = common.copy_tokenizer_files(tokenizer_src, tokenizer_dir)
+        has_tokenizer = folders.copy_tokenizer_files(tokenizer_src, tokenizer_dir)
         save_model(out, dataclasses.replace(train_cfg, model=cfg), state, tokenizer_dir if has_tokenizer else None)
     mark_complete(out)
     m = cfg.moe

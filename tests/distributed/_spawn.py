@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from parallel.ports import free_port
 
 
 def _worker(rank: int, fn, world_size: int, port: int, args: tuple) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,6 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 # Small, fast settings shared by integration runs: a 1 MB slice of the embedded corpus and a 2048-token BPE.
 FAST_DATA = ["data.max_corpus_mb=1", "data.tokenizer_vocab_size=2048", "model.vocab_size=2048"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(cache_dir: Path) -> Dict[str, str]:

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 from train.checkpoint import iter_weights
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, free_port, step_records, torchrun_cli
+from parallel.ports import free_port
+from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, torchrun_cli
 from tests.integration.test_preemption import wait_for_step, worker_pid
 
 pytestmark = pytest.mark.slow

@@ -7,16 +7,11 @@ machine, but BLAS kernels block and vectorise differently on different CPUs, so 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.integration._runs import REPO
-
-spec = importlib.util.spec_from_file_location("make_golden", REPO / "scripts" / "make_golden.py")
-make_golden = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_golden)
+from train.tools import golden as make_golden
 
 ATOL = 1e-5
 

@@ -3,7 +3,8 @@ import subprocess
 
 import pytest
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, free_port, step_records, train_cli
+from parallel.ports import free_port
+from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, train_cli
 
 pytestmark = pytest.mark.slow
 

@@ -377,14 +377,9 @@ def test_published_config_export_and_round_trip(name, tmp_path):
 
 
 def test_command_line(tmp_path):
-    """scripts/convert_hf.py export and import, and a clear error (exit 1) for an unsupported family."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "convert_hf.py"
-    spec = importlib.util.spec_from_file_location("convert_hf", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    """scripts/convert_hf.py (train.tools.convert_hf) export and import, and a clear error (exit 1) for an
+    unsupported family."""
+    from train.tools import convert_hf as cli
 
     ckpt = _save(tmp_path, ["model=tiny_mixtral", "model.num_layers=2", "model.vocab_size=64"])
     assert cli.main(["export", str(ckpt), str(tmp_path / "hf")]) == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parallel import Mesh
-from train.trainer.metrics import StepMetrics
+from train.trainer.metrics import StepMetrics, reduction
 
 
 def _stats(layer, load_G, received_G):
@@ -31,3 +31,11 @@ def test_device_imbalance_uses_step_counts_and_max_over_layers():
     assert r["moe/device_load_imbalance"] == pytest.approx(1.5)
     assert r["moe/comm_imbalance"] == pytest.approx(1.5)
     assert not any("/_" in k for k in r)  # the count vectors stay internal
+
+
+def test_every_metric_declares_its_reduction():
+    assert reduction("aux/z_loss") == "mean" and reduction("moe/devices_per_token_max") == "max"
+    assert reduction("moe/layer3/tokens_per_expert") == "rank_mean"
+    with pytest.raises(KeyError, match="declares no reduction"):
+        StepMetrics()._add("moe/undeclared", 1.0)
+

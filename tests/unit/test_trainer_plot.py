@@ -1,20 +1,11 @@
-"""train.runs.read_records and scripts/plot_run.py on a synthetic metrics.jsonl (a resumed run repeats steps 3, 4)."""
+"""train.runs.read_records and train.tools.plot_run (scripts/plot_run.py) on a synthetic metrics.jsonl (a resumed
+run repeats steps 3, 4)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from train.runs import read_records
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_plot_run():
-    spec = importlib.util.spec_from_file_location("plot_run", REPO / "scripts" / "plot_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from train.tools import plot_run
 
 
 def test_plot_run_writes_loss_and_heatmaps(tmp_path):
@@ -26,7 +17,6 @@ def test_plot_run_writes_loss_and_heatmaps(tmp_path):
             if s == 4:
                 r["val_loss"] = 1.5
             f.write(json.dumps(r) + "\n")
-    plot_run = _load_plot_run()
     assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3, 4, 5]
     paths = plot_run.main([str(tmp_path)])
     names = sorted(p.name for p in paths)

@@ -24,8 +24,9 @@ import torch
 from omegaconf import OmegaConf
 
 from train.config import CONFIG_DIR, ModelConfig, TrainConfig
-from train.hf import common, dbrx, deepseek, llama4, mixtral, qwen_olmoe
-from train.hf.common import HFConversionError, StateDict
+from train.hf import dbrx, deepseek, errors, expert_layout, folders, llama4, mixtral, qwen_olmoe, weights
+from train.hf.errors import HFConversionError
+from train.hf.weights import StateDict
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,12 @@ def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES)
     shapes = ckpt_io.weight_shapes(ckpt_dir)
     if cfg.tie_embeddings and "embed.weight" in shapes:
         shapes.setdefault("lm_head.weight", shapes["embed.weight"])
-    common.check_shapes(expected, {k: torch.empty(v, device="meta") for k, v in shapes.items()},
+    weights.check_shapes(expected, {k: torch.empty(v, device="meta") for k, v in shapes.items()},
                         f"checkpoint {ckpt} does not match its config.yaml")
     flat = flatten_granularity(cfg)
-    common.require(cfg.moe.router == "topk", cfg.family,
+    errors.require(cfg.moe.router == "topk", cfg.family,
                    f"model.moe.router={cfg.moe.router}: the Hugging Face classes route by token-choice top-k only")
-    common.require(cfg.ffn_activation == "silu", cfg.family, f"ffn_activation={cfg.ffn_activation!r} (every "
+    errors.require(cfg.ffn_activation == "silu", cfg.family, f"ffn_activation={cfg.ffn_activation!r} (every "
                    "supported HF class has SwiGLU experts)")
     module.check_exportable(flat)
     hf_config = module.hf_config(flat)
@@ -124,18 +125,18 @@ def export_checkpoint(ckpt, out, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES)
     if out.exists() and not out.is_dir():
         raise HFConversionError(f"export target {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    has_tokenizer = common.copy_tokenizer_files(tokenizer_dir if tokenizer_dir.is_dir() else None, out)
+    has_tokenizer = folders.copy_tokenizer_files(tokenizer_dir if tokenizer_dir.is_dir() else None, out)
     if has_tokenizer:
         _set_special_tokens(hf_config, out)
     hf_config.save_pretrained(str(out))
     _save_generation_config(hf_config, out)
-    writer = common.ShardedSafetensorsWriter(out, max_shard_bytes)
+    writer = folders.ShardedSafetensorsWriter(out, max_shard_bytes)
     stored = ckpt_io.weight_names(ckpt_dir)  # a sharded checkpoint stores a tied head once, as embed.weight
     for block in _blocks(stored):
         real = dict(ckpt_io.iter_weights(ckpt_dir, block))
         if cfg.tie_embeddings and "embed.weight" in real:
             real["lm_head.weight"] = real["embed.weight"]
-        for key, value in module.to_hf(flat, common.split_experts({**expected, **real})).items():
+        for key, value in module.to_hf(flat, expert_layout.split_experts({**expected, **real})).items():
             if not value.is_meta:
                 writer.add(key, value)
         del real
@@ -201,15 +202,15 @@ def import_checkpoint(hf_dir, out) -> Path:
     cfg = published_config(base)
     module.model_config(hf_config, cfg)
     cfg.name, cfg.family = f"imported_{model_type}", model_type
-    hf_state = common.read_hf_weights(hf_dir)
+    hf_state = folders.read_hf_weights(hf_dir)
     if model_type == "deepseek_v3":
         cfg.mtp_depth = deepseek.mtp_layers_in(hf_state, cfg.num_layers)  # what the weights actually hold
-    state = common.fuse_experts(module.from_hf(cfg, hf_state))  # the converters speak (E, in, out)
-    common.check_shapes(expected_state(cfg), state, f"{hf_dir} does not match its config.json")
+    state = expert_layout.fuse_experts(module.from_hf(cfg, hf_state))  # the converters speak (E, in, out)
+    weights.check_shapes(expected_state(cfg), state, f"{hf_dir} does not match its config.json")
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
-        has_tokenizer = common.copy_tokenizer_files(hf_dir, tokenizer_dir)
+        has_tokenizer = folders.copy_tokenizer_files(hf_dir, tokenizer_dir)
         save_model(out, TrainConfig(model=cfg), state, tokenizer_dir if has_tokenizer else None)
     mark_complete(out)
     log.info("imported %s (%s) to %s%s", hf_dir, model_type, out, "" if has_tokenizer else " (no tokenizer)")

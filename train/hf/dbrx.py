@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from train.config.model import ModelConfig
-from train.hf import common, rope
-from train.hf.common import Field, HFConversionError, StateDict, Weight, require
+from train.hf import fields, rope, weights
+from train.hf.errors import HFConversionError, require
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 MODEL_TYPE = "dbrx"
 FAMILIES = ("dbrx",)
@@ -54,21 +56,21 @@ EXPERTS = "{h}ffn.experts.mlp.{name}"
 
 def check_exportable(cfg: ModelConfig) -> None:
     f, a = "dbrx", cfg.attention
-    common.check_llama_style_gqa(cfg, f)
+    fields.check_llama_style_gqa(cfg, f)
     require(cfg.norm == "layernorm", f, f"norm={cfg.norm!r} (DBRX uses LayerNorm without bias)")
     require(cfg.norm_eps == LAYERNORM_EPS, f, f"norm_eps={cfg.norm_eps} (transformers fixes DBRX's at 1e-5)")
     require(cfg.head_dim * a.num_heads == cfg.d_model, f,
             f"head_dim {cfg.head_dim} x num_heads {a.num_heads} != d_model {cfg.d_model} (DBRX derives head_dim)")
     require(a.sliding_window is None, f, "attention.sliding_window is set (DBRX attends to the full context)")
     require(not cfg.tie_embeddings, f, "tie_embeddings=true (transformers' DBRX rejects tied embeddings)")
-    common.check_topk_softmax_routing(cfg, f)
+    fields.check_topk_softmax_routing(cfg, f)
     require(cfg.mtp_depth == 0, f, "mtp_depth > 0 (multi-token prediction exists only in DeepSeek-V3)")
 
 
 def hf_config(cfg: ModelConfig) -> Any:
     from transformers import DbrxConfig
 
-    kwargs = common.fields_to_hf(FIELDS, cfg)
+    kwargs = fields.fields_to_hf(FIELDS, cfg)
     # rope_theta goes in both places: transformers 5 reads `rope_parameters`, 4.x and the published
     # config.json use `attn_config.rope_theta`.
     kwargs["attn_config"].update(rope_theta=float(cfg.rope.theta), attn_pdrop=0.0)
@@ -79,8 +81,8 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 
 def model_config(hf: Any, cfg: ModelConfig) -> None:
-    common.require_silu(hf, MODEL_TYPE, "ffn_config.ffn_act_fn")
-    common.fields_from_hf(FIELDS, hf, cfg)
+    fields.require_silu(hf, MODEL_TYPE, "ffn_config.ffn_act_fn")
+    fields.fields_from_hf(FIELDS, hf, cfg)
     a = cfg.attention
     a.kind, a.bias, a.sliding_window, a.head_dim = "gqa", False, None, cfg.d_model // a.num_heads
     cfg.norm, cfg.norm_eps = "layernorm", LAYERNORM_EPS
@@ -92,7 +94,7 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
         cfg.rope.theta = float(legacy_theta)
     cfg.rope.interleaved = False
     cfg.dense_hidden = cfg.moe.expert_hidden
-    common.set_topk_softmax_routing(cfg)
+    fields.set_topk_softmax_routing(cfg)
     p = hf.ffn_config.moe_normalize_expert_weights
     if p is None:  # plain top-k softmax probabilities, not renormalised
         cfg.moe.scoring, cfg.moe.norm_topk_prob = "softmax_topk", False
@@ -103,10 +105,10 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
 
 def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_to_hf(WEIGHTS, sd, out)
+    weights.rename_to_hf(WEIGHTS, sd, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"transformer.blocks.{i}."
-        common.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
         out[WQKV.format(h=h)] = torch.cat([sd[f"{p}attn.{n}_proj.weight"] for n in "qkv"], dim=0)
         e = f"{p}ffn.experts."
         E, D, F = sd[e + "w_gate_EDF"].shape
@@ -118,12 +120,12 @@ def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
 
 def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     a, E, F, D = cfg.attention, cfg.moe.num_experts, cfg.moe.expert_hidden, cfg.d_model
     q_rows, kv_rows = a.num_heads * cfg.head_dim, a.num_kv_heads * cfg.head_dim
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"transformer.blocks.{i}."
-        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
         wqkv = _pop(hf, WQKV.format(h=h))
         if wqkv.shape[0] != q_rows + 2 * kv_rows:
             raise HFConversionError(f"dbrx: {WQKV.format(h=h)} has {wqkv.shape[0]} rows, expected "
@@ -134,7 +136,7 @@ def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
         out[e + "w_gate_EDF"] = _pop(hf, EXPERTS.format(h=h, name="w1")).reshape(E, F, D).transpose(1, 2)
         out[e + "w_up_EDF"] = _pop(hf, EXPERTS.format(h=h, name="v1")).reshape(E, F, D).transpose(1, 2)
         out[e + "w_down_EFD"] = _pop(hf, EXPERTS.format(h=h, name="w2")).reshape(E, F, D)
-    common.check_consumed(hf, MODEL_TYPE)
+    weights.check_consumed(hf, MODEL_TYPE)
     return {k: v.contiguous() for k, v in out.items()}
 
 

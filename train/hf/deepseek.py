@@ -24,8 +24,10 @@ import torch
 
 from train.config.model import ModelConfig
 from train.config.routing import device_limit_groups
-from train.hf import common, rope
-from train.hf.common import Field, HFConversionError, StateDict, Weight, require
+from train.hf import expert_layout, fields, rope, weights
+from train.hf.errors import HFConversionError, require
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 FAMILIES = ("deepseek_v2", "deepseek_v3")
@@ -34,7 +36,7 @@ ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "Deepsee
 
 _none_is_1 = dict(to_hf=lambda v: v, from_hf=lambda v: 1 if v is None else v)
 FIELDS = (
-    *common.LLAMA_STYLE_FIELDS,
+    *fields.LLAMA_STYLE_FIELDS,
     Field("dense_hidden", "intermediate_size"),
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.q_lora_rank", "q_lora_rank"),
@@ -58,9 +60,9 @@ V3_FIELDS = (
     Field("rope.interleaved", "rope_interleave", from_hf=bool),
 )
 
-WEIGHTS = common.LLAMA_STYLE_WEIGHTS
+WEIGHTS = weights.LLAMA_STYLE_WEIGHTS
 ATTN_WEIGHTS = (
-    *common.LLAMA_STYLE_NORM_WEIGHTS,
+    *weights.LLAMA_STYLE_NORM_WEIGHTS,
     *(Weight(f"{{p}}attn.{n}.{t}", f"{{h}}self_attn.{n}.{t}")
       for n in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                 "kv_b_proj", "o_proj")
@@ -121,7 +123,7 @@ def hf_config(cfg: ModelConfig) -> Any:
 
     v3 = cfg.family == "deepseek_v3"
     m = cfg.moe
-    kwargs = common.fields_to_hf(FIELDS + (V3_FIELDS if v3 else ()), cfg)
+    kwargs = fields.fields_to_hf(FIELDS + (V3_FIELDS if v3 else ()), cfg)
     limited = device_limit_groups(m)  # V2 only (check_exportable): it replaces the node groups
     if limited is not None:
         kwargs.update(n_group=limited[0], topk_group=limited[1])
@@ -138,8 +140,8 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 def model_config(hf: Any, cfg: ModelConfig) -> None:
     v3 = hf.model_type == "deepseek_v3"
-    common.require_silu(hf, hf.model_type)
-    common.fields_from_hf(FIELDS + (V3_FIELDS if v3 else ()), hf, cfg)
+    fields.require_silu(hf, hf.model_type)
+    fields.fields_from_hf(FIELDS + (V3_FIELDS if v3 else ()), hf, cfg)
     a, m = cfg.attention, cfg.moe
     a.kind, a.num_kv_heads, a.head_dim, a.sliding_window, a.clip_qkv = "mla", a.num_heads, None, None, None
     if getattr(hf, "num_key_value_heads", a.num_heads) != a.num_heads:
@@ -169,12 +171,12 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
 
 def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_to_hf(WEIGHTS, sd, out)
+    weights.rename_to_hf(WEIGHTS, sd, out)
     for i in range(cfg.num_layers):
         _layer_to_hf(cfg, sd, out, f"layers.{i}.", f"model.layers.{i}.", i)
     for k in range(cfg.mtp_depth):
         p, h = f"mtp.{k}.", f"model.layers.{cfg.num_layers + k}."
-        common.rename_to_hf(MTP_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(MTP_WEIGHTS, sd, out, p=p, h=h)
         for ours, hf in MTP_SHARED.items():
             out[hf.format(h=h)] = sd[ours]
         _layer_to_hf(cfg, sd, out, p + "block.", h, cfg.num_layers + k)
@@ -184,61 +186,61 @@ def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
 
 
 def _layer_to_hf(cfg: ModelConfig, sd: StateDict, out: StateDict, p: str, h: str, layer_idx: int) -> None:
-    common.rename_to_hf(ATTN_WEIGHTS, sd, out, p=p, h=h)
+    weights.rename_to_hf(ATTN_WEIGHTS, sd, out, p=p, h=h)
     if not cfg.is_moe_layer(layer_idx):
-        common.rename_to_hf(DENSE_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(DENSE_WEIGHTS, sd, out, p=p, h=h)
         return
-    common.rename_to_hf(MOE_WEIGHTS, sd, out, p=p, h=h)
+    weights.rename_to_hf(MOE_WEIGHTS, sd, out, p=p, h=h)
     bias_key = f"{h}mlp.gate.e_score_correction_bias"
     if cfg.family == "deepseek_v3" and bias_key not in out:  # V3 always has the buffer; ours only when trained
         out[bias_key] = torch.zeros(cfg.moe.num_experts, dtype=torch.float32)
     for ours, name in EXPERT_NAMES.items():
         template = EXPERT.format(h=h, name=name)
-        for j, w in enumerate(common.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
+        for j, w in enumerate(expert_layout.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
             out[template.format(j=j)] = w
 
 
 def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
     """Our state dict from HF tensors. MTP layers present in the weights are mapped when cfg.mtp_depth
     covers them (see `mtp_layers_in`); consumed tensors are removed from `hf`."""
-    hf = common.unfuse_experts(hf, "mlp.experts.", gate="gate_proj", up="up_proj", down="down_proj")
+    hf = expert_layout.unfuse_experts(hf, "mlp.experts.", gate="gate_proj", up="up_proj", down="down_proj")
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
         _layer_from_hf(cfg, hf, out, f"layers.{i}.", f"model.layers.{i}.", i)
     for k in range(cfg.mtp_depth):
         p, h = f"mtp.{k}.", f"model.layers.{cfg.num_layers + k}."
-        common.rename_from_hf(MTP_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(MTP_WEIGHTS, hf, out, p=p, h=h)
         for hf_name in MTP_SHARED.values():  # shared with the main model: ours has one copy
             hf.pop(hf_name.format(h=h), None)
         _layer_from_hf(cfg, hf, out, p + "block.", h, cfg.num_layers + k)
-    common.check_consumed(hf, cfg.family)
-    common.tie_head(cfg, out)
+    weights.check_consumed(hf, cfg.family)
+    weights.tie_head(cfg, out)
     return out
 
 
 def _layer_from_hf(cfg: ModelConfig, hf: StateDict, out: StateDict, p: str, h: str, layer_idx: int) -> None:
-    common.rename_from_hf(ATTN_WEIGHTS, hf, out, p=p, h=h)
+    weights.rename_from_hf(ATTN_WEIGHTS, hf, out, p=p, h=h)
     if not cfg.is_moe_layer(layer_idx):
-        common.rename_from_hf(DENSE_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(DENSE_WEIGHTS, hf, out, p=p, h=h)
         return
     bias_key = f"{h}mlp.gate.e_score_correction_bias"
     if not cfg.moe.uses_expert_bias and bias_key in hf:
         if torch.count_nonzero(hf[bias_key]):
             raise HFConversionError(f"{bias_key} is nonzero but the imported config has no expert bias")
         hf.pop(bias_key)
-    common.rename_from_hf(MOE_WEIGHTS, hf, out, p=p, h=h)
+    weights.rename_from_hf(MOE_WEIGHTS, hf, out, p=p, h=h)
     if cfg.moe.uses_expert_bias:
         bias = out.get(f"{p}ffn.router.expert_bias_E", torch.zeros(cfg.moe.num_experts))
         out[f"{p}ffn.router.expert_bias_E"] = bias.float()
     for ours, name in EXPERT_NAMES.items():
-        linears = common.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
-        out[f"{p}ffn.experts.{ours}"] = common.experts_from_linears(linears)
+        linears = weights.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
+        out[f"{p}ffn.experts.{ours}"] = expert_layout.experts_from_linears(linears)
 
 
 def mtp_layers_in(hf: StateDict, num_layers: int) -> int:
     """How many consecutive MTP layers (indices num_layers, num_layers + 1, ...) the HF weights hold."""
-    present = {common.layer_index(k, "model.layers.") for k in hf}
+    present = {weights.layer_index(k, "model.layers.") for k in hf}
     k = 0
     while num_layers + k in present:
         k += 1

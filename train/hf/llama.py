@@ -12,23 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from train.config.model import ModelConfig
-from train.hf import common, rope
-from train.hf.common import Field, HFConversionError, StateDict, Weight
+from train.hf import fields, rope, weights
+from train.hf.errors import HFConversionError
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 BASE_CONFIG = "mixtral_8x7b"  # training-only settings (balance coefficient, routing) of the upcycled model
 
 FIELDS = (
-    *common.LLAMA_STYLE_FIELDS,
+    *fields.LLAMA_STYLE_FIELDS,
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.num_kv_heads", "num_key_value_heads"),
     Field("dense_hidden", "intermediate_size"),
 )
 
-WEIGHTS = common.LLAMA_STYLE_WEIGHTS
+WEIGHTS = weights.LLAMA_STYLE_WEIGHTS
 
 LAYER_WEIGHTS = (
-    *common.LLAMA_STYLE_LAYER_WEIGHTS,
+    *weights.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.w_gate.weight", "{h}mlp.gate_proj.weight"),
     Weight("{p}ffn.w_up.weight", "{h}mlp.up_proj.weight"),
     Weight("{p}ffn.w_down.weight", "{h}mlp.down_proj.weight"),
@@ -55,13 +57,13 @@ def check_model_type(model_type: str, where: str) -> None:
 def model_config(hf: Any, cfg: ModelConfig) -> None:
     """Fill `cfg` (a copy of BASE_CONFIG) in place as the dense model of a loaded Llama/Mistral config."""
     where = f"{hf.model_type} config"
-    common.require_silu(hf, hf.model_type)
+    fields.require_silu(hf, hf.model_type)
     if getattr(hf, "attention_bias", False):
         raise HFConversionError(f"{where}: attention_bias=true is not supported (moeforge's Llama-style attention "
                                 "has no biases)")
     if getattr(hf, "mlp_bias", False):
         raise HFConversionError(f"{where}: mlp_bias=true is not supported (moeforge's SwiGLU has no biases)")
-    common.fields_from_hf(FIELDS, hf, cfg)
+    fields.fields_from_hf(FIELDS, hf, cfg)
     head_dim = getattr(hf, "head_dim", None)
     cfg.attention.head_dim = head_dim if head_dim is not None else cfg.d_model // cfg.attention.num_heads
     cfg.attention.kind, cfg.attention.bias, cfg.attention.clip_qkv = "gqa", False, None
@@ -77,7 +79,7 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
     cfg.rope.interleaved = False
     cfg.norm = "rmsnorm"
     cfg.mtp_depth = 0
-    common.set_topk_softmax_routing(cfg)
+    fields.set_topk_softmax_routing(cfg)
     cfg.moe.expert_hidden = cfg.dense_hidden
     cfg.moe.first_k_dense = cfg.num_layers  # every layer dense
 
@@ -85,11 +87,11 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
 def from_hf(cfg: ModelConfig, hf: StateDict, model_type: str) -> StateDict:
     """Our dense state dict from the HF tensors; consumed tensors are removed from `hf`."""
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
-        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
+        weights.rename_from_hf(LAYER_WEIGHTS, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
         if cfg.attention.qkv_bias:
-            common.rename_from_hf(QKV_BIASES, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
-    common.check_consumed(hf, model_type)
-    common.tie_head(cfg, out)
+            weights.rename_from_hf(QKV_BIASES, hf, out, p=f"layers.{i}.", h=f"model.layers.{i}.")
+    weights.check_consumed(hf, model_type)
+    weights.tie_head(cfg, out)
     return out

@@ -16,15 +16,17 @@ import torch
 
 from train.config.model import ModelConfig
 from train.config.routing import device_limit_groups
-from train.hf import common, rope
-from train.hf.common import Field, HFConversionError, StateDict, Weight, require
+from train.hf import fields, rope, weights
+from train.hf.errors import HFConversionError, require
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 MODEL_TYPE = "llama4_text"
 FAMILIES = ("llama4", "llama4_text")  # ours, and what an import names it
 BASE_CONFIG = "llama4_maverick"
 
 FIELDS = (
-    *common.LLAMA_STYLE_FIELDS,
+    *fields.LLAMA_STYLE_FIELDS,
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.num_kv_heads", "num_key_value_heads"),
     Field("attention.head_dim", "head_dim"),
@@ -37,11 +39,11 @@ FIELDS = (
     Field("dense_hidden", "intermediate_size_mlp"),
 )
 
-WEIGHTS = common.LLAMA_STYLE_WEIGHTS
+WEIGHTS = weights.LLAMA_STYLE_WEIGHTS
 
 _PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 LAYER_WEIGHTS = (
-    *common.LLAMA_STYLE_LAYER_WEIGHTS,
+    *weights.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.router.gate.weight", "{h}feed_forward.router.weight"),
     Weight("{p}ffn.experts.w_down_EFD", "{h}feed_forward.experts.down_proj"),
     *(Weight(f"{{p}}ffn.shared.{o}.weight", f"{{h}}feed_forward.shared_expert.{hf}.weight") for o, hf in _PROJ.items()),
@@ -79,7 +81,7 @@ def hf_config(cfg: ModelConfig) -> Any:
     from transformers import Llama4TextConfig
 
     a, m = cfg.attention, cfg.moe
-    kwargs = common.fields_to_hf(FIELDS, cfg)
+    kwargs = fields.fields_to_hf(FIELDS, cfg)
     tuning = a.temperature_floor_scale is not None
     kwargs.update(rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", attention_dropout=0.0,
                   attention_bias=False, use_qk_norm=False, attn_temperature_tuning=tuning,
@@ -91,12 +93,12 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 def model_config(hf: Any, cfg: ModelConfig) -> None:
     """Fill `cfg` (a copy of BASE_CONFIG) in place from a loaded Llama4TextConfig."""
-    common.require_silu(hf, MODEL_TYPE)
+    fields.require_silu(hf, MODEL_TYPE)
     if getattr(hf, "use_qk_norm", False):
         raise HFConversionError("llama4_text: use_qk_norm=true (the 16-expert model's L2 q/k norm) is not supported")
     if getattr(hf, "attention_bias", False):
         raise HFConversionError("llama4_text: attention_bias=true is not supported")
-    common.fields_from_hf(FIELDS, hf, cfg)
+    fields.fields_from_hf(FIELDS, hf, cfg)
     step = cfg.moe.layer_freq
     if list(hf.moe_layers) != list(range(step - 1, hf.num_hidden_layers, step)):
         raise HFConversionError(f"llama4_text: moe_layers={hf.moe_layers} are not every {step}th layer")
@@ -119,10 +121,10 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
 
 def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_to_hf(WEIGHTS, sd, out)
+    weights.rename_to_hf(WEIGHTS, sd, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
         if cfg.is_moe_layer(i):
             gate, up = sd[f"{p}ffn.experts.w_gate_EDF"], sd[f"{p}ffn.experts.w_up_EDF"]
             out[GATE_UP.format(h=h)] = torch.cat([gate, up], dim=-1)
@@ -134,15 +136,15 @@ def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
 def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
     """Our state dict from HF tensors; consumed tensors are removed from `hf`."""
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
         if cfg.is_moe_layer(i):
             gate_up = hf.pop(GATE_UP.format(h=h))
             f = gate_up.shape[-1] // 2
             out[f"{p}ffn.experts.w_gate_EDF"] = gate_up[..., :f].contiguous()
             out[f"{p}ffn.experts.w_up_EDF"] = gate_up[..., f:].contiguous()
-    common.check_consumed(hf, MODEL_TYPE)
-    common.tie_head(cfg, out)
+    weights.check_consumed(hf, MODEL_TYPE)
+    weights.tie_head(cfg, out)
     return out

@@ -9,15 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from train.config.model import ModelConfig
-from train.hf import common, rope
-from train.hf.common import Field, StateDict, Weight, require
+from train.hf import expert_layout, fields, rope, weights
+from train.hf.errors import require
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 MODEL_TYPE = "mixtral"
 FAMILIES = ("mixtral",)
 BASE_CONFIG = "mixtral_8x7b"  # published config whose training-only settings an import starts from
 
 FIELDS = (
-    *common.LLAMA_STYLE_FIELDS,
+    *fields.LLAMA_STYLE_FIELDS,
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.num_kv_heads", "num_key_value_heads"),
     Field("attention.head_dim", "head_dim"),
@@ -31,10 +33,10 @@ FIELDS = (
 # (E / (K T) * sum_i count_i * P_i, DeepSeek-V2's and MegaBlocks' normalisation, 1.0 at perfect balance);
 # router_aux_loss_coef = ours / K keeps the same objective on both sides.
 
-WEIGHTS = common.LLAMA_STYLE_WEIGHTS
+WEIGHTS = weights.LLAMA_STYLE_WEIGHTS
 
 LAYER_WEIGHTS = (
-    *common.LLAMA_STYLE_LAYER_WEIGHTS,
+    *weights.LLAMA_STYLE_LAYER_WEIGHTS,
     Weight("{p}ffn.router.gate.weight", "{h}block_sparse_moe.gate.weight"),
 )
 
@@ -46,17 +48,17 @@ EXPERT_NAMES = {"w_gate_EDF": "w1", "w_up_EDF": "w3", "w_down_EFD": "w2"}
 def check_exportable(cfg: ModelConfig) -> None:
     """Everything MixtralForCausalLM cannot express is a clear error (granularity already flattened)."""
     f, m, a = "mixtral", cfg.moe, cfg.attention
-    common.check_llama_style_gqa(cfg, f)
+    fields.check_llama_style_gqa(cfg, f)
     require(cfg.norm == "rmsnorm", f, f"norm={cfg.norm!r} (Mixtral uses rmsnorm)")
     require(a.clip_qkv is None, f, "attention.clip_qkv is set (Mixtral has no qkv clipping; DBRX does)")
-    common.check_topk_softmax_routing(cfg, f)
+    fields.check_topk_softmax_routing(cfg, f)
     require(cfg.mtp_depth == 0, f, "mtp_depth > 0 (multi-token prediction exists only in DeepSeek-V3)")
 
 
 def hf_config(cfg: ModelConfig) -> Any:
     from transformers import MixtralConfig
 
-    kwargs = common.fields_to_hf(FIELDS, cfg)
+    kwargs = fields.fields_to_hf(FIELDS, cfg)
     kwargs["router_aux_loss_coef"] = cfg.moe.expert_balance_coef / cfg.moe.num_active_routed
     kwargs.update(rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", router_jitter_noise=0.0,
                   attention_dropout=0.0, architectures=["MixtralForCausalLM"])
@@ -65,8 +67,8 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 def model_config(hf: Any, cfg: ModelConfig) -> None:
     """Fill `cfg` (a copy of BASE_CONFIG) in place from a loaded MixtralConfig."""
-    common.require_silu(hf, MODEL_TYPE)
-    common.fields_from_hf(FIELDS, hf, cfg)
+    fields.require_silu(hf, MODEL_TYPE)
+    fields.fields_from_hf(FIELDS, hf, cfg)
     cfg.moe.expert_balance_coef = hf.router_aux_loss_coef * cfg.moe.top_k
     cfg.attention.kind, cfg.attention.bias, cfg.attention.clip_qkv = "gqa", False, None
     if cfg.attention.head_dim is None:
@@ -75,19 +77,19 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
     cfg.rope.interleaved = False
     cfg.norm = "rmsnorm"
     cfg.dense_hidden = cfg.moe.expert_hidden  # no dense layers; keeps the published configs' convention
-    common.set_topk_softmax_routing(cfg)
+    fields.set_topk_softmax_routing(cfg)
     cfg.mtp_depth = 0
 
 
 def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_to_hf(WEIGHTS, sd, out)
+    weights.rename_to_hf(WEIGHTS, sd, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
         for ours, name in EXPERT_NAMES.items():
             template = EXPERT.format(h=h, name=name)
-            for j, w in enumerate(common.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
+            for j, w in enumerate(expert_layout.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
                 out[template.format(j=j)] = w
     if cfg.tie_embeddings:
         out.pop("lm_head.weight", None)  # transformers ties it to the embedding
@@ -96,17 +98,17 @@ def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
 
 def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
     """Our state dict from HF tensors (either layout); consumed tensors are removed from `hf`."""
-    hf = common.unfuse_experts(
+    hf = expert_layout.unfuse_experts(
         {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in hf.items()}, "block_sparse_moe.experts.",
         gate="w1", up="w3", down="w2")
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
         for ours, name in EXPERT_NAMES.items():
-            linears = common.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
-            out[f"{p}ffn.experts.{ours}"] = common.experts_from_linears(linears)
-    common.check_consumed(hf, MODEL_TYPE)
-    common.tie_head(cfg, out)
+            linears = weights.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
+            out[f"{p}ffn.experts.{ours}"] = expert_layout.experts_from_linears(linears)
+    weights.check_consumed(hf, MODEL_TYPE)
+    weights.tie_head(cfg, out)
     return out

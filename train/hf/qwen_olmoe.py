@@ -15,8 +15,10 @@ from typing import Any
 
 from train.config.model import ModelConfig
 from train.config.routing import device_limit_groups
-from train.hf import common, rope
-from train.hf.common import Field, HFConversionError, StateDict, Weight, require
+from train.hf import expert_layout, fields, rope, weights
+from train.hf.errors import HFConversionError, require
+from train.hf.fields import Field
+from train.hf.weights import StateDict, Weight
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe")
 BASE_CONFIG = {"qwen2_moe": "qwen15_moe_a27b", "qwen3_moe": "qwen3_30b_a3b", "olmoe": "olmoe_1b_7b"}
@@ -25,7 +27,7 @@ ARCHITECTURES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCa
 QK_NORM = {"qwen2_moe": None, "qwen3_moe": "head", "olmoe": "full"}
 
 FIELDS = (
-    *common.LLAMA_STYLE_FIELDS,
+    *fields.LLAMA_STYLE_FIELDS,
     Field("attention.num_heads", "num_attention_heads"),
     Field("attention.num_kv_heads", "num_key_value_heads"),
     Field("moe.num_experts", "num_experts"),
@@ -36,11 +38,11 @@ FIELDS = (
 # OLMoE calls the expert width intermediate_size and has no dense layers.
 OLMOE_FIELDS = tuple(Field(f.ours, "intermediate_size") if f.ours == "moe.expert_hidden" else f for f in FIELDS)
 
-WEIGHTS = common.LLAMA_STYLE_WEIGHTS
+WEIGHTS = weights.LLAMA_STYLE_WEIGHTS
 
 _PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 LAYER_WEIGHTS = (
-    *common.LLAMA_STYLE_NORM_WEIGHTS,
+    *weights.LLAMA_STYLE_NORM_WEIGHTS,
     *(Weight(f"{{p}}attn.{n}_proj.{t}", f"{{h}}self_attn.{n}_proj.{t}") for n in "qkvo" for t in ("weight", "bias")),
     Weight("{p}attn.q_norm.weight", "{h}self_attn.q_norm.weight"),
     Weight("{p}attn.k_norm.weight", "{h}self_attn.k_norm.weight"),
@@ -101,7 +103,7 @@ def hf_config(cfg: ModelConfig) -> Any:
     import transformers
 
     f, m = cfg.family, cfg.moe
-    kwargs = common.fields_to_hf(OLMOE_FIELDS if f == "olmoe" else FIELDS, cfg)
+    kwargs = fields.fields_to_hf(OLMOE_FIELDS if f == "olmoe" else FIELDS, cfg)
     kwargs.update(rope_parameters=rope.to_hf(cfg.rope), hidden_act="silu", attention_dropout=0.0,
                   router_aux_loss_coef=m.expert_balance_coef / m.num_active_routed,
                   architectures=[ARCHITECTURES[f]])
@@ -118,8 +120,8 @@ def hf_config(cfg: ModelConfig) -> Any:
 def model_config(hf: Any, cfg: ModelConfig) -> None:
     """Fill `cfg` (a copy of the family's BASE_CONFIG) in place from a loaded HF config."""
     f = hf.model_type
-    common.require_silu(hf, f)
-    common.fields_from_hf(OLMOE_FIELDS if f == "olmoe" else FIELDS, hf, cfg)
+    fields.require_silu(hf, f)
+    fields.fields_from_hf(OLMOE_FIELDS if f == "olmoe" else FIELDS, hf, cfg)
     m, a = cfg.moe, cfg.attention
     m.expert_balance_coef = hf.router_aux_loss_coef * m.top_k
     m.scoring, m.routed_scaling_factor, m.granularity = "softmax_topk", 1.0, 1
@@ -159,15 +161,15 @@ def model_config(hf: Any, cfg: ModelConfig) -> None:
 
 def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
     out: StateDict = {}
-    common.rename_to_hf(WEIGHTS, sd, out)
+    weights.rename_to_hf(WEIGHTS, sd, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
+        weights.rename_to_hf(LAYER_WEIGHTS, sd, out, p=p, h=h)
         if not cfg.is_moe_layer(i):
             continue
         for ours, name in EXPERT_NAMES.items():
             template = EXPERT.format(h=h, name=name)
-            for j, w in enumerate(common.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
+            for j, w in enumerate(expert_layout.experts_to_linears(sd[f"{p}ffn.experts.{ours}"])):
                 out[template.format(j=j)] = w
     if cfg.tie_embeddings:
         out.pop("lm_head.weight", None)  # transformers ties it to the embedding
@@ -176,17 +178,17 @@ def to_hf(cfg: ModelConfig, sd: StateDict) -> StateDict:
 
 def from_hf(cfg: ModelConfig, hf: StateDict) -> StateDict:
     """Our state dict from HF tensors (either expert layout); consumed tensors are removed from `hf`."""
-    hf = common.unfuse_experts(hf, "mlp.experts.", gate="gate_proj", up="up_proj", down="down_proj")
+    hf = expert_layout.unfuse_experts(hf, "mlp.experts.", gate="gate_proj", up="up_proj", down="down_proj")
     out: StateDict = {}
-    common.rename_from_hf(WEIGHTS, hf, out)
+    weights.rename_from_hf(WEIGHTS, hf, out)
     for i in range(cfg.num_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
-        common.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
+        weights.rename_from_hf(LAYER_WEIGHTS, hf, out, p=p, h=h)
         if not cfg.is_moe_layer(i):
             continue
         for ours, name in EXPERT_NAMES.items():
-            linears = common.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
-            out[f"{p}ffn.experts.{ours}"] = common.experts_from_linears(linears)
-    common.check_consumed(hf, cfg.family)
-    common.tie_head(cfg, out)
+            linears = weights.pop_indexed(hf, EXPERT.format(h=h, name=name), cfg.moe.num_experts)
+            out[f"{p}ffn.experts.{ours}"] = expert_layout.experts_from_linears(linears)
+    weights.check_consumed(hf, cfg.family)
+    weights.tie_head(cfg, out)
     return out

@@ -1,7 +1,8 @@
 """Grouped-query attention (Mixtral, DBRX, DeepSeekMoE) and the pieces MLA shares with it: the per-layer KV
 cache and the masked scaled-dot-product call.
 
-Shapes: B batch, T new tokens, S keys (cached + new), H query heads, Hkv key/value heads, Dh head dim.
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, Hkv key/value heads, Dh head dim,
+P rotated pairs (rotary dim / 2).
 Positions are (T,), shared by the rows, or (B, T) per row with document masking (`train/model/documents.py`).
 """
 from __future__ import annotations
@@ -171,9 +172,9 @@ class GroupedQueryAttention(nn.Module):
         b, t, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD)
         if self.use_rope:
-            cos_TR, sin_TR = self.rope(positions)
-            q = apply_rotary(q, cos_TR, sin_TR, self.interleaved)
-            k = apply_rotary(k, cos_TR, sin_TR, self.interleaved)
+            cos_TP, sin_TP = self.rope(positions)
+            q = apply_rotary(q, cos_TP, sin_TP, self.interleaved)
+            k = apply_rotary(k, cos_TP, sin_TP, self.interleaved)
         elif self.temperature is not None:  # Llama 4's attention temperature on NoPE layers
             floor_scale, scale = self.temperature
             t_T = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * scale + 1.0

@@ -6,7 +6,8 @@ latent (`kv_a_proj_with_mqa` → `kv_a_layernorm` → `kv_b_proj`); the same pro
 of `qk_rope_head_dim` channels shared by all heads (the "decoupled" key, MQA-style). Per head the score is
 q_nope·k_nope + q_rope·k_rope, scaled by (qk_nope + qk_rope)^-0.5 · yarn_get_mscale(factor, mscale_all_dim)².
 
-Shapes: B batch, T new tokens, S keys, H heads, Dn nope dim, Dr rope dim, Dv value dim, C kv latent rank.
+Shapes: B batch, T new tokens, S keys, H heads, Dn nope dim, Dr rope dim, Dv value dim, L kv latent rank,
+P = Dr/2 rotated pairs.
 The KV cache holds the expanded per-head keys and values (simple; caching the latent would save memory).
 """
 from __future__ import annotations
@@ -67,17 +68,17 @@ class MultiHeadLatentAttention(nn.Module):
         q_BHTK = q.view(b, t, h, self.qk_dim).transpose(1, 2)
         q_nope, q_rope = q_BHTK.split([self.nope_dim, self.rope_dim], dim=-1)
 
-        latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent_BTC))
+        latent_BTL, k_rope_BTDr = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent_BTL))
         kv_BHTK = kv.view(b, t, h, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v_BHTV = kv_BHTK.split([self.nope_dim, self.v_dim], dim=-1)
 
-        cos_TR, sin_TR = self.rope(positions)
-        q_rope = apply_rotary(q_rope, cos_TR, sin_TR, self.interleaved)
-        k_rope_B1TR = apply_rotary(k_rope_BTR[:, None], cos_TR, sin_TR, self.interleaved)
+        cos_TP, sin_TP = self.rope(positions)
+        q_rope = apply_rotary(q_rope, cos_TP, sin_TP, self.interleaved)
+        k_rope_B1TDr = apply_rotary(k_rope_BTDr[:, None], cos_TP, sin_TP, self.interleaved)
 
         q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope_B1TR.expand(b, h, t, self.rope_dim)), dim=-1)
+        k = torch.cat((k_nope, k_rope_B1TDr.expand(b, h, t, self.rope_dim)), dim=-1)
         v = v_BHTV
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)

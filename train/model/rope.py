@@ -1,8 +1,8 @@
 """Rotary position embeddings, with DeepSeek's YaRN context extension.
 
-Tables are kept at half width: `cos_TR`, `sin_TR` with R = rotary_dim / 2, one angle per rotated pair. Two
+Tables are kept at half width: `cos_TP`, `sin_TP` with P = rotary_dim / 2 rotated pairs, one angle each. Two
 pair layouts exist in published checkpoints and `apply_rotary` handles both:
-- halves (`interleaved=False`, Llama/Mixtral/DBRX): pair r is channels (r, r + R), i.e. `rotate_half`;
+- halves (`interleaved=False`, Llama/Mixtral/DBRX): pair r is channels (r, r + P), i.e. `rotate_half`;
 - adjacent (`interleaved=True`, DeepSeek): pair r is channels (2r, 2r + 1). HF DeepseekV2 multiplies complex
   numbers built from adjacent pairs; HF DeepseekV3 rotates the even/odd slices and concatenates them (it
   returns the pairs de-interleaved). Both rotate the same pairs by the same angles; we keep the input layout,
@@ -89,7 +89,7 @@ def softmax_mscale(scaling: Optional[RopeScalingConfig]) -> float:
 
 class RotaryEmbedding(nn.Module):
     """Holds `inv_freq` (non-persistent: derived from the config, never checkpointed) and turns positions
-    into half-width `cos_TR`, `sin_TR` tables, already multiplied by the YaRN mscale. Positions (T,) shared by
+    into half-width `cos_TP`, `sin_TP` tables, already multiplied by the YaRN mscale. Positions (T,) shared by
     the batch give (T, R) tables; per-row positions (B, T) (document masking) give (B, T, R)."""
 
     def __init__(self, dim: int, rope: RopeConfig):
@@ -108,24 +108,24 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in fp32 whatever autocast says: positions up to 1e5+ times small frequencies need the mantissa.
-        freqs_TR = positions.float()[..., None] * self.inv_freq.float()
-        return freqs_TR.cos() * self.mscale, freqs_TR.sin() * self.mscale
+        freqs_TP = positions.float()[..., None] * self.inv_freq.float()
+        return freqs_TP.cos() * self.mscale, freqs_TP.sin() * self.mscale
 
 
-def apply_rotary(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the last dim of `x` (..., T, 2R) by the angles in the half-width tables, in fp32, keeping the
     input's channel layout. `interleaved` selects adjacent pairs (DeepSeek) over halves (Llama).
 
     Tables of per-row positions (B, T, R) apply to `x` laid out (B, heads, T, 2R): they broadcast over heads.
     """
-    if cos_TR.dim() == 3:
-        cos_TR, sin_TR = cos_TR[:, None], sin_TR[:, None]
+    if cos_TP.dim() == 3:
+        cos_TP, sin_TP = cos_TP[:, None], sin_TP[:, None]
     x32 = x.float()
     if interleaved:
         x1, x2 = x32[..., 0::2], x32[..., 1::2]
     else:
         x1, x2 = x32.chunk(2, dim=-1)
-    y1 = x1 * cos_TR - x2 * sin_TR
-    y2 = x2 * cos_TR + x1 * sin_TR
+    y1 = x1 * cos_TP - x2 * sin_TP
+    y2 = x2 * cos_TP + x1 * sin_TP
     y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
     return y.to(x.dtype)

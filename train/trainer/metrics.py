@@ -1,31 +1,65 @@
 """One optimizer step's metrics: accumulate each micro-batch's outputs, reduce once over ranks, flatten.
 
-Reductions (`world` = all ranks, `micro` = micro-batches of the step):
-- losses (`loss`, `lm_loss`, `aux_loss`, `aux/<term>`, `mtp_loss`): mean over micro and world;
-- `moe/a2a_tokens_sent`: sum over layers, micro and world (token copies sent in the whole step);
-- `moe/devices_per_token_max`: max over layers, micro and world; `moe/devices_per_token_mean`: mean;
-- `moe/dropped_frac`: mean over layers, micro and world;
-- `moe/layer{i}/tokens_per_expert`: the layer's counts summed over micro. The model's counts already cover
-  the data-parallel world (its `count_reducer`), so they are averaged over ranks rather than summed (equal
-  on every rank; if a layer reports local counts the mean is the per-rank load, same shape of imbalance);
+Every accumulated value declares its reduction in `REDUCTIONS` (`world` = all ranks, `micro` = micro-batches of
+the step); a value without one is an error, not a silent sum:
+- `mean`: mean over micro and world: the losses (`loss`, `lm_loss`, `aux_loss`, `aux/<term>`, `mtp_loss`);
+- `sum`: sum over layers, micro and world: `moe/a2a_tokens_sent` (token copies sent in the whole step), and the
+  per-device counts behind the imbalance ratios;
+- `max`: max over layers, micro and world: `moe/devices_per_token_max`;
+- `layer_mean`: mean over layers, micro and world: `moe/dropped_frac`, `moe/devices_per_token_mean`;
+- `rank_mean`: summed over micro, averaged over ranks: `moe/layer{i}/tokens_per_expert`. The model's counts
+  already cover the data-parallel world (its `count_reducer`), so they are equal on every rank; if a layer
+  reports local counts the mean is the per-rank load, same shape of imbalance.
+Derived from the reduced counts, never from per-micro ratios:
 - `moe/layer{i}/load_min|load_max` are the least and most loaded expert relative to the even share
   (1.0 = balanced), `load_cv` the coefficient of variation of the counts;
-- `moe/layer{i}/bias_min|bias_max|bias_absmean`: the selection bias after this step's update (bias balancing);
 - `moe/layer{i}/device_load_imbalance`: max/mean over expert-parallel devices of the token copies each device's
   experts process in the step (1.0 = balanced, and with one device); `moe/device_load_imbalance` and
   `moe/comm_imbalance` (max/mean of the tokens sent to each device, a token counted once per device) are the
-  maxima over layers. Both come from the step's per-device counts summed over micro, not per-micro ratios.
+  maxima over layers.
+- `moe/layer{i}/bias_min|bias_max|bias_absmean`: the selection bias after this step's update (bias balancing).
 All sums travel in one float64 all-reduce and all maxima in one more.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from fnmatch import fnmatchcase
 from typing import Iterable, Optional
 
 import torch
 
 import parallel
-from train.trainer.dist import max_over_ranks
+
+# name pattern → reduction (see the module docstring); `moe/_*` values are internal and never recorded
+REDUCTIONS = {
+    "loss": "mean", "lm_loss": "mean", "aux_loss": "mean", "aux/*": "mean", "mtp_loss": "mean",
+    "moe/a2a_tokens_sent": "sum",
+    "moe/devices_per_token_max": "max",
+    "moe/dropped_frac": "layer_mean", "moe/devices_per_token_mean": "layer_mean",
+    "moe/layer*/tokens_per_expert": "rank_mean",
+    "moe/layer*/_tokens_per_device": "sum", "moe/layer*/_tokens_received_per_device": "sum",
+    "moe/_layer_samples": "sum",
+}
+
+
+def reduction(key: str) -> str:
+    """The declared reduction of `key` (the first matching pattern of `REDUCTIONS`)."""
+    for pattern, how in REDUCTIONS.items():
+        if fnmatchcase(key, pattern):
+            return how
+    raise KeyError(f"metric {key!r} declares no reduction; add it to REDUCTIONS in train/trainer/metrics.py")
+
+
+def imbalance(counts: torch.Tensor) -> float:
+    """max / mean of a count vector (1.0 = balanced)."""
+    return float(counts.max() / counts.mean().clamp_min(1e-9))
+
+
+def load_balance(counts_E: torch.Tensor) -> dict:
+    """The least and most loaded expert relative to the even share, and the coefficient of variation."""
+    mean = counts_E.mean().clamp_min(1e-9)
+    return {"load_min": float(counts_E.min() / mean), "load_max": float(counts_E.max() / mean),
+            "load_cv": float(counts_E.std(unbiased=False) / mean)}
 
 
 def _as_vector(value, device: torch.device) -> torch.Tensor:
@@ -33,6 +67,21 @@ def _as_vector(value, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().reshape(-1).to(device=device, dtype=torch.float64)
     return torch.tensor([float(value)], dtype=torch.float64, device=device)
+
+
+def _reduce_over_ranks(values: "OrderedDict[str, torch.Tensor]", mesh, op: str) -> dict:
+    """Each vector of `values` reduced by `op` over ranks, all in one collective and one host read-back."""
+    keys = list(values)
+    if not keys:
+        return {}
+    flat = torch.cat([values[k] for k in keys]).to(mesh.device)
+    flat = parallel.all_reduce_stats(flat, mesh, op=op).cpu()
+    reduced, offset = {}, 0
+    for k in keys:
+        n = values[k].numel()
+        reduced[k] = flat[offset:offset + n]
+        offset += n
+    return reduced
 
 
 class StepMetrics:
@@ -45,12 +94,12 @@ class StepMetrics:
         self.maxes: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
     def _add(self, key: str, value) -> None:
+        """Fold `value` into `key` over micro-batches and layers: a running max or a running sum, as declared."""
         v = _as_vector(value, self.device)
-        self.sums[key] = self.sums[key] + v if key in self.sums else v
-
-    def _max(self, key: str, value) -> None:
-        v = _as_vector(value, self.device)
-        self.maxes[key] = torch.maximum(self.maxes[key], v) if key in self.maxes else v
+        if reduction(key) == "max":
+            self.maxes[key] = torch.maximum(self.maxes[key], v) if key in self.maxes else v
+        else:
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
 
     def add(self, out) -> None:
         """Fold in one micro-batch's output (detached values only; no graph is kept)."""
@@ -69,7 +118,7 @@ class StepMetrics:
             self._add("moe/dropped_frac", s["dropped_frac"])
             self._add("moe/devices_per_token_mean", s["devices_per_token_mean"])
             self._add("moe/a2a_tokens_sent", s.get("a2a_tokens_sent", 0))
-            self._max("moe/devices_per_token_max", s["devices_per_token_max"])
+            self._add("moe/devices_per_token_max", s["devices_per_token_max"])
             if "tokens_per_device_G" in s:
                 self._add(f"moe/layer{layer_id}/_tokens_per_device", s["tokens_per_device_G"])
                 self._add(f"moe/layer{layer_id}/_tokens_received_per_device", s["tokens_received_per_device_G"])
@@ -77,44 +126,38 @@ class StepMetrics:
             self._add("moe/_layer_samples", len(stats))
 
     def finalize(self, mesh, bias_by_layer: Optional[Iterable] = None) -> dict:
-        """Reduce over ranks (collective) and return a flat JSON-ready dict."""
-        keys = list(self.sums)
-        flat = torch.cat([self.sums[k] for k in keys]).to(mesh.device)  # one host read-back per step
-        flat = parallel.all_reduce_stats(flat, mesh).cpu()
-        reduced, offset = {}, 0
-        for k in keys:
-            n = self.sums[k].numel()
-            reduced[k] = flat[offset:offset + n]
-            offset += n
+        """Reduce over ranks (collective: every rank calls it with the same keys) and return a flat JSON-ready
+        dict."""
+        reduced = _reduce_over_ranks(self.sums, mesh, "sum")
         record: dict = {}
         world, micro = mesh.world_size, max(1, self.num_micro)
         for k, v in reduced.items():
-            if k == "moe/a2a_tokens_sent":
-                record[k] = float(v.item())
-            elif k.endswith("/tokens_per_expert"):
+            how = reduction(k)
+            if k.endswith("/tokens_per_expert"):  # rank_mean, then the load ratios of the step's counts
                 counts = v / world
                 record[k] = [round(float(c), 3) for c in counts]
-                mean = counts.mean().clamp_min(1e-9)
                 prefix = k[: -len("tokens_per_expert")]
-                record[prefix + "load_min"] = float(counts.min() / mean)
-                record[prefix + "load_max"] = float(counts.max() / mean)
-                record[prefix + "load_cv"] = float(counts.std(unbiased=False) / mean)
+                record.update({prefix + name: x for name, x in load_balance(counts).items()})
             elif k.endswith(("/_tokens_per_device", "/_tokens_received_per_device")):
-                ratio = float(v.max() / v.mean().clamp_min(1e-9))
+                ratio = imbalance(v)
                 if k.endswith("/_tokens_per_device"):
                     record[k[: -len("_tokens_per_device")] + "device_load_imbalance"] = ratio
                     agg = "moe/device_load_imbalance"
                 else:
                     agg = "moe/comm_imbalance"
                 record[agg] = max(record.get(agg, ratio), ratio)
-            elif k in ("moe/dropped_frac", "moe/devices_per_token_mean"):
+            elif k.startswith("moe/_"):
+                continue
+            elif how == "sum":
+                record[k] = float(v.item())
+            elif how == "layer_mean":
                 record[k] = float(v.item() / reduced["moe/_layer_samples"].item())
-            elif not k.startswith("moe/_"):
+            elif how == "mean":
                 record[k] = float(v.item() / (micro * world))
-        if self.maxes:
-            mkeys = list(self.maxes)
-            mx = max_over_ranks(torch.cat([self.maxes[k] for k in mkeys]).to(mesh.device), mesh).cpu()
-            record.update({k: float(mx[i]) for i, k in enumerate(mkeys)})
+            else:
+                raise AssertionError(f"{k}: no rule for reduction {how!r}")
+        maxes = _reduce_over_ranks(self.maxes, mesh, "max")
+        record.update({k: float(v.item()) for k, v in maxes.items()})
         for layer_id, bias_E in bias_by_layer or ():
             b = bias_E.detach().float().cpu()
             record[f"moe/layer{layer_id}/bias_min"] = float(b.min())

@@ -38,7 +38,10 @@ AUX_TERMS = TOKEN_CHOICE_TERMS  # the default router's terms; other schemes decl
 @dataclass
 class MoELayerOutput:
     """Coefficient-weighted balance terms (every term the router declares, 0.0 when a coefficient is 0) and
-    detached stats."""
+    detached stats of this forward: counts and fractions only (`tokens_per_expert_E`, `tokens_per_device_G`,
+    `tokens_received_per_device_G`, `dropped_frac`, `devices_per_token_max|mean`, `a2a_tokens_sent`). Ratios
+    over counts (load min/max/cv, device and communication imbalance) are the trainer's, computed once from a
+    whole step's counts (`train/trainer/metrics.py`)."""
 
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -181,16 +184,11 @@ class MoELayer(nn.Module):
         received_G = num_tokens_sent_G.float()
         stats = {
             "tokens_per_expert_E": load_E,
-            "load_min": load_E.min(),
-            "load_max": load_E.max(),
-            "load_cv": load_E.std(unbiased=False) / load_E.mean().clamp_min(1e-9),
             "dropped_frac": (num_dropped / (num_tokens * K)).float(),
             "devices_per_token_max": devices_per_token_T.max(),
             "devices_per_token_mean": devices_per_token_T.mean(),
             "a2a_tokens_sent": self.dispatcher.stats.get("a2a_tokens_sent", 0),
             "tokens_per_device_G": load_G,
             "tokens_received_per_device_G": received_G,
-            "device_load_imbalance": load_G.max() / load_G.mean().clamp_min(1e-9),
-            "comm_imbalance": received_G.max() / received_G.mean().clamp_min(1e-9),
         }
         return aux, stats

@@ -9,7 +9,8 @@ both dispatchers consume every scheme unchanged. A router also states its capaci
 for a token depends on other tokens (`causal`), and its own balance terms (`balance_terms`).
 
 Shape legend: T tokens, D model dim, E routed experts, K active routed experts per token,
-G expert groups (node groups, or the routing groups of the device limit), M groups a token may use.
+J expert groups (node groups, or the routing groups of the device limit), M groups a token may use, G devices of
+the layout (ep_size).
 
 The selection mirrors Hugging Face's reference code so converted checkpoints route identically:
 `softmax_topk` = DeepseekV2TopkRouter, `topk_softmax` = MixtralTopKRouter / DBRX (p=1 normalisation),
@@ -73,16 +74,16 @@ def group_limited_mask(
     group_limited_greedy) or the sum of its two best members (`top2_sum`, V3's noaux_tc).
     """
     T, E = choice_TE.shape
-    choice_TGE = choice_TE.view(T, num_groups, E // num_groups)
+    choice_TJE = choice_TE.view(T, num_groups, E // num_groups)
     if group_score == "max":
-        group_scores_TG = choice_TGE.amax(dim=-1)
+        group_scores_TJ = choice_TJE.amax(dim=-1)
     elif group_score == "top2_sum":
-        group_scores_TG = choice_TGE.topk(2, dim=-1).values.sum(dim=-1)
+        group_scores_TJ = choice_TJE.topk(2, dim=-1).values.sum(dim=-1)
     else:
         raise ValueError(f"moe.group_score must be one of {GROUP_SCORES}, got {group_score!r}")
-    group_ids_TM = group_scores_TG.topk(topk_groups, dim=-1, sorted=False).indices
-    group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_ids_TM, True)
-    return group_mask_TG.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
+    group_ids_TM = group_scores_TJ.topk(topk_groups, dim=-1, sorted=False).indices
+    group_mask_TJ = torch.zeros_like(group_scores_TJ, dtype=torch.bool).scatter_(1, group_ids_TM, True)
+    return group_mask_TJ.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
 
 
 class Router(nn.Module):

@@ -3,7 +3,8 @@ et al. 2021) and hash layers (Roller et al. 2021). All three fill the token-choi
 code and both dispatchers take them unchanged; each plan is a deterministic function of its inputs (activation
 checkpointing's recompute gives the same one).
 
-Shape legend: T tokens, D model dim, E routed experts, K plan slots per token, C tokens per expert.
+Shape legend: T tokens, D model dim, E routed experts, K plan slots per token, U tokens an expert picks (its
+capacity C).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ class ExpertChoiceRouter(Router):
         scores_TE = logits_TE.softmax(dim=-1)
         T, E = scores_TE.shape
         C = min(T, expert_capacity(T, self.top_k, E, self.moe.capacity_factor or 1.0))
-        picked_EC = scores_TE.detach().t().topk(C, dim=-1).indices
+        picked_EU = scores_TE.detach().t().topk(C, dim=-1).indices
         chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
-        chosen_TE.scatter_(0, picked_EC.t(), True)
+        chosen_TE.scatter_(0, picked_EU.t(), True)
         experts_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         ids_TE = torch.where(chosen_TE, experts_TE, -1)
         weights_TE = torch.where(chosen_TE, scores_TE, 0.0) * self.routed_scaling_factor
