@@ -52,3 +52,11 @@ def test_windows_repeat_reshuffled_per_epoch_and_counts_at_any_position(tmp_path
     # the same arguments find the cached index; the arrays are memory maps
     assert build_blend_index(tmp_path, "k", [0.5, 0.5], windows, n, seed=3, meta={}) == d
     assert isinstance(index.window_ids, np.memmap)
+
+
+def test_without_weights_sources_weigh_by_their_windows():
+    from train.config.run import DataConfig
+    from train.data.sources import resolve_weights
+
+    assert resolve_weights(DataConfig(source="tokens", paths=["a", "b"]), [30, 10]) == [0.75, 0.25]
+    assert resolve_weights(DataConfig(source="tokens", paths=["a", "b"], weights=[1.0, 3.0]), [30, 10]) == [0.25, 0.75]

@@ -39,7 +39,7 @@ def _build(cfg: TrainConfig, dp_rank: int, dp_size: int, is_main: bool) -> DataM
     specs, tokenizer_dir = source_specs(data)
     tokenizer = open_tokenizer(tokenizer_dir)
     sources = open_sources(specs, cfg, tokenizer, tokenizer_dir)
-    weights = resolve_weights(data, len(sources))
+    weights = resolve_weights(data, [s.num_train_windows for s in sources])
     num_samples = trainer.max_steps * trainer.global_batch_size
     files = [[p for tf in s.files for p in tf.files()] for s in sources]
     key = index_key(files, weights, trainer.seq_len, trainer.seed, num_samples, data.val_fraction)

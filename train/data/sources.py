@@ -170,10 +170,12 @@ def open_sources(specs: List[Tuple[str, List[Path]]], cfg: TrainConfig, tokenize
     return sources
 
 
-def resolve_weights(data: DataConfig, num_sources: int) -> List[float]:
-    """Normalised `data.weights` (equal weights when null)."""
+def resolve_weights(data: DataConfig, num_windows: Sequence[int]) -> List[float]:
+    """Normalised `data.weights`; when null, each source weighs by its training windows, so the mixture reads
+    every source once per epoch as their concatenation would (Megatron weighs an unweighted blend the same way)."""
     if data.source != "tokens" or not data.weights:
-        return [1.0 / num_sources] * num_sources
+        total = float(sum(num_windows))
+        return [n / total for n in num_windows]
     w = np.asarray(data.weights, dtype=np.float64)
     return (w / w.sum()).tolist()
 
