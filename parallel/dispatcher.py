@@ -20,6 +20,7 @@ import torch
 from parallel.comm import all_to_all, exchange_counts
 from parallel.permute import copy_weights, plan_send, sum_rows_into
 from train.model.moe.dispatch import combine_rows, gather_rows, sort_by_expert
+from train.model.moe.placement import ExpertPlacement
 
 
 class AllToAllDispatcher:
@@ -27,14 +28,16 @@ class AllToAllDispatcher:
 
     Holds state between `dispatch` and `combine` of one layer call (the routing plan); `stats` describes the
     last `dispatch`. `dispatch`/`combine` are collective over `group`: every rank of the EP group calls them
-    for the same layers in the same order (also in backward).
+    for the same layers in the same order (also in backward). `placement` is the layer's experts' placement
+    (`GroupedExperts.placement`): which EP rank of `group` holds each expert, and this rank's own.
     """
 
-    def __init__(self, group, ep_size: int, ep_rank: int, num_local_experts: int):
+    def __init__(self, group, placement: ExpertPlacement):
         self.group = group
-        self.ep_size = ep_size
-        self.ep_rank = ep_rank
-        self.num_local_experts = num_local_experts
+        self.placement = placement
+        self.ep_size = placement.ep_size
+        self.ep_rank = placement.ep_rank
+        self.num_local_experts = placement.num_local_experts
         self.stats: dict = {}
         self._state = None
 
@@ -44,7 +47,7 @@ class AllToAllDispatcher:
         After: it holds the N rows destined for its own E_loc experts, from every rank of the EP group, sorted
         by local expert, and `num_tokens_per_local_expert_E` (length E_loc). `may_drop` changes nothing here: the
         all-to-all reads its split sizes on the host anyway, and the received slots for other ranks are -1."""
-        plan = plan_send(topk_ids_TK, self.num_local_experts, self.ep_size)
+        plan = plan_send(topk_ids_TK, self.placement)
         send_counts = plan.send_counts_R
         recv_counts = exchange_counts(send_counts, self.group)
         in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
@@ -64,7 +67,7 @@ class AllToAllDispatcher:
         """Detached statistics of this call, read back to the host in one transfer."""
         dev_T = plan.devices_per_token_T
         routed_T = dev_T > 0
-        foreign_TK = (topk_ids_TK >= 0) & (topk_ids_TK // self.num_local_experts != self.ep_rank)
+        foreign_TK = (topk_ids_TK >= 0) & (self.placement.owner_of(topk_ids_TK) != self.ep_rank)
         sent, naive, received, dev_max, dev_sum, num_routed = torch.stack([
             send_counts.sum() - send_counts[self.ep_rank],
             foreign_TK.sum(),

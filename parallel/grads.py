@@ -14,22 +14,23 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from parallel.mesh import Mesh
-from parallel.parallelize import expert_parameters
+from train.model.moe.experts import stacked_expert_tensors
 
 BUCKET_BYTES = 32 * 1024 * 1024  # the default of `parallel.bucket_mb`
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense, expert) trainable parameters; a missing gradient becomes zeros so that every rank reduces the
-    same bucket layout (a None on one rank and a tensor on another would corrupt the collective)."""
-    expert_ids = {id(p) for p in expert_parameters(model)}
+    """(dense, expert) trainable parameters, expert = the stacked weights of `GroupedExperts` modules (this rank's
+    experts); a missing gradient becomes zeros so that every rank reduces the same bucket layout (a None on one
+    rank and a tensor on another would corrupt the collective)."""
+    expert_names = stacked_expert_tensors(model)
     dense, expert = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (expert if id(p) in expert_ids else dense).append(p)
+        (expert if name in expert_names else dense).append(p)
     return dense, expert
 
 

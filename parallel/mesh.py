@@ -6,12 +6,14 @@ per node, where the all-to-all runs over NVLink):
 
     EP group g   = ranks [g·ep, (g+1)·ep)            (g = 0 .. edp_size-1)  — exchange tokens (all-to-all)
     EDP group j  = ranks {j, j+ep, j+2·ep, ...}       (j = 0 .. ep_size-1)   — hold the same experts
-    rank r: ep_rank = r % ep, edp_rank = r // ep; it owns routed experts [ep_rank·E/ep, (ep_rank+1)·E/ep)
+    rank r: ep_rank = r % ep, edp_rank = r // ep; it owns the routed experts of `ExpertPlacement(E, ep, ep_rank)`
 
     W=4, ep=2:   EP groups {0,1} {2,3}    EDP groups {0,2} {1,3}
 
 Every rank reads its own slice of the global batch (`dp_size == world_size`): expert parallelism splits the
-experts, never the data. Dense parameters are replicated on all W ranks.
+experts, never the data. Dense parameters are replicated on all W ranks. The rank lists of both kinds of group
+are computed here only (`ep_group_ranks`, `edp_group_ranks`): `build_mesh` creates the groups from them and the
+ZeRO glue hands the same lists to DeepSpeed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from train.model.moe.placement import ExpertPlacement
 
 
 @dataclass
@@ -54,8 +58,25 @@ class Mesh:
 
     def ep_group_ranks(self) -> list[int]:
         """World ranks of this rank's EP group, in EP-rank order."""
-        g = self.edp_rank
-        return list(range(g * self.ep_size, (g + 1) * self.ep_size))
+        return ep_group_ranks(self.edp_rank, self.world_size, self.ep_size)
+
+    def edp_group_ranks(self) -> list[int]:
+        """World ranks of this rank's EDP group (the replicas of its experts), in EDP-rank order."""
+        return edp_group_ranks(self.ep_rank, self.world_size, self.ep_size)
+
+    def expert_placement(self, num_experts: int) -> ExpertPlacement:
+        """Where a layer's `num_experts` routed experts live in this layout, seen from this rank."""
+        return ExpertPlacement(num_experts, self.ep_size, self.ep_rank)
+
+
+def ep_group_ranks(g: int, world_size: int, ep_size: int) -> list[int]:
+    """World ranks of EP group g (they exchange tokens): [g·ep, (g+1)·ep)."""
+    return list(range(g * ep_size, (g + 1) * ep_size))
+
+
+def edp_group_ranks(j: int, world_size: int, ep_size: int) -> list[int]:
+    """World ranks of EDP group j (they hold the experts of EP rank j): {j, j+ep, j+2·ep, ...}."""
+    return list(range(j, world_size, ep_size))
 
 
 def _launched_by_torchrun() -> bool:
@@ -113,17 +134,16 @@ def build_mesh(rank: int, world_size: int, ep_size: int, device: torch.device) -
     groups and keeps its own.
     """
     edp_size = world_size // ep_size
-    ep_group = edp_group = None
+    mesh = Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=rank % ep_size, device=device)
     for g in range(edp_size):
-        grp = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
-        if rank // ep_size == g:
-            ep_group = grp
+        grp = dist.new_group(ep_group_ranks(g, world_size, ep_size))
+        if mesh.edp_rank == g:
+            mesh.ep_group = grp
     for j in range(ep_size):
-        grp = dist.new_group(list(range(j, world_size, ep_size)))
-        if rank % ep_size == j:
-            edp_group = grp
-    return Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=rank % ep_size,
-                ep_group=ep_group, edp_group=edp_group, device=device)
+        grp = dist.new_group(edp_group_ranks(j, world_size, ep_size))
+        if mesh.ep_rank == j:
+            mesh.edp_group = grp
+    return mesh
 
 
 def init_distributed(cfg) -> Mesh:

@@ -29,9 +29,7 @@ from torch import nn
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.mesh import Mesh, validate_parallel_config
-
-EXPERT_WEIGHTS = ("w_gate_up_EHD", "w_down_EDF")
-
+from train.model.moe.experts import stacked_expert_tensors
 
 class AllReduceSum:
     """`count_reducer` for MoE layers: before, each rank holds counts of its own tokens; after, every rank
@@ -54,30 +52,15 @@ def _check_supported(model: nn.Module, cfg, mesh: Mesh) -> None:
         raise TypeError(f"parallelize expects a model with moe_layers() (MoETransformer), got {type(model).__name__}")
 
 
-def shard_experts(experts: nn.Module, ep_size: int, ep_rank: int) -> None:
-    """Keep this rank's contiguous block of experts. Before: `experts` holds all E stacked experts (identical on
-    every rank). After: it holds experts [ep_rank·E/ep, (ep_rank+1)·E/ep) as new Parameters (so build the
-    optimizer afterwards), with `num_experts` = E/ep, `expert_offset` and `num_global_experts` recorded."""
-    num_global = experts.num_experts
-    num_local = num_global // ep_size
-    offset = ep_rank * num_local
-    for name in EXPERT_WEIGHTS:
-        full = getattr(experts, name)
-        local = nn.Parameter(full.detach()[offset : offset + num_local].clone(), requires_grad=full.requires_grad)
-        setattr(experts, name, local)
-    experts.num_experts = num_local
-    experts.expert_offset = offset
-    experts.num_global_experts = num_global
-
-
 def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = None) -> nn.Module:
     """Decide what this rank owns, then (for a model on the meta device) allocate and initialise only that; in
     place, returns the model. Create the optimizer (`build_engine`) afterwards.
 
     The fixed order:
       1. expert sharding: for every MoE layer (main and MTP blocks) the stacked experts keep only this rank's
-         E/ep_size experts; an `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the
-         model's `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size is the expert→device map
+         E/ep_size experts (`GroupedExperts.shard` with the mesh's `expert_placement`, set once here); an
+         `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the model's
+         `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size is the expert→device map
          of the device/communication balance terms, statistics and device capacity (routing counts the model's
          `moe.routing_groups`, whatever the layout); `count_reducer` sums balance counts over the whole world, so f terms and
          load statistics describe the global batch;
@@ -95,13 +78,11 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = No
     _check_supported(model, cfg, mesh)
     reducer = AllReduceSum() if mesh.world_size > 1 else None
     for _, layer in model.moe_layers():
+        placement = mesh.expert_placement(layer.experts.placement.num_global_experts)
+        layer.experts.shard(placement)
         if mesh.ep_size > 1:
-            shard_experts(layer.experts, mesh.ep_size, mesh.ep_rank)
-            layer.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep_size, mesh.ep_rank, layer.experts.num_experts)
-        else:
-            layer.experts.expert_offset = 0
-            layer.experts.num_global_experts = layer.experts.num_experts
-        layer.num_devices = mesh.ep_size
+            layer.dispatcher = AllToAllDispatcher(mesh.ep_group, placement)
+        layer.num_devices = placement.ep_size
         if reducer is not None:
             layer.count_reducer = reducer
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)  # wraps whatever dispatcher is installed
@@ -120,5 +101,7 @@ def materialize(model: nn.Module, device, init_seed: Optional[int]) -> None:
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The routed-expert weights of every MoE layer (sharded by expert when ep_size > 1)."""
-    return [p for _, layer in model.moe_layers() for p in layer.experts.parameters()]
+    """The routed-expert weights of every MoE layer (this rank's experts, `GroupedExperts.placement`), in
+    `model.named_parameters()` order."""
+    names = stacked_expert_tensors(model)
+    return [p for n, p in model.named_parameters() if n in names]

@@ -6,14 +6,16 @@ group, C token copies this rank sends (at most one per (token, destination rank)
 The receiving side needs no helper of its own: received copies with their local expert ids are exactly the
 input of `train.model.moe.dispatch.sort_by_expert` / `combine_rows` (K slots per copy, -1 = elsewhere).
 
-Experts live in contiguous blocks: global expert e is owned by EP rank e // E_loc and is local expert
-e % E_loc there. Expert id -1 means "dropped" (capacity) and goes nowhere.
+Which EP rank holds which expert is the layer's `ExpertPlacement` (contiguous blocks of E_loc experts): the plan
+asks it for owners and local indices. Expert id -1 means "dropped" (capacity) and goes nowhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from train.model.moe.placement import ExpertPlacement
 
 
 @dataclass
@@ -28,19 +30,16 @@ class SendPlan:
     devices_per_token_T: torch.Tensor  # int64 [T]: distinct destination ranks per token (0 if all dropped)
 
 
-def expert_owner(topk_ids_TK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
-    """EP rank that owns each selected expert; -1 where the slot is dropped."""
-    return torch.where(topk_ids_TK >= 0, topk_ids_TK // num_local_experts, torch.full_like(topk_ids_TK, -1))
+def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement) -> SendPlan:
+    """Deduplicate a token's top-k into one copy per destination rank of `placement` (its `ep_rank` plays no
+    part: every rank plans the same way).
 
-
-def plan_send(topk_ids_TK: torch.Tensor, num_local_experts: int, ep_size: int) -> SendPlan:
-    """Deduplicate a token's top-k into one copy per destination rank.
-
-    Example (E_loc=2, R=2): token 0 picks experts [3, 0] → one copy to rank 1 with local ids [1, -1] and one
+    Example (E=4 over R=2, E_loc=2): token 0 picks experts [3, 0] → one copy to rank 1 with local ids [1, -1] and one
     copy to rank 0 with local ids [-1, 0]; token 1 picks [2, 3] → a single copy to rank 1 with ids [0, 1].
     """
     T, K = topk_ids_TK.shape
-    owner_TK = expert_owner(topk_ids_TK, num_local_experts)
+    ep_size = placement.ep_size
+    owner_TK = placement.owner_of(topk_ids_TK)
     hit_TR = torch.zeros(T, ep_size + 1, dtype=torch.bool, device=topk_ids_TK.device)
     # column ep_size collects dropped slots (owner -1) so that a single scatter handles every slot
     hit_TR.scatter_(1, torch.where(owner_TK >= 0, owner_TK, ep_size), True)
@@ -48,7 +47,7 @@ def plan_send(topk_ids_TK: torch.Tensor, num_local_experts: int, ep_size: int) -
     copy_rank_C, copy_token_C = hit_TR.t().nonzero(as_tuple=True)  # row-major over (rank, token)
     on_dest_CK = owner_TK[copy_token_C] == copy_rank_C[:, None]
     local_ids_CK = torch.where(
-        on_dest_CK, topk_ids_TK[copy_token_C] - copy_rank_C[:, None] * num_local_experts,
+        on_dest_CK, topk_ids_TK[copy_token_C] - placement.start_of(copy_rank_C[:, None]),
         torch.full_like(on_dest_CK, -1, dtype=topk_ids_TK.dtype),
     )
     return SendPlan(copy_token_C, copy_rank_C, local_ids_CK, hit_TR.sum(0), hit_TR.sum(1))

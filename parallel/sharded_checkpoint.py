@@ -11,9 +11,10 @@ Keys name logical tensors of the unsharded model, never "rank 3's slice", so any
                                        step count) is stored once per stacked tensor as optim/{name}/{kind}
 Tied weights are stored under their first name (`embed.weight`) only.
 
-Each logical key is written by exactly one rank (`writer_of`): dense keys round-robin over the world, expert e by
-one of the ranks that hold it (its EP position, replica e mod W/ep), so the save runs on every rank in parallel,
-nothing is gathered to one rank, no tensor is stored twice and no rank's file holds experts it does not own.
+Each logical key is written by exactly one rank (`Writers`): dense keys round-robin over the world, expert e by
+one of the ranks that hold it (its owner in the layer's `ExpertPlacement`, replica e mod W/ep), so the save runs on
+every rank in parallel, nothing is gathered to one rank, no tensor is stored twice and no rank's file holds experts
+it does not own.
 Loading is by key: a rank asks for its dense tensors and its own experts, whatever layout wrote them (DCP finds
 the file), which is how a checkpoint reshards across world size, `ep_size` and ZeRO stage.
 
@@ -38,6 +39,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from train.model.moe.experts import stacked_expert_tensors
+from train.model.moe.placement import ExpertPlacement
+
 STATE_DIR = "state"
 _LOAD_BATCH_BYTES = 1 << 30  # optimizer state is restored in batches of about this many bytes (host memory bound)
 
@@ -55,18 +59,10 @@ def optim_key(name: str, kind: str, expert: Optional[int] = None) -> str:
     return f"optim/{name}/{kind}" if expert is None else f"optim/{name}/expert/{expert}/{kind}"
 
 
-def expert_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """state-dict name → (first global expert held here, experts held here, experts in the layer) for every
+def expert_slices(model: nn.Module) -> dict[str, ExpertPlacement]:
+    """state-dict name → its experts' placement (this rank holds `local_range` of `num_global_experts`) for every
     stacked expert tensor of the model."""
-    owners = {id(layer.experts): layer.experts for _, layer in model.moe_layers()}
-    out = {}
-    for prefix, module in model.named_modules():
-        if id(module) in owners:
-            offset = getattr(module, "expert_offset", 0)
-            total = getattr(module, "num_global_experts", module.num_experts)
-            for name, _ in module.named_parameters(recurse=False):
-                out[f"{prefix}.{name}"] = (offset, module.num_experts, total)
-    return out
+    return {name: experts.placement for name, experts in stacked_expert_tensors(model).items()}
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,8 +73,8 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class Writers:
     """Which rank writes each logical key. Dense names are numbered in sorted order (the same on every rank) and
-    spread round-robin; expert e of a layer with E experts lives at EP position e // (E/ep) of every EP group,
-    and replica e mod (W/ep) writes it."""
+    spread round-robin; expert e lives at EP position `placement.owner(e)` of every EP group, and replica
+    e mod (W/ep) writes it."""
 
     def __init__(self, dense_names: Iterable[str], world_size: int, ep_size: int):
         self.world, self.ep = world_size, ep_size
@@ -87,19 +83,21 @@ class Writers:
     def dense(self, name: str) -> int:
         return self.dense_rank[name]
 
-    def expert(self, e: int, num_experts: int) -> int:
-        position = e // (num_experts // self.ep)
+    def expert(self, e: int, placement: ExpertPlacement) -> int:
+        if placement.ep_size != self.ep:
+            raise ValueError(f"experts placed over {placement.ep_size} EP ranks, the writers over {self.ep}")
+        position = placement.owner(e)
         replica = e % (self.world // self.ep)
         return replica * self.ep + position
 
 
-def _pieces(t: torch.Tensor, slices, param_shape) -> Iterator[tuple[Optional[int], torch.Tensor]]:
+def _pieces(t: torch.Tensor, placement: Optional[ExpertPlacement],
+            param_shape) -> Iterator[tuple[Optional[int], torch.Tensor]]:
     """(global expert or None, tensor) for one local tensor of a parameter: split per expert when it is a stacked
     expert tensor shaped like its parameter, whole otherwise (a scalar such as the step)."""
-    if slices is not None and tuple(t.shape) == tuple(param_shape):
-        offset, count, _ = slices
-        for i in range(count):
-            yield offset + i, t[i]
+    if placement is not None and tuple(t.shape) == tuple(param_shape):
+        for i, e in enumerate(placement.local_range):
+            yield e, t[i]
     else:
         yield None, t
 
@@ -120,7 +118,7 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
 
     def writer(name: str, expert: Optional[int]) -> int:
         if name in slices:  # state kept once per stacked tensor (the step) goes with expert 0
-            return writers.expert(0 if expert is None else expert, slices[name][2])
+            return writers.expert(0 if expert is None else expert, slices[name])
         return writers.dense(name)
 
     for name, states in exported:
@@ -223,9 +221,10 @@ def load_model_weights(model: nn.Module, ckpt_dir: Path, mesh) -> None:
     targets, expected = {}, {}
     for name, t in {**dict(model.named_parameters()), **persistent_buffers(model)}.items():
         if name in slices:
-            offset, count, total = slices[name]
-            for i in range(count):
-                targets[model_key(name, offset + i)] = t.data[i]
+            placement = slices[name]
+            total = placement.num_global_experts
+            for i, e in enumerate(placement.local_range):
+                targets[model_key(name, e)] = t.data[i]
             expected[model_key(name, 0)] = tuple(t.shape[1:])
             if model_key(name, total - 1) not in idx or model_key(name, total) in idx:
                 have = sum(1 for k in idx if k.startswith(model_key(name) + "/expert/"))
@@ -275,16 +274,16 @@ def read_optimizer_state(model: nn.Module, ckpt_dir: Path, mesh) -> Iterator[dic
     size = 0
     names = list(dict(model.named_parameters()).items())
     for i, (name, p) in enumerate(names):
-        local_shape = tuple(p.shape) if name not in slices else (slices[name][1], *p.shape[1:])
+        local_shape = tuple(p.shape) if name not in slices else (slices[name].num_local_experts, *p.shape[1:])
         if hasattr(p, "ds_shape"):  # ZeRO-3 partitioned: the local (unpartitioned) shape
             local_shape = tuple(p.ds_shape)
         states = {}
         for kind in optimizer_kinds(idx, name):
             if name in slices and optim_key(name, kind) not in idx:  # shaped like the parameter: per expert
-                offset, count, _ = slices[name]
-                t = torch.empty(local_shape, dtype=idx[optim_key(name, kind, offset)][1])
-                for j in range(count):
-                    targets[optim_key(name, kind, offset + j)] = t[j]
+                local = slices[name].local_range
+                t = torch.empty(local_shape, dtype=idx[optim_key(name, kind, local[0])][1])
+                for j, e in enumerate(local):
+                    targets[optim_key(name, kind, e)] = t[j]
             else:
                 shape, dtype = idx[optim_key(name, kind)]
                 t = torch.empty(shape, dtype=dtype)

@@ -1,7 +1,8 @@
 """Logical (unsharded) state dicts of an expert-parallel model, for checkpoints in the repo's format.
 
 Keys and shapes are those of the unsharded model's `state_dict()`: the stacked expert weights of a layer are
-the concatenation, in EP-rank order, of the slices held by the ranks of one EP group.
+the concatenation, in EP-rank order, of the slices held by the ranks of one EP group (each rank's slice is the
+`local_range` of its experts' `ExpertPlacement`, and the ranges tile [0, E) in that order).
 """
 from __future__ import annotations
 
@@ -10,17 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.mesh import Mesh
-
-
-def _expert_keys(model: nn.Module) -> dict[str, nn.Module]:
-    """state_dict key → the `GroupedExperts` module holding it, for every stacked expert weight."""
-    experts = {id(layer.experts) for _, layer in model.moe_layers()}
-    keys = {}
-    for prefix, module in model.named_modules():
-        if id(module) in experts:
-            for name, _ in module.named_parameters(recurse=False):
-                keys[f"{prefix}.{name}" if prefix else name] = module
-    return keys
+from train.model.moe.experts import stacked_expert_tensors
 
 
 @torch.no_grad()
@@ -32,7 +23,7 @@ def gather_full_state_dict(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tens
     if mesh.rank != 0 and (mesh.ep_size == 1 or mesh.edp_rank != 0):
         return {}
     out = {}
-    expert_keys = _expert_keys(model) if mesh.ep_size > 1 else {}
+    expert_keys = stacked_expert_tensors(model) if mesh.ep_size > 1 else {}
     for key, value in sd.items():
         if key in expert_keys:
             parts = [torch.empty_like(value) for _ in range(mesh.ep_size)]
@@ -48,13 +39,12 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     """Before: every rank holds the logical state dict (e.g. read from `model.safetensors`). After: the model
     holds it, each rank keeping only its own expert slices. Strict: missing or unexpected keys raise."""
     local = dict(state_dict)
-    for key, experts in _expert_keys(model).items():
-        offset = getattr(experts, "expert_offset", 0)
+    for key, experts in stacked_expert_tensors(model).items():
+        placement = experts.placement
         full = state_dict[key] if key in state_dict else None
         if full is None:
             continue  # load_state_dict reports it as missing
-        if full.shape[0] != getattr(experts, "num_global_experts", experts.num_experts):
-            raise ValueError(f"{key}: checkpoint has {full.shape[0]} experts, the model "
-                             f"{getattr(experts, 'num_global_experts', experts.num_experts)}")
-        local[key] = full[offset : offset + experts.num_experts]
+        if full.shape[0] != placement.num_global_experts:
+            raise ValueError(f"{key}: checkpoint has {full.shape[0]} experts, the model {placement.num_global_experts}")
+        local[key] = full[placement.local_start : placement.local_start + placement.num_local_experts]
     return model.load_state_dict(local, strict=True)

@@ -63,7 +63,7 @@ def adopt_mesh_groups(mesh) -> None:
     groups._EXPERT_PARALLEL_GROUP[name] = mesh.ep_group
     groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mesh.ep_group_ranks()
     groups._EXPERT_DATA_PARALLEL_GROUP[name] = mesh.edp_group
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(range(mesh.ep_rank, mesh.world_size, mesh.ep_size))
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mesh.edp_group_ranks()
     if groups._WORLD_GROUP is None:
         groups._WORLD_GROUP = dist.GroupMember.WORLD
 

@@ -56,6 +56,7 @@ def _check_one(rank, world_size, drop):
     from parallel import init_distributed
     from parallel.dispatcher import AllToAllDispatcher
     from train.model.moe.dispatch import LocalDispatcher
+    from train.model.moe.placement import ExpertPlacement
 
     mesh = init_distributed(_cfg(world_size))
     assert (mesh.rank, mesh.ep_rank, mesh.ep_size) == (rank, rank, world_size)
@@ -64,14 +65,12 @@ def _check_one(rank, world_size, drop):
     ref = _experts()
     y_ref, gx_ref, gw_ref = _run(ref, LocalDispatcher(E), x, ids, w, dy)
 
-    e_loc = E // world_size
-    sl = slice(rank * e_loc, (rank + 1) * e_loc)
+    placement = ExpertPlacement(E, world_size, rank)
+    e_loc = placement.num_local_experts
+    sl = slice(placement.local_start, placement.local_start + e_loc)
     loc = _experts()
-    with torch.no_grad():
-        for n in ("w_gate_up_EHD", "w_down_EDF"):
-            setattr(loc, n, torch.nn.Parameter(getattr(loc, n)[sl].clone()))
-    loc.num_experts = e_loc
-    disp = AllToAllDispatcher(mesh.ep_group, world_size, rank, e_loc)
+    loc.shard(placement)
+    disp = AllToAllDispatcher(mesh.ep_group, placement)
     ts = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
     y, gx, gw = _run(loc, disp, x[ts], ids[ts], w[ts], dy[ts])
 

@@ -76,6 +76,7 @@ def _check_against_reference(rank, world_size, ep_size, device_limit, checkpoint
     from parallel import clip_grad_norm_, init_distributed, parallelize, reduce_gradients, all_reduce_stats
     from parallel.dispatcher import AllToAllDispatcher
     from train.model.moe.bias import update_expert_biases
+    from train.model.moe.experts import GroupedExperts
 
     cfg = make_cfg(ep_size, device_limit)
     mesh = init_distributed(cfg)
@@ -98,8 +99,9 @@ def _check_against_reference(rank, world_size, ep_size, device_limit, checkpoint
 
     def expert_slice(name, t):
         mod = model.get_submodule(name.rsplit(".", 1)[0])
-        if hasattr(mod, "expert_offset") and mesh.ep_size > 1:
-            return t[mod.expert_offset : mod.expert_offset + mod.num_experts]
+        if isinstance(mod, GroupedExperts):
+            local = mod.placement.local_range
+            return t[local.start : local.stop]
         return t
 
     for step in range(3):

@@ -19,6 +19,7 @@ def _check(rank, world_size, name, ep_size):
     from parallel import init_distributed, parallelize, reduce_gradients
     from train.config import load_train_config
     from train.model import build_model
+    from train.model.moe.experts import GroupedExperts
 
     cfg = load_train_config([f"model={name}", f"parallel.ep_size={ep_size}", *SMALL])
     mesh = init_distributed(cfg)
@@ -36,8 +37,9 @@ def _check(rank, world_size, name, ep_size):
 
     def expert_slice(pname, t):
         mod = model.get_submodule(pname.rsplit(".", 1)[0])
-        if hasattr(mod, "expert_offset") and mesh.ep_size > 1:
-            return t[mod.expert_offset : mod.expert_offset + mod.num_experts]
+        if isinstance(mod, GroupedExperts):
+            local = mod.placement.local_range
+            return t[local.start : local.stop]
         return t
 
     for step in range(2):

@@ -8,6 +8,7 @@ from tests.distributed.test_expert_parallel import ATOL, B_LOCAL, RTOL, batch, b
 
 def _check_state_dict(rank, world_size):
     from parallel import gather_full_state_dict, init_distributed, load_full_state_dict, parallelize
+    from train.model.moe.placement import ExpertPlacement
 
     cfg = make_cfg(ep_size=2)
     mesh = init_distributed(cfg)
@@ -26,7 +27,7 @@ def _check_state_dict(rank, world_size):
     load_full_state_dict(model, new_sd, mesh)
     for _, layer in model.moe_layers():
         e = layer.experts
-        assert e.w_down_EDF.shape[0] == 8 and e.expert_offset == 8 * (rank % 2)
+        assert e.w_down_EDF.shape[0] == 8 and e.placement == ExpertPlacement(16, 2, rank % 2)
     key = "layers.1.ffn.experts.w_gate_up_EHD"
     lo = 8 * (rank % 2)
     assert torch.equal(model.state_dict()[key], new_sd[key][lo : lo + 8])

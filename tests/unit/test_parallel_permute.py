@@ -1,7 +1,8 @@
 """Hand-worked index checks of the expert-parallel permutation helpers (one process, no communication)."""
 import torch
 
-from parallel.permute import copy_weights, expert_owner, plan_send, sum_rows_into
+from parallel.permute import copy_weights, plan_send, sum_rows_into
+from train.model.moe.placement import ExpertPlacement
 
 
 def _t(x):
@@ -10,14 +11,14 @@ def _t(x):
 
 def test_expert_owner_blocks_and_dropped():
     # E=6 over 3 ranks: experts {0,1}→0, {2,3}→1, {4,5}→2
-    assert expert_owner(_t([[0, 5], [3, -1]]), 2).tolist() == [[0, 2], [1, -1]]
+    assert ExpertPlacement(6, 3).owner_of(_t([[0, 5], [3, -1]])).tolist() == [[0, 2], [1, -1]]
 
 
 def test_plan_send_deduplicates_per_rank():
     # E=4, R=2, E_loc=2. token 0: experts 3,0 → ranks 1,0. token 1: 2,3 → rank 1 only (ONE copy).
     # token 2: 1,0 → rank 0 only. token 3: -1,-1 → nowhere.
     ids = _t([[3, 0], [2, 3], [1, 0], [-1, -1]])
-    p = plan_send(ids, num_local_experts=2, ep_size=2)
+    p = plan_send(ids, ExpertPlacement(4, 2))
     # copies ordered by (rank, token): rank 0 ← tokens 0, 2; rank 1 ← tokens 0, 1
     assert p.copy_rank_C.tolist() == [0, 0, 1, 1]
     assert p.copy_token_C.tolist() == [0, 2, 0, 1]
@@ -29,7 +30,7 @@ def test_plan_send_deduplicates_per_rank():
 def test_plan_send_partial_drop_and_empty_rank():
     # E=6, R=3, E_loc=2: nothing goes to rank 1; token 1 keeps only its slot 1.
     ids = _t([[5, 4], [-1, 0]])
-    p = plan_send(ids, num_local_experts=2, ep_size=3)
+    p = plan_send(ids, ExpertPlacement(6, 3))
     assert p.send_counts_R.tolist() == [1, 0, 1]
     assert p.copy_token_C.tolist() == [1, 0]
     assert p.local_ids_CK.tolist() == [[-1, 0], [1, 0]]
@@ -38,7 +39,7 @@ def test_plan_send_partial_drop_and_empty_rank():
 def test_copy_weights_masks_slots_elsewhere_and_is_differentiable():
     ids = _t([[3, 0], [2, 3]])
     w = torch.tensor([[0.7, 0.3], [0.6, 0.4]], requires_grad=True)
-    p = plan_send(ids, num_local_experts=2, ep_size=2)  # copies: (r0,t0) (r1,t0) (r1,t1)
+    p = plan_send(ids, ExpertPlacement(4, 2))  # copies: (r0,t0) (r1,t0) (r1,t1)
     w_CK = copy_weights(w, p)
     assert torch.equal(w_CK, torch.tensor([[0.0, 0.3], [0.7, 0.0], [0.6, 0.4]]))
     w_CK.sum().backward()

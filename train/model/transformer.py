@@ -105,14 +105,14 @@ class MoETransformer(nn.Module):
 
         `seed` an int: every logical tensor draws from its own generator, seeded from (seed, its name) and, for
         stacked experts, (seed, name, global expert index) (`tensor_seed`). So a rank that holds only some
-        experts (`expert_offset`, set by `parallel/`) initialises them exactly as one process initialises the
-        whole model, whatever the layout and in any order. A generator, or None (the global RNG): one stream
-        over the parameters in order (main model first, MTP last), for callers that want that. Meta tensors
-        are skipped.
+        experts (`GroupedExperts.placement`, set by `parallel/`) initialises them exactly as one process
+        initialises the whole model, whatever the layout and in any order. A generator, or None (the global
+        RNG): one stream over the parameters in order (main model first, MTP last), for callers that want that.
+        Meta tensors are skipped.
         """
         self.tie_weights()
         std = self.cfg.init_std
-        done: set[int] = set()
+        done: set[int] = set()  # ids of parameters already drawn: a tied head is the embedding's tensor
         for prefix, module in self.named_modules():
             if isinstance(module, RotaryEmbedding):
                 if not module.inv_freq.is_meta:
@@ -129,10 +129,9 @@ class MoETransformer(nn.Module):
                 elif not isinstance(seed, int):
                     p.normal_(0.0, std, generator=seed)
                 elif isinstance(module, GroupedExperts):
-                    if id(module) in done:
-                        continue
-                    done.add(id(module))
-                    first = getattr(module, "expert_offset", 0)
+                    if name != module.EXPERT_WEIGHTS[0]:
+                        continue  # init_expert draws every stacked weight of an expert at once
+                    first = module.placement.local_start
                     for i in range(module.num_experts):  # one generator per global expert and weight stream
                         module.init_expert(i, std, lambda stream, i=i: _generator(
                             seed, f"{prefix}.{stream}", p.device, first + i))

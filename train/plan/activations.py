@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from math import comb
 
 from train.config import ModelConfig
+from train.model.moe.placement import ExpertPlacement
 
 MODES = ("none", "full", "selective")
 # Regions of a block. `input`: the block's input (held by a checkpoint; the attention norm saves it when fp32);
@@ -234,7 +235,7 @@ def expected_devices_per_token(cfg: ModelConfig, ep: int) -> float:
     ranks, experts = ep, E
     if moe.num_groups > 1 and ep % moe.num_groups == 0:
         ranks, experts = ep * moe.topk_groups // moe.num_groups, E * moe.topk_groups // moe.num_groups
-    local = E // ep
+    local = ExpertPlacement(E, ep).num_local_experts
     d = ranks * (1 - comb(experts - local, K) / comb(experts, K))
     return min(d, moe.device_limit) if moe.device_limit is not None else d
 
@@ -279,7 +280,7 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     # row indices, gate weights per row (the rows themselves are the experts' input)
     s.keep("dispatch.indices", 3 * N * 8, _ROUTING)
     s.keep("dispatch.row_weights", N * 4, _ROUTING)
-    _experts(s, sh, E // ep, N, D, F)
+    _experts(s, sh, ExpertPlacement(E, ep).num_local_experts, N, D, F)
     # combine: the expert output in fp32 (the output itself in fp32, a copy from bf16) and its weighted rows
     s.keep("experts.out" if sh.expert_act == 4 else "combine.out_fp32", N * D * 4, _ROUTING)
     s.keep("combine.weighted", N * D * 4, _ROUTING)

@@ -1,8 +1,9 @@
 """`plan_memory(cfg, world_size)`: one rank's memory for a training layout, without any GPU.
 
 Parameters, gradients and optimizer state come from the real model built on the meta device with this rank's
-experts sliced off by `parallel.parallelize.shard_experts` (dense tensors replicated, E/ep experts local), grouped
-by the trainer's own `param_groups`, through `parallel.memory_plan` (stage 0 and DeepSpeed ZeRO 1-3).
+experts sliced off by `GroupedExperts.shard` as EP rank 0 of the layout (dense tensors replicated, E/ep experts
+local), grouped by the trainer's own `param_groups` (`named_param_groups`: experts are told apart by name),
+through `parallel.memory_plan` (stage 0 and DeepSpeed ZeRO 1-3).
 Activations come from `train.plan.activations` (per micro-batch, every checkpointing mode).
 
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from parallel.memory_plan import DS_PERSISTENCE_THRESHOLD, state_bytes
-from parallel.parallelize import expert_parameters, shard_experts
+from train.model.moe.experts import stacked_expert_tensors
+from train.model.moe.placement import ExpertPlacement
 from train.config import ModelConfig, TrainConfig
 from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token
 
@@ -59,16 +61,15 @@ def _meta_model(model_cfg: ModelConfig):
 def rank_params(model_cfg: ModelConfig, ep_size: int) -> RankParams:
     """Build the model on the meta device (cached per config), shard its experts as EP rank 0 of `ep_size` does,
     and group its parameters as the trainer's optimizer does."""
-    from train.trainer.optim import param_groups
+    from train.trainer.optim import named_param_groups
 
     model = copy.deepcopy(_meta_model(model_cfg))
-    if ep_size > 1:
-        for _, layer in model.moe_layers():
-            shard_experts(layer.experts, ep_size, 0)
-    experts = {id(p) for p in expert_parameters(model)}
-    groups = param_groups(model, weight_decay=0.0)
+    experts = stacked_expert_tensors(model)
+    for module in dict.fromkeys(experts.values()):  # each GroupedExperts once, in model order
+        module.shard(ExpertPlacement(module.placement.num_global_experts, ep_size, 0))
+    groups = named_param_groups(model, weight_decay=0.0)
     numels = [[p.numel() for p in g["params"]] for g in groups]
-    flags = [[id(p) in experts for p in g["params"]] for g in groups]
+    flags = [[name in experts for name in g["names"]] for g in groups]
     expert_numel = sum(n for ns, fs in zip(numels, flags) for n, f in zip(ns, fs) if f)
     modules = [model.embed, model.lm_head, *model.layers, *model.mtp]
     largest = max(sum(p.numel() for p in m.parameters()) for m in modules)

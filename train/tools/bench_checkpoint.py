@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
                                    cfg, mesh, accum_steps=1)
     if args.adam_state:  # random moments of the real shapes (a step's gradients would not fit beside them here)
-        offsets = {n: s[0] for n, s in sharded.expert_slices(model).items()}
+        offsets = {n: s.local_start for n, s in sharded.expert_slices(model).items()}
         for n, p in model.named_parameters():  # one parameter at a time: no second copy of the state
             # the same values on every rank holding this tensor (replicas agree, as after a real step)
             g = torch.Generator().manual_seed(tensor_seed(0, n, offsets.get(n)))

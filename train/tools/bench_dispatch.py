@@ -38,6 +38,7 @@ def _routing(args, ep_size, limit, rank):
 
 def _worker(rank, args, ep_size, port, out_path):
     from parallel.dispatcher import AllToAllDispatcher
+    from train.model.moe.placement import ExpertPlacement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep_size))
@@ -52,7 +53,7 @@ def _worker(rank, args, ep_size, port, out_path):
     for limit in (1, 2, None):
         if limit is not None and limit > ep_size:
             continue
-        disp = AllToAllDispatcher(group, ep_size, rank, args.experts // ep_size)
+        disp = AllToAllDispatcher(group, ExpertPlacement(args.experts, ep_size, rank))
         ids_TK, w_TK = _routing(args, ep_size, limit, rank)
         ids_TK, w_TK = ids_TK.to(device), w_TK.to(device)
         x_TD = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype)

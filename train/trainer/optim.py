@@ -19,16 +19,22 @@ from train.config import OptimConfig
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters into a decayed group (matrices) and a non-decayed one (the rest)."""
+    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in named_param_groups(model, weight_decay)]
+
+
+def named_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """`param_groups` with each group's parameter names (as `model.named_parameters()` spells them) under
+    "names", in the order of "params": for callers that classify a group's entries by name (the memory planner)."""
     embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and id(p) not in embedding_params:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        names, params = groups["decay" if p.ndim >= 2 and id(p) not in embedding_params else "no_decay"]
+        names.append(name)
+        params.append(p)
+    return [{"params": groups["decay"][1], "names": groups["decay"][0], "weight_decay": weight_decay},
+            {"params": groups["no_decay"][1], "names": groups["no_decay"][0], "weight_decay": 0.0}]
 
 
 def optimizer_factory(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Optimizer]:

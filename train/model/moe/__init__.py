@@ -9,12 +9,14 @@ from train.model.moe.capacity import (
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher, combine_rows, gather_rows, sort_by_expert
 from train.model.moe.experts import GroupedExperts, grouped_mm, grouped_mm_supported, looped_mm
 from train.model.moe.layer import AUX_TERMS, MoELayer, MoELayerOutput
+from train.model.moe.placement import ExpertPlacement
 from train.model.moe.router import BalanceInputs, Router, RouterOutput, RoutingPlan
 from train.model.moe.routers import ROUTERS, build_router
 
 __all__ = [
     "AUX_TERMS",
     "BalanceInputs",
+    "ExpertPlacement",
     "GroupedExperts",
     "LocalDispatcher",
     "MoELayer",

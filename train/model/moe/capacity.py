@@ -1,7 +1,7 @@
 """Token capacity: cap what each expert, or each device, takes and drop the rest.
 
 Shape legend: T tokens, K active routed experts per token, E routed experts, G devices (experts in contiguous
-blocks of E/G per device), A = T*K flat assignments.
+blocks of E/G per device, `ExpertPlacement(E, G)`), A = T*K flat assignments.
 
 Per-expert capacity (`expert_capacity`, `drop_over_capacity`): priority is by token order: an expert keeps the
 assignments of the earliest tokens (flat index t*K + k) and drops the later ones, as in GShard/Switch.
@@ -20,6 +20,7 @@ import math
 import torch
 
 from train.model.moe.losses import token_device_mask
+from train.model.moe.placement import ExpertPlacement
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -71,7 +72,7 @@ def drop_over_device_capacity(
     T, _ = topk_ids_TK.shape
     G = num_devices
     valid_TK = topk_ids_TK >= 0
-    device_TK = torch.where(valid_TK, topk_ids_TK // (num_experts // G), G)  # column G collects dropped slots
+    device_TK = ExpertPlacement(num_experts, G).owner_of(topk_ids_TK, dropped=G)  # column G collects dropped slots
     w_TK = torch.where(valid_TK, topk_weights_TK.detach().float(), 0.0)
     affinity_TG = torch.zeros(T, G + 1, dtype=torch.float32, device=w_TK.device).scatter_add_(1, device_TK, w_TK)
     present_TG = torch.zeros(T, G + 1, dtype=torch.bool, device=w_TK.device).scatter_(1, device_TK, True)

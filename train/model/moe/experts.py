@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from train.model.mlp import activation
+from train.model.moe.placement import ExpertPlacement
 
 # gemm(x_NI, w_EOI, num_tokens_per_expert_E) -> y_NO: row block e of x times w[e].T. The precision recipe may
 # install another one on a GroupedExperts (FP8); the model itself never chooses one.
@@ -85,20 +86,43 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts: `y = (act(x W_gate[e]ᵀ) * (x W_up[e]ᵀ)) W_down[e]ᵀ` for the rows routed to expert e (act
     is silu unless configured: `train/model/mlp.py` ACTIVATIONS).
 
-    Weights are stacked along a leading expert dimension so `parallel/` can shard them by expert by slicing
-    dim 0 (and then set `num_experts` to the local count). `gemm` computes each projection; it defaults to
-    `grouped_mm`.
+    Weights are stacked along a leading expert dimension. `placement` says which experts the stacks hold: all E
+    as built (`ExpertPlacement.whole`); `parallel/` calls `shard` once, after which this rank holds the experts of
+    `placement.local_range`, in that order, and `num_experts` is their count. `gemm` computes each projection; it
+    defaults to `grouped_mm`.
     """
+
+    EXPERT_WEIGHTS = ("w_gate_up_EHD", "w_down_EDF")
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, act: str = "silu") -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.placement = ExpertPlacement.whole(num_experts)
         self.hidden = hidden
         self.act = activation(act)
         self.gemm: ExpertGemm = grouped_mm
         self.w_gate_up_EHD = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
         self.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        """Experts held in the stacks here (E/ep once sharded)."""
+        return self.placement.num_local_experts
+
+    def shard(self, placement: ExpertPlacement) -> None:
+        """Keep only `placement.local_range` of the stacked experts. Before: the stacks hold all E experts
+        (identical on every rank; on the meta device too). After: they hold experts [r·E/ep, (r+1)·E/ep) of
+        `placement` as new Parameters (build the optimizer afterwards). Set once: a sharded module refuses."""
+        if placement == self.placement:
+            return
+        if not self.placement.is_whole or placement.num_global_experts != self.placement.num_global_experts:
+            raise ValueError(f"GroupedExperts holding {self.placement} cannot be resharded to {placement}")
+        start, count = placement.local_start, placement.num_local_experts
+        for name in self.EXPERT_WEIGHTS:
+            full = getattr(self, name)
+            local = nn.Parameter(full.detach()[start : start + count].clone(), requires_grad=full.requires_grad)
+            setattr(self, name, local)
+        self.placement = placement
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         """Draw every weight from normal(0, init_std), the framework-wide init."""
@@ -107,7 +131,8 @@ class GroupedExperts(nn.Module):
 
     @torch.no_grad()
     def init_expert(self, i: int, std: float, generator_for: Callable[[str], torch.Generator]) -> None:
-        """normal(0, std) for local expert i, one generator per logical weight (`generator_for(stream)`).
+        """normal(0, std) for local expert i (global `placement.local_start + i`), one generator per logical
+        weight (`generator_for(stream)`).
 
         The streams keep the names and (in, out) draw order of the earlier per-projection layout (`w_gate_EDF`,
         `w_up_EDF` (D, F), `w_down_EFD` (F, D)), so a seed gives the same weights as before this layout: the
@@ -123,3 +148,11 @@ class GroupedExperts(nn.Module):
         """`x_ND` rows grouped by expert ascending, block sizes `num_tokens_per_expert_E`; returns `y_ND`."""
         gate_NF, up_NF = self.gemm(x_ND, self.w_gate_up_EHD, num_tokens_per_expert_E).chunk(2, dim=-1)
         return self.gemm(self.act(gate_NF) * up_NF, self.w_down_EDF, num_tokens_per_expert_E)
+
+
+def stacked_expert_tensors(model: nn.Module) -> dict[str, GroupedExperts]:
+    """Parameter name (as `model.named_parameters()` spells it) → the `GroupedExperts` holding it, for every stacked
+    routed-expert weight of `model`. The module type is the marker: everything else is a dense tensor."""
+    return {f"{prefix}.{name}" if prefix else name: module
+            for prefix, module in model.named_modules() if isinstance(module, GroupedExperts)
+            for name, _ in module.named_parameters(recurse=False)}

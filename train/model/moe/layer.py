@@ -4,7 +4,8 @@ Shape legend: B batch, T tokens (B*S after flattening), S sequence length, D mod
 K active routed experts, N routed rows, G devices.
 
 Routing and expert computation are separate steps with `self.dispatcher` as the seam: `parallel/` replaces
-the dispatcher, slices `self.experts` to the local experts, and sets `num_devices` and `count_reducer`.
+the dispatcher, sets `self.experts.placement` (`GroupedExperts.shard`: the stacks keep the local experts), and
+sets `num_devices` (= the placement's ep_size) and `count_reducer`.
 
 Which experts a token may use never depends on `num_devices`: the device limit counts the model's
 `moe.routing_groups` (train/config/routing.py). `num_devices` is the layout, and what measures the layout reads
@@ -86,8 +87,9 @@ class MoELayer(nn.Module):
 
     @property
     def num_devices(self) -> int:
-        """Expert-parallel devices (ep_size); experts live on them in contiguous blocks of E / num_devices. The
-        routing reads it only while `moe.routing_groups` is unresolved (see the router)."""
+        """Expert-parallel devices (ep_size); experts live on them as `ExpertPlacement(E, num_devices)` places
+        them (the losses and capacity functions build it). The routing reads it only while `moe.routing_groups` is
+        unresolved (see the router)."""
         return self.router.num_devices
 
     @num_devices.setter

@@ -1,7 +1,7 @@
 """Load-balance terms and their count statistics, as pure functions (coefficients are applied by the layer).
 
 Shape legend: B sequences, T tokens, E routed experts (N' in the papers), K active routed experts (K'),
-G devices (D in the papers; contiguous blocks of E/G experts).
+G devices (D in the papers; contiguous blocks of E/G experts: `ExpertPlacement(E, G)` says which).
 
 Definitions follow DeepSeek-V2 (arXiv 2405.04434, sec. 2.2.3) and DeepSeek-V3 (arXiv 2412.19437, eq. 17-20).
 Counts (the f terms) are non-differentiable and may cover the whole batch of all ranks (`num_tokens` is then
@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from train.model.moe.placement import ExpertPlacement
 
 
 def balance_probs(scores_TE: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -37,7 +39,7 @@ def token_device_mask(topk_ids_TK: torch.Tensor, num_experts: int, num_devices: 
     """Boolean `_TG`: whether token t has an expert on device g (experts in contiguous blocks per device)."""
     T = topk_ids_TK.shape[0]
     valid_TK = topk_ids_TK >= 0
-    device_TK = torch.where(valid_TK, topk_ids_TK // (num_experts // num_devices), 0)
+    device_TK = ExpertPlacement(num_experts, num_devices).owner_of(topk_ids_TK, dropped=0)
     mask_TG = torch.zeros(T, num_devices, dtype=torch.float32, device=topk_ids_TK.device)
     mask_TG.scatter_add_(1, device_TK, valid_TK.float())
     return mask_TG > 0
@@ -69,8 +71,8 @@ def max_devices_per_token(num_experts: int, num_devices: int, routing_groups: Op
     most G. G without a limit; exactly M when the routing groups are the devices."""
     if device_limit is None or routing_groups is None:
         return num_devices
-    per_device, per_group = num_experts // num_devices, num_experts // routing_groups
-    span = max((g * per_group + per_group - 1) // per_device - (g * per_group) // per_device + 1
+    devices, per_group = ExpertPlacement(num_experts, num_devices), num_experts // routing_groups
+    span = max(devices.owner(g * per_group + per_group - 1) - devices.owner(g * per_group) + 1
                for g in range(routing_groups))
     return min(num_devices, device_limit * span)
 
