@@ -100,13 +100,3 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tens
     if grads and math.isfinite(max_norm):
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return total
-
-
-def all_reduce_stats(tensor: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """Before: each rank holds its own statistics. After: the returned tensor holds their SUM over every rank
-    (the input is left as it was). Also the `reduce` for `update_expert_biases`."""
-    if mesh.world_size == 1:
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
