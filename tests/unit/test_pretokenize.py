@@ -18,7 +18,8 @@ from train.data.tokenizer import tokenizer_fingerprint
 from train.pretokenize import main
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXTS = [("" if i == 7 else f"def f{i}(x):\n    return x * {i}  # ünïcode ✓ <tag>\n" * (1 + i % 5)) for i in range(60)]
+TEXTS = [("" if i == 7 else f"def f{i}(x):\n    return x * {i}  # ünïcode ✓ <tag>\n" * (1 + i % 5))
+         for i in range(60)]
 NON_EMPTY = [t for t in TEXTS if t]
 
 
