@@ -76,3 +76,43 @@ def test_we_read_sentence_split_documents(tmp_path):
     builder.add_document(torch.tensor([6, 0]), [2])
     builder.finalize(f"{prefix}.idx")
     assert _ours(prefix) == [[1, 2, 3, 4, 5], [6, 0]]
+
+
+def test_a_megatron_written_corpus_trains_directly(tmp_path):
+    """A corpus from Megatron's own builder (no manifest) trains with data=tokens and data.tokenizer: the rows of
+    the first step are windows of its documents, and a training step runs on them."""
+    from parallel import Mesh
+    from train.config import load_train_config
+    from train.data.tokenizer import save_atomic, train_byte_bpe
+    from train.trainer.loop import Trainer
+    from train.trainer.validate import validate_config
+
+    tok = tmp_path / "tokenizer"
+    save_atomic(train_byte_bpe(iter(["def f(x): return x + 1"] * 40), 300), tok)
+    rng = np.random.default_rng(3)
+    docs = [list(rng.integers(2, 290, int(rng.integers(8, 40)))) + [0] for _ in range(40)]
+    builder = mc.IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(tmp_path / "meg.idx"))
+    cfg = load_train_config(["model=tiny_mixtral", "model.vocab_size=512", "data=tokens",
+                             f"data.paths=[{tmp_path / 'meg'}]", f"data.tokenizer={tok}", "data.document_mask=true",
+                             f"data.cache_dir={tmp_path / 'cache'}", f"trainer.run_dir={tmp_path / 'run'}",
+                             "trainer.seq_len=16", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
+                             "trainer.max_steps=2", "trainer.eval_every=0", "logging.progress=false"])
+    validate_config(cfg, world_size=1)
+    trainer = Trainer(cfg, Mesh())
+    try:
+        flat = np.concatenate(docs)
+        (mb,) = trainer.data.global_batch_for_rank(0)
+        for row, labels in zip(mb["input_ids"].numpy(), mb["labels"].numpy()):
+            start = next(i for i in range(len(flat) - 16) if (flat[i:i + 16] == row).all())
+            assert (flat[start + 1:start + 17] == labels).all()
+        assert mb["document_ids"].shape == mb["input_ids"].shape
+        trainer.fit()
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in records if "loss" in r]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        assert records[-1]["data/samples/meg"] == 4
+    finally:
+        trainer.close()
