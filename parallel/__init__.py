@@ -1,12 +1,14 @@
 """Expert parallelism applied to models built by `train/` (which never imports torch.distributed).
 
-The API the trainer calls, in its order of use (each name is re-exported here from the module that owns it):
+The API, in its order of use (each name is re-exported here from the module that owns it):
     mesh = init_distributed(cfg)                  # process groups, device; 1-rank Mesh off torchrun (mesh.py)
-    with torch.device("meta"): model = MoETransformer(cfg.model)            # nothing allocated yet
-    parallelize(model, cfg, mesh, init_seed)      # shard experts, AC, allocate + init own tensors (parallelize.py)
-    engine = build_engine(model, groups, optimizer_cls, cfg, mesh, accum)   # backward, gradient reduction,
+    train.build.build_model(cfg, mesh, ...)       # the build pipeline, which calls this room's steps in order:
+        apply_expert_parallel, apply_activation_checkpointing, materialize (parallelize.py, activation_checkpointing.py)
+        build_engine(model, groups, optimizer_cls, cfg, mesh, accum)   # compile, backward, gradient reduction,
         # clipping, step and optimizer state: moeforge's own at zero_stage=0, DeepSpeed ZeRO 1-3 (engine.py, zero/)
     engine.backward(loss) per micro-batch; engine.step()
+- `parallelize(model, cfg, mesh, init_seed)`: expert parallelism, checkpointing and materialisation of a model a
+  test has built (the pipeline's steps 3-5 without the rest).
 - `reduce_gradients(model, mesh)`, `clip_grad_norm_(model, max_norm, mesh) -> total_norm`: stage 0's gradient
   average and global-norm clipping over sharded experts (grads.py).
 - `all_reduce_stats(tensor, mesh, op='sum'|'max')`: a statistics tensor reduced over every rank (reduce.py).
@@ -18,7 +20,7 @@ The API the trainer calls, in its order of use (each name is re-exported here fr
 
 Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differentiable all-to-all),
 `dispatcher` (`AllToAllDispatcher`), `parallelize`, `activation_checkpointing`, `grads`, `reduce`, `state_dict`,
-`engine`, `sharded_checkpoint`, `memory`, `memory_plan`, `ports`, `zero` (DeepSpeed).
+`engine`, `sharded_checkpoint`, `memory` (bytes an engine holds), `ports`, `zero` (DeepSpeed).
 """
 from parallel.engine import StepOutcome, TrainEngine, build_engine
 from parallel.grads import clip_grad_norm_, reduce_gradients

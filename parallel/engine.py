@@ -1,7 +1,7 @@
 """The training engine: the one seam that owns backward, gradient reduction, clipping, the optimizer step and the
 optimizer's state, whatever implements data parallelism underneath.
 
-    engine = build_engine(model, param_groups, cfg, mesh, accum_steps)   # after parallelize and weight loading
+    engine = build_engine(model, param_groups, cfg, mesh, accum_steps)   # the build pipeline's last step
     for each micro-batch:  engine.backward(engine.forward(input_ids, labels).loss)
     grad_norm = engine.step()                                            # reduce, clip, update, zero gradients
     engine.export_state() / engine.import_state(...)                     # logical optimizer state (checkpoints)

@@ -1,4 +1,5 @@
-"""`parallelize(model, cfg, mesh)`: make a built `MoETransformer` expert-parallel in place.
+"""Expert parallelism applied to a built `MoETransformer` in place (`apply_expert_parallel`), and `materialize`:
+the build pipeline's (`train/build.py`) steps of the parallel room.
 
 Gradient scaling (why the trainer needs nothing but `reduce_gradients`). Let W = world size, and let rank r
 compute its loss L_r on its own B/W sequences of the global batch exactly as the model defines it (means over
@@ -52,29 +53,17 @@ def _check_supported(model: nn.Module, cfg, mesh: Mesh) -> None:
         raise TypeError(f"parallelize expects a model with moe_layers() (MoETransformer), got {type(model).__name__}")
 
 
-def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = None) -> nn.Module:
-    """Decide what this rank owns, then (for a model on the meta device) allocate and initialise only that; in
-    place, returns the model. Create the optimizer (`build_engine`) afterwards.
-
-    The fixed order:
-      1. expert sharding: for every MoE layer (main and MTP blocks) the stacked experts keep only this rank's
-         E/ep_size experts (`GroupedExperts.shard` with the mesh's `expert_placement`, set once here); an
-         `AllToAllDispatcher` over the EP group moves tokens to their experts' ranks (the model's
-         `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size is the expert→device map
-         of the device/communication balance terms, statistics and device capacity (routing counts the model's
-         `moe.routing_groups`, whatever the layout); `count_reducer` sums balance counts over the whole world, so f terms and
-         load statistics describe the global batch;
-      2. activation checkpointing (`trainer.activation_checkpointing`);
-      3. materialisation: a model built on the meta device (`torch.device("meta")`) is allocated on
-         `mesh.device` only now, so no rank ever allocates an expert it does not own, and initialised with
-         `init_seed` per logical tensor (`MoETransformer.init_weights`): the same values one process gives
-         the unsharded model after `torch.manual_seed`;
-      4. compile and 5. ZeRO wrap the module in `build_engine`, once the weights are final (a resume or
-         `init_from` overwrites them between 3 and 4, and ZeRO copies them into its partitions).
-    A model that is already materialised (every rank built the whole model) is sliced in step 1 instead.
-    Gradients are made equal to the single-process reference by `reduce_gradients` (scaling derived in this
-    module's docstring).
-    """
+def apply_expert_parallel(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
+    """The build pipeline's expert-parallel step (`train/build.py`), in place on a built model (meta or
+    materialised): for every MoE layer (main and MTP blocks) the stacked experts keep only this rank's
+    E/ep_size experts (`GroupedExperts.shard` with the mesh's `expert_placement`, set once here; a materialised
+    model is sliced, a meta one stays unallocated); an `AllToAllDispatcher` over the EP group moves tokens to
+    their experts' ranks (the model's `LocalDispatcher` stays when ep_size = 1); `num_devices` = ep_size is the
+    expert→device map of the device/communication balance terms, statistics and device capacity (routing counts
+    the model's `moe.routing_groups`, whatever the layout); `count_reducer` sums balance counts over the whole
+    world, so f terms and load statistics describe the global batch. Before: every rank holds the whole logical
+    model. After: each rank holds its dense tensors and its own experts. No communication here; a mesh without
+    process groups (the planner's) is enough as long as nothing runs a forward pass."""
     _check_supported(model, cfg, mesh)
     reducer = AllReduceSum() if mesh.world_size > 1 else None
     for _, layer in model.moe_layers():
@@ -85,6 +74,18 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = No
         layer.num_devices = placement.ep_size
         if reducer is not None:
             layer.count_reducer = reducer
+    return model
+
+
+def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = None) -> nn.Module:
+    """Expert parallelism, activation checkpointing and (for a meta model) materialisation, in the build
+    pipeline's order, for a model some test has already built; in place, returns the model. Runs and tools
+    build through `train.build.build_model`, which calls these steps itself (with the model converters before
+    them and weight loading, compile and the engine after).
+    A model that is already materialised (every rank built the whole model) is sliced instead. Gradients are
+    made equal to the single-process reference by `reduce_gradients` (scaling derived in this module's
+    docstring)."""
+    apply_expert_parallel(model, cfg, mesh)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)  # wraps whatever dispatcher is installed
     if any(p.is_meta for p in model.parameters()):
         materialize(model, mesh.device, init_seed)
@@ -92,10 +93,12 @@ def parallelize(model: nn.Module, cfg, mesh: Mesh, init_seed: Optional[int] = No
 
 
 def materialize(model: nn.Module, device, init_seed: Optional[int]) -> None:
-    """Allocate a (sharded) meta-device model's tensors on `device` and initialise them from `init_seed`."""
+    """Allocate a (sharded) meta-device model's tensors on `device` and initialise them from `init_seed`: each
+    logical tensor, and each expert of a stacked one, from its own seed (`MoETransformer.init_weights`), so the
+    shards of any layout equal the single-process model's tensors from the same seed."""
     if init_seed is None:
-        raise ValueError("parallelize: the model is on the meta device; pass init_seed (train.model.draw_init_seed())"
-                         " so its tensors can be initialised once allocated")
+        raise ValueError("the model is on the meta device; pass init_seed (train.model.draw_init_seed()) so its "
+                         "tensors can be initialised once allocated")
     model.to_empty(device=device)
     model.init_weights(init_seed)
 

@@ -68,35 +68,41 @@ def generate_ids(model, prompt_ids: List[int], max_new_tokens: int, temperature:
 
 
 def load_for_inference(checkpoint: str, device: str = "cpu"):
-    """(model, tokenizer) from a run dir or checkpoint dir."""
+    """(model, tokenizer) from a run dir or checkpoint dir: the build pipeline (`train.build`) up to its load
+    step, on an inference copy of the run's config (one process, fp32, no training transforms)."""
     from transformers import AutoTokenizer
 
     from train import checkpoint as ckpt_io
-    from train.model import MoETransformer
+    from train.build import build_model, for_inference
 
     ckpt = ckpt_io.resolve_checkpoint(checkpoint)
     tok_dir = ckpt / ckpt_io.TOKENIZER_DIR
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer/ directory; cannot encode the prompt")
     ckpt_io.verify_checkpoint(ckpt, only=ckpt_io.weight_files(ckpt))
-    cfg = ckpt_io.load_config(ckpt)
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(0)  # RoPE tables and buffers; every weight is overwritten below
+    cfg, mesh = for_inference(ckpt_io.load_config(ckpt), device)
+    # init_seed 0 sets the RoPE tables and buffers; every weight is overwritten by the load step
+    built = build_model(cfg, mesh, init_seed=0, stop_after="load",
+                        weights=lambda model: _stream_weights(model, ckpt, cfg.model))
+    return built.model, AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def _stream_weights(model, ckpt, model_cfg) -> None:
+    """Copy every logical tensor of `ckpt` into `model` in place, one tensor read at a time."""
+    from train import checkpoint as ckpt_io
+
     targets = model.state_dict()
     loaded = set()
-    for name, tensor in ckpt_io.iter_weights(ckpt):  # streamed: one tensor read at a time, copied in place
+    for name, tensor in ckpt_io.iter_weights(ckpt):
         if name not in targets:
-            raise ckpt_io.CheckpointError(f"{ckpt} holds {name}, which model config {cfg.model.name!r} does not "
+            raise ckpt_io.CheckpointError(f"{ckpt} holds {name}, which model config {model_cfg.name!r} does not "
                                           f"build: check {ckpt}/config.yaml")
         targets[name].copy_(tensor)
         loaded.add(name)
-    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    tied = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
     missing = sorted(set(targets) - loaded - tied)
     if missing:
         raise ckpt_io.CheckpointError(f"{ckpt} lacks weights the model needs: {missing[:6]}")
-    return model, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def main(argv: List[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
 
 from train.config import compose, to_train_config
 from train.flops import flops_per_token, param_breakdown
@@ -17,12 +16,10 @@ from train.flops import flops_per_token, param_breakdown
 
 def _built_param_count(model_cfg) -> int | None:
     try:
-        from train.model import build_model
+        from train.build import meta_model
     except ImportError:  # model package not importable: analytic count only
         return None
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(model_cfg).parameters())
 
 
 def summarize(model_cfg, seq_len: int) -> dict:

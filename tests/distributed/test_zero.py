@@ -65,7 +65,7 @@ def build_state(cfg, mesh, optimizer: str):
 def train(rank, model_name: str, stage: int, optimizer: str, *extra: str):
     """(per-step records, logical weights on rank 0) of STEPS steps."""
     from parallel import gather_full_state_dict, init_distributed
-    from train.trainer.precision import build_precision
+    from train.precision import build_precision
     from train.trainer.step import StepContext, train_step
 
     cfg = make_cfg(model_name, stage, *extra)
@@ -220,7 +220,7 @@ def _nan_on_one_rank_skips_the_step_everywhere(rank, world_size):
     """Steps b0, b1, b2 with a NaN loss injected on rank 1 at b1 end with the weights of steps b0, b2 alone: the
     bad step changed nothing, on every rank, for stage 0 and for DeepSpeed (constant lr, no bias balancing)."""
     from parallel import gather_full_state_dict, init_distributed
-    from train.trainer.precision import build_precision
+    from train.precision import build_precision
     from train.trainer.step import StepContext, train_step
 
     for stage in (0, 2):

@@ -11,10 +11,10 @@ from torch import nn
 from train.config import Fp8Recipe, load_train_config
 from train.model import MoETransformer
 from train.model.moe.experts import grouped_mm
-from train.trainer.fp8 import convert_to_fp8
-from train.trainer.fp8.emulated import EmulatedFp8Linear, emulated_fp8_grouped_mm
-from train.trainer.fp8.grouped import Fp8GroupedGemm, pad_groups
-from train.trainer.fp8.scaling import E4M3, quantize_blocks
+from train.precision.fp8 import convert_to_fp8
+from train.precision.fp8.emulated import EmulatedFp8Linear, emulated_fp8_grouped_mm
+from train.precision.fp8.grouped import Fp8GroupedGemm, pad_groups
+from train.precision.fp8.scaling import E4M3, quantize_blocks
 
 torchao_float8 = pytest.importorskip("torchao.float8")
 from torchao.float8.config import ScalingGranularity  # noqa: E402

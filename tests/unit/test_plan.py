@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.memory_plan import state_bytes
+from train.plan.state import state_bytes
 from train.config import load_train_config
 from train.plan import Shapes, activation_bytes, plan_memory
 from train.plan.cli import main, parse_bytes

@@ -6,7 +6,7 @@ import torch
 from train.config import OptimConfig, load_train_config
 from train.model import build_model
 from train.trainer.optim import optimizer_factory, param_groups
-from train.trainer.precision import build_precision
+from train.precision import build_precision
 from train.config import PrecisionConfig
 
 

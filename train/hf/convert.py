@@ -68,11 +68,10 @@ def flatten_granularity(cfg: ModelConfig) -> ModelConfig:
 
 
 def expected_state(cfg: ModelConfig) -> StateDict:
-    """Names and shapes of `MoETransformer(cfg).state_dict()`, built on the meta device (no memory)."""
-    from train.model import MoETransformer
+    """Names and shapes of `MoETransformer(cfg).state_dict()`: the build pipeline's meta model (no memory)."""
+    from train.build import meta_model
 
-    with torch.device("meta"):
-        return MoETransformer(cfg).state_dict()
+    return meta_model(cfg).state_dict()
 
 
 def published_config(name: str) -> ModelConfig:

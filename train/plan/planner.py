@@ -1,9 +1,9 @@
 """`plan_memory(cfg, world_size)`: one rank's memory for a training layout, without any GPU.
 
-Parameters, gradients and optimizer state come from the real model built on the meta device with this rank's
-experts sliced off by `GroupedExperts.shard` as EP rank 0 of the layout (dense tensors replicated, E/ep experts
+Parameters, gradients and optimizer state come from the real model as the build pipeline (`train/build.py`) makes
+it up to expert parallelism, on the meta device, as rank 0 of the layout (dense tensors replicated, E/ep experts
 local), grouped by the trainer's own `param_groups` (`named_param_groups`: experts are told apart by name),
-through `parallel.memory_plan` (stage 0 and DeepSpeed ZeRO 1-3).
+through `train.plan.state` (stage 0 and DeepSpeed ZeRO 1-3).
 Activations come from `train.plan.activations` (per micro-batch, every checkpointing mode).
 
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.memory_plan import DS_PERSISTENCE_THRESHOLD, state_bytes
+from train.plan.state import DS_PERSISTENCE_THRESHOLD, state_bytes
 from train.model.moe.experts import stacked_expert_tensors
-from train.model.moe.placement import ExpertPlacement
 from train.config import ModelConfig, TrainConfig
 from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token
 
@@ -48,25 +47,25 @@ _META_MODELS: dict = {}  # repr(ModelConfig) -> the model on the meta device (bu
 
 
 def _meta_model(model_cfg: ModelConfig):
-    from train.model import build_model
+    from train.build import meta_model
 
     key = repr(model_cfg)
     if key not in _META_MODELS:
         _META_MODELS.clear()  # keep one: a fit search plans many layouts of one model in a row
-        with torch.device("meta"):
-            _META_MODELS[key] = build_model(model_cfg)
+        _META_MODELS[key] = meta_model(model_cfg)
     return _META_MODELS[key]
 
 
-def rank_params(model_cfg: ModelConfig, ep_size: int) -> RankParams:
-    """Build the model on the meta device (cached per config), shard its experts as EP rank 0 of `ep_size` does,
-    and group its parameters as the trainer's optimizer does."""
+def rank_params(cfg: TrainConfig, world_size: int) -> RankParams:
+    """This rank's model as the build pipeline makes it up to expert parallelism and checkpointing (stopping
+    before materialisation: meta tensors, rank 0 of the layout), its parameters grouped as the trainer's
+    optimizer groups them."""
+    from train.build import build_model, planning_mesh
     from train.trainer.optim import named_param_groups
 
-    model = copy.deepcopy(_meta_model(model_cfg))
+    mesh = planning_mesh(world_size, cfg.parallel.ep_size)
+    model = build_model(cfg, mesh, stop_after="parallelize", model=copy.deepcopy(_meta_model(cfg.model))).model
     experts = stacked_expert_tensors(model)
-    for module in dict.fromkeys(experts.values()):  # each GroupedExperts once, in model order
-        module.shard(ExpertPlacement(module.placement.num_global_experts, ep_size, 0))
     groups = named_param_groups(model, weight_decay=0.0)
     numels = [[p.numel() for p in g["params"]] for g in groups]
     flags = [[name in experts for name in g["names"]] for g in groups]
@@ -84,7 +83,7 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     mode = t.activation_checkpointing
     ep, stage = par.ep_size, par.zero_stage
     device_type = "cpu" if t.device == "cpu" else "cuda"
-    rp = rank_params(m, ep)
+    rp = rank_params(cfg, world_size)
     threshold = ((par.deepspeed or {}).get("zero_optimization", {})
                  .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
     held = state_bytes(rp.groups, rp.expert_flags, stage, world_size, ep, int(threshold))

@@ -53,20 +53,16 @@ def main(argv=None) -> None:
     import parallel
     import parallel.sharded_checkpoint as sharded
     from train.config import load_train_config
-    from train.model import MoETransformer
+    from train.build import EngineArgs, build_model, meta_model
     from train.model.transformer import draw_init_seed, tensor_seed
-    from train.trainer.optim import optimizer_factory, param_groups
 
     cfg = load_train_config(["trainer.device=cpu", *overrides])
     mesh = parallel.init_distributed(cfg)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    total_params = sum(p.numel() for p in model.parameters())
-    parallel.parallelize(model, cfg, mesh, init_seed=draw_init_seed())
-    rss_model = _rss()
-    engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
-                                   cfg, mesh, accum_steps=1)
+    total_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
+    # the load step (after materialisation, before the engine) only reads the resident memory
+    built = build_model(cfg, mesh, init_seed=draw_init_seed(), weights=lambda m: _rss(), engine_args=EngineArgs(1))
+    model, engine, rss_model = built.model, built.engine, built.loaded
     if args.adam_state:  # random moments of the real shapes (a step's gradients would not fit beside them here)
         offsets = {n: s.local_start for n, s in sharded.expert_slices(model).items()}
         for n, p in model.named_parameters():  # one parameter at a time: no second copy of the state
@@ -96,16 +92,16 @@ def main(argv=None) -> None:
 
     # the trainer's resume order: a fresh model (another init seed), its weights, the engine, the optimizer state
     sharded._LOAD_BATCH_BYTES = args.load_batch_mb << 20
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    parallel.parallelize(model, cfg, mesh, init_seed=1)
-    parallel.barrier(mesh)
-    t0 = time.perf_counter()
-    sharded.load_model_weights(model, ckpt, mesh)
-    parallel.barrier(mesh)
-    weights_s = time.perf_counter() - t0
-    engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
-                                   cfg, mesh, accum_steps=1)
+
+    def load_timed(model) -> float:
+        parallel.barrier(mesh)
+        t0 = time.perf_counter()
+        sharded.load_model_weights(model, ckpt, mesh)
+        parallel.barrier(mesh)
+        return time.perf_counter() - t0
+
+    built = build_model(cfg, mesh, init_seed=1, weights=load_timed, engine_args=EngineArgs(1))
+    model, engine, weights_s = built.model, built.engine, built.loaded
     parallel.barrier(mesh)
     t0 = time.perf_counter()
     for batch in sharded.read_optimizer_state(model, ckpt, mesh):

@@ -4,8 +4,8 @@
         model.num_layers=1 model.moe.first_k_dense=0 model.mtp_depth=0 model.moe.num_experts=32 \\
         model.moe.num_groups=8 model.vocab_size=8192
 
-Each rank builds the model the trainer's way (meta device, then `parallel.parallelize`, which allocates and
-initialises only what the rank owns) and reports: the bytes of the parameters it holds, the planner's
+Each rank builds the model the trainer's way (`train.build.build_model` up to materialisation, which allocates
+and initialises only what the rank owns) and reports: the bytes of the parameters it holds, the planner's
 `params_bytes` for the layout (`python -m train.plan`), the bytes the whole model would need, and the growth of
 the process's peak resident memory (ru_maxrss) over the construction. Last line: JSON (every rank's figures).
 """
@@ -29,19 +29,16 @@ def main(argv=None) -> None:
     import parallel
     from parallel.memory import unique_bytes
     from train.config import load_train_config
-    from train.model import MoETransformer
+    from train.build import build_model, meta_model
     from train.model.transformer import draw_init_seed
     from train.plan.planner import plan_memory
 
     cfg = load_train_config(["trainer.device=cpu", *(sys.argv[1:] if argv is None else argv)])
     mesh = parallel.init_distributed(cfg)
-    with torch.device("meta"):
-        whole = sum(p.numel() * 4 for p in MoETransformer(cfg.model).parameters())
+    whole = sum(p.numel() * 4 for p in meta_model(cfg.model).parameters())
     torch.manual_seed(0)
     before, t0 = _rss(), time.perf_counter()
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    parallel.parallelize(model, cfg, mesh, init_seed=draw_init_seed())
+    model = build_model(cfg, mesh, init_seed=draw_init_seed(), stop_after="load").model
     seconds = time.perf_counter() - t0
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     mine = {"rank": mesh.rank, "params_bytes": unique_bytes(model.parameters()), "peak_rss_growth_bytes": growth,

@@ -155,29 +155,20 @@ def init_one_process_group() -> None:
         return
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="bench_moe_"), "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    import deepspeed
+    from parallel.zero.peer_moe import init_deepspeed_comm
 
-    os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_comm()
 
 
 def build_deepspeed(c: Case, w) -> tuple[Callable, torch.nn.Module]:
-    from deepspeed.moe.layer import MoE
-
+    from parallel.zero.peer_moe import deepspeed_moe
     from train.model.mlp import SwiGLU
 
     init_one_process_group()
-    moe = MoE(c.d_model, SwiGLU(c.d_model, c.hidden), num_experts=c.experts, ep_size=1, k=c.top_k,
-              capacity_factor=float(c.experts), eval_capacity_factor=float(c.experts), min_capacity=0,
-              drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-    moe.set_deepspeed_parallelism()
     Fh = c.hidden
-    with torch.no_grad():
-        moe.deepspeed_moe.gate.wg.weight.copy_(w["router_ED"])
-        for e, ex in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-            ex.w_gate.weight.copy_(w["gate_up_EHD"][e, :Fh])
-            ex.w_up.weight.copy_(w["gate_up_EHD"][e, Fh:])
-            ex.w_down.weight.copy_(w["down_EDF"][e])
+    experts = [{"w_gate.weight": w["gate_up_EHD"][e, :Fh], "w_up.weight": w["gate_up_EHD"][e, Fh:],
+                "w_down.weight": w["down_EDF"][e]} for e in range(c.experts)]
+    moe = deepspeed_moe(c.d_model, SwiGLU(c.d_model, c.hidden), c.experts, c.top_k, w["router_ED"], experts)
     return (lambda x: moe(x)[0]), moe
 
 

@@ -110,8 +110,8 @@ def hf_loop(model, cfg, batches, device) -> list[dict]:
     """A plain training loop over the HF model: one record (loss, seconds) per optimizer step."""
     import torch.nn.functional as F
 
+    from train.precision import build_precision
     from train.trainer.optim import optimizer_factory, param_groups
-    from train.trainer.precision import build_precision
     from train.trainer.schedule import LRSchedule
 
     model.to(device).train()

@@ -35,14 +35,13 @@ def micro_batches(cfg, mesh, accum: int, step: int) -> list[dict]:
 
 
 def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
-    from parallel import build_engine, init_distributed, parallelize
+    from parallel import init_distributed
+    from train.build import EngineArgs, build_model
     from train.config import load_train_config
     from train.data import check_batch_sizes
-    from train.model import build_model
     from train.plan import plan_memory
     from train.plan.measure import saved_tensor_bytes
-    from train.trainer.optim import optimizer_factory, param_groups
-    from train.trainer.precision import build_precision
+    from train.precision import build_precision
     from train.trainer.schedule import LRSchedule
     from train.trainer.state import TrainState
     from train.trainer.step import StepContext, train_step
@@ -52,9 +51,8 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     mesh = init_distributed(cfg)
     accum = check_batch_sizes(cfg.trainer, mesh.world_size)
     torch.manual_seed(cfg.trainer.seed)
-    model = parallelize(build_model(cfg.model).to(mesh.device), cfg, mesh)
-    engine = build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg,
-                          mesh, accum)
+    built = build_model(cfg, mesh, init_seed=cfg.trainer.seed, engine_args=EngineArgs(accum))
+    model, engine = built.model, built.engine
     schedule = LRSchedule(cfg.optim, steps + 1)
     state = TrainState(model=model, engine=engine, scheduler=schedule, data=None)
     ctx = StepContext(precision=build_precision(cfg.precision, mesh.device), schedule=schedule, mesh=mesh,

@@ -12,14 +12,15 @@ table and a JSON last line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 
 import torch
 
-from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.mesh import Mesh
+from train.build import build_model
 from train.config import load_train_config
-from train.model import build_model
 from train.plan import MODES, Shapes, activation_bytes
 from train.plan.measure import alive_tensor_bytes, recompute_peak_bytes, saved_tensor_bytes
 
@@ -27,10 +28,9 @@ MODELS = ("tiny_mixtral", "tiny_dbrx", "tiny_deepseek_moe", "tiny_deepseek_v2", 
 
 
 def _model(cfg, mode: str):
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    apply_activation_checkpointing(model, mode)
-    return model
+    """The model as the build pipeline makes it for one process under checkpointing `mode`, in training mode."""
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, activation_checkpointing=mode))
+    return build_model(cfg, Mesh(), init_seed=0, stop_after="load").model.train()
 
 
 def main() -> None:

@@ -176,10 +176,9 @@ def load_weights(model: torch.nn.Module, path, mesh, model_cfg=None, verify: boo
 
 
 def _fit_to_config(state_dict: dict, model_cfg, ckpt_dir: Path) -> dict:
-    from train.model import MoETransformer
+    from train.build import meta_model
 
-    with torch.device("meta"):
-        expected = MoETransformer(model_cfg).state_dict()
+    expected = meta_model(model_cfg).state_dict()
     state_dict = dict(state_dict)
     for name, t in expected.items():
         if name not in state_dict and name.endswith("expert_bias_E"):

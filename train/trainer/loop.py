@@ -2,12 +2,10 @@
 
 Build order and why: the checkpoint to resume, if any, is found first, because the model's routing groups come
 from it (train/config/routing.py: fixed at a run's first start, kept whatever the new ep_size); data next (its
-tokenizer fixes the vocabulary the model must cover); the model is built on the meta device, then
-`parallel.parallelize` decides what this rank owns and allocates and initialises only that (seeded from
-`trainer.seed` per logical tensor, so every layout starts from the same weights); a resume (or `init_from`) then
-overwrites its weights; only then is the engine (optimizer, and under ZeRO its partitions, which copy the weights)
-built over the parallelized parameters, and a resume restores the engine's optimizer state, resharded into this
-layout, counters and data position.
+tokenizer fixes the vocabulary the model must cover); then the model and its engine come from the one build
+pipeline (`train/build.py`: meta build, converters, expert parallelism, checkpointing, materialise with the seed
+drawn from `trainer.seed`, this run's weights, compile and engine); a resume then restores the engine's optimizer
+state, resharded into this layout, counters and data position.
 """
 from __future__ import annotations
 
@@ -27,14 +25,13 @@ from train.config.routing import resolve_routing_groups
 from train.data import build_data
 from train.data.indexed import TokenFileError
 from train.data.sources import DataError
+from train.build import EngineArgs, build_model
 from train.flops import flops_per_token
-from train.model import MoETransformer
 from train.model.transformer import draw_init_seed
 from train.trainer.checkpointing import COMMON_FILE, find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
-from train.trainer.optim import optimizer_factory, param_groups
 from train.trainer.peak_flops import MEASURE, resolve_peak_flops
-from train.trainer.precision import build_precision
+from train.precision import build_precision
 from train.trainer.health import StepHealth, TrainingStopped
 from train.trainer.preemption import PreemptionGuard
 from train.trainer.schedule import LRSchedule
@@ -63,25 +60,10 @@ class Trainer:
                               f"{cfg.model.vocab_size}: raise model.vocab_size or lower data.tokenizer_vocab_size")
 
         seed_everything(t.seed)  # the same init seed on every rank
-        init_seed = draw_init_seed()
-        with torch.device("meta"):  # nothing allocated: parallelize allocates only what this rank owns
-            model = MoETransformer(cfg.model)
-        parallel.parallelize(model, cfg, mesh, init_seed=init_seed)
-        # fp8 swaps GEMM modules (same Parameters) once the model is materialised and before the engine builds
-        # the optimizer and compiles / ZeRO-wraps it; activation checkpointing (applied above) wraps methods of
-        # the blocks, which call whatever linears they hold at run time.
-        precision_report = self.precision.prepare_model(model)
-        model.train()
-
         self.initialised_from: Optional[Path] = None
-        if self.resumed_from is not None:  # verified file by file by find_resume_checkpoint: not hashed again
-            load_weights(model, self.resumed_from, mesh, verify=False)
-        elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
-            self.initialised_from = load_weights(model, t.init_from, mesh, cfg.model)
-
-        engine = parallel.build_engine(model, param_groups(model, cfg.optim.weight_decay),
-                                       optimizer_factory(cfg.optim), cfg, mesh, self.data.grad_accum_steps,
-                                       run_dir=self.run_dir)
+        built = build_model(cfg, mesh, init_seed=draw_init_seed(), weights=self._load_weights,
+                            engine_args=EngineArgs(self.data.grad_accum_steps, self.run_dir))
+        model, engine = built.model, built.engine
         self.schedule = LRSchedule(cfg.optim, t.max_steps)
         self.state = TrainState(model=model, engine=engine, scheduler=self.schedule, data=self.data)
         if self.resumed_from is not None:
@@ -101,8 +83,8 @@ class Trainer:
                                 run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                                 wandb_run_id=self.state.wandb_run_id)
         self.state.wandb_run_id = self.logger.wandb_run_id
-        if precision_report:
-            self.logger.info(precision_report)
+        for report in built.reports:
+            self.logger.info(report)
         where = (f"resumed from {self.resumed_from}" if self.resumed_from else
                  f"new run initialised from {self.initialised_from}" if self.initialised_from else "new run")
         if self.resumed_from and t.init_from is not None:
@@ -112,6 +94,14 @@ class Trainer:
                          f"device {mesh.device}, precision {cfg.precision.name}"
                          f"{'' if self.precision.recipe is None else ' recipe=' + self.precision.recipe.value}, "
                          f"MFU against {self.peak_flops:.3g} FLOP/s per device ({peak.source})")
+
+    def _load_weights(self, model) -> None:
+        """The build pipeline's load step: a resume's weights, else `init_from`'s, else the initialised ones."""
+        t = self.cfg.trainer
+        if self.resumed_from is not None:  # verified file by file by find_resume_checkpoint: not hashed again
+            load_weights(model, self.resumed_from, self.mesh, verify=False)
+        elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
+            self.initialised_from = load_weights(model, t.init_from, self.mesh, self.cfg.model)
 
     def _build_data(self):
         """The data module, its file checks and, when resuming, the check that the checkpoint's data position

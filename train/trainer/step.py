@@ -22,7 +22,7 @@ import torch
 import parallel
 from train.model.moe import update_expert_biases
 from train.trainer.metrics import StepMetrics
-from train.trainer.precision import Precision
+from train.precision import Precision
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState
 

@@ -25,8 +25,8 @@ from train.model.moe.layer import MoELayer
 from train.model.moe.router import Router
 from train.model.mtp import MTPModule
 from train.model.norms import LayerNorm, RMSNorm
-from train.trainer.fp8.emulated import EmulatedFp8Linear
-from train.trainer.fp8.grouped import Fp8GroupedGemm, is_sm90
+from train.precision.fp8.emulated import EmulatedFp8Linear
+from train.precision.fp8.grouped import Fp8GroupedGemm, is_sm90
 
 ALIGN = 16
 
@@ -102,8 +102,10 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, device: torch.device) -> Fp8Report:
-    """Convert `model` (materialised, possibly expert-parallel and activation-checkpointed) in place; returns
-    the report. Call once, before the optimizer and any compile/ZeRO wrapping."""
+    """Convert `model` in place; returns the report. Call once, before the optimizer and any compile/ZeRO
+    wrapping. The build pipeline calls it on the meta model (each swap reuses the linear's Parameters, so
+    materialising afterwards allocates and initialises them under the same names); a materialised,
+    expert-parallel or activation-checkpointed model converts the same way."""
     recipe = Fp8Recipe(recipe)
     report = Fp8Report(recipe)
     owners = _owners(model)
@@ -150,3 +152,15 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, device: torch.device) ->
                                module_filter_fn=lambda module, fqn: fqn in selected)
     report.linears["torchao Float8Linear (torch._scaled_mm)"] = chosen
     return report
+
+
+@dataclass
+class Fp8Converter:
+    """`precision=fp8`'s model converter (`train.precision.ModelConverter`): `convert_to_fp8` with the run's
+    recipe; `device` is where the model will run (it picks the kernels), not where it is now."""
+
+    recipe: Fp8Recipe
+    device: torch.device
+
+    def convert(self, model: nn.Module) -> str:
+        return convert_to_fp8(model, self.recipe, self.device).summary()

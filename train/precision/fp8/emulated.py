@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from train.config import Fp8Recipe
-from train.trainer.fp8.scaling import E4M3, E5M2, Block, quantize_blocks
+from train.precision.fp8.scaling import E4M3, E5M2, Block, quantize_blocks
 
 WHOLE: Block = (None, None)
 ROW: Block = (1, None)

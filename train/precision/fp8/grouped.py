@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from train.config import Fp8Recipe
-from train.trainer.fp8.emulated import emulated_fp8_grouped_mm, output_dtype
+from train.precision.fp8.emulated import emulated_fp8_grouped_mm, output_dtype
 
 GROUP_ALIGN = 16  # torch._scaled_grouped_mm: every group's rows a multiple of 16
 

@@ -1,16 +1,17 @@
-"""The mixed-precision recipe, in one place.
+"""The mixed-precision recipe, in one place: autocast for forward passes, and the model converters it needs.
 
 Parameters, gradients and optimizer state are always fp32 (master weights). `bf16` runs the forward pass
 under autocast to bfloat16; the model itself keeps the router, softmax, norms and losses in fp32. `fp8` autocasts
-the same way and, once the model is built, `prepare_model` converts its attention/MLP/shared-expert linears and
-routed-expert GEMMs to FP8 with `precision.recipe`'s scaling (train/trainer/fp8/); their Parameters stay the fp32
-masters, so checkpoints do not change.
+the same way, and its model converter (`Fp8Converter`, `fp8/`) puts the attention/MLP/shared-expert linears and
+routed-expert GEMMs in FP8 with `precision.recipe`'s scaling; their Parameters stay the fp32 masters, so
+checkpoints do not change. The build pipeline (`train/build.py`) runs `model_converters()` on the meta model,
+before expert parallelism.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -37,14 +38,20 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def prepare_model(self, model: nn.Module) -> Optional[str]:
-        """Apply the recipe's module conversions to a built, materialised model in place (fp8 only; before the
-        optimizer and compile/ZeRO wrap it); returns a one-line report for the run log, or None."""
+    def model_converters(self) -> list["ModelConverter"]:
+        """The module conversions this recipe needs, in the order the build pipeline applies them (fp8: one)."""
         if self.name != "fp8":
-            return None
-        from train.trainer.fp8 import convert_to_fp8
+            return []
+        from train.precision.fp8 import Fp8Converter
 
-        return convert_to_fp8(model, self.recipe, self.device).summary()
+        return [Fp8Converter(self.recipe, self.device)]
+
+
+class ModelConverter(Protocol):
+    """Swaps a built model's modules in place, on the meta device or materialised, keeping every Parameter
+    (names, state-dict keys and the optimizer's view unchanged); returns a one-line report for the run log."""
+
+    def convert(self, model: nn.Module) -> str: ...
 
 
 def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:

@@ -1,6 +1,0 @@
-"""FP8 training (`precision=fp8`, `precision.recipe=tensorwise|rowwise|blockwise`): the trainer converts a built
-model's GEMMs (`convert.py`); emulated kernels for where torchao's need CUDA (`emulated.py`, `scaling.py`); the
-routed-expert GEMM (`grouped.py`)."""
-from train.trainer.fp8.convert import Fp8Report, convert_to_fp8
-
-__all__ = ["Fp8Report", "convert_to_fp8"]
