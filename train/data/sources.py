@@ -19,21 +19,9 @@ import numpy as np
 from train.config.run import DataConfig, TrainConfig, TrainerConfig
 from train.data.corpus import cache_root
 from train.data.indexed import TokenFileError, expand_token_paths, open_token_file
+from train.data.manifest import read_manifest, verify_manifest
 from train.data.token_source import TokenSource
-
-try:  # moved there by the pretokenize change
-    from train.data.tokenizer import tokenizer_fingerprint
-except ImportError:  # pragma: no cover
-    from train.data.packing import tokenizer_fingerprint
-
-try:
-    from train.data.manifest import read_manifest, verify_manifest
-except ImportError:  # pragma: no cover - manifests land with train.pretokenize
-    def read_manifest(prefix):
-        return None
-
-    def verify_manifest(prefix, manifest, full_hash=False):
-        return None
+from train.data.tokenizer import tokenizer_fingerprint
 
 SCAN_TOKENS = 1 << 26  # tokens per chunk when a file without manifest is scanned for its largest id
 
