@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from train.config.choices import (
+    AttentionKind, FfnActivation, GroupScore, Norm, QkNorm, RopeScalingType, RouterScheme, Scoring,
+)
+
 
 @dataclass
 class RopeScalingConfig:
     """RoPE context extension. Only YaRN is used by the published configs (DeepSeek-V2/V3)."""
 
-    type: str = "yarn"
+    type: RopeScalingType = RopeScalingType.yarn
     factor: float = 1.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
@@ -36,7 +40,7 @@ class RopeConfig:
 class AttentionConfig:
     """Grouped-query attention (`kind=gqa`) or DeepSeek's multi-head latent attention (`kind=mla`)."""
 
-    kind: str = "gqa"
+    kind: AttentionKind = AttentionKind.gqa
     num_heads: int = 8
     num_kv_heads: int = 8
     head_dim: Optional[int] = None  # gqa: defaults to d_model // num_heads
@@ -55,7 +59,7 @@ class AttentionConfig:
     chunk_size: Optional[int] = None
     # RMSNorm on the projected queries and keys, before RoPE: `head` normalises each head's Dh channels with one
     # weight shared by all heads (Qwen3), `full` the whole H·Dh (and Hkv·Dh) projection (OLMoE); null = none.
-    qk_norm: Optional[str] = None
+    qk_norm: Optional[QkNorm] = None
     # MLA (DeepSeek-V2/V3). q_lora_rank null = queries are not compressed (V2-Lite).
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 512
@@ -88,18 +92,18 @@ class MoEConfig:
     expert_input_scaling: bool = False
     # Scoring rule: softmax_topk (softmax over all experts, then top-k: DeepSeekMoE, V2),
     # topk_softmax (top-k logits, then softmax over them: Mixtral, DBRX), sigmoid (V3).
-    scoring: str = "softmax_topk"
+    scoring: Scoring = Scoring.softmax_topk
     # Routing scheme (train/model/moe/routers.py): topk (token choice with `scoring`), noisy_topk (Shazeer 2017),
     # switch (top-1, Fedus 2021), gshard (top-2 with random second expert, Lepikhin 2020), expert_choice (Zhou
     # 2022, training only), base (balanced assignment, Lewis 2021), hash (fixed hash of the token id, Roller 2021).
-    router: str = "topk"
+    router: RouterScheme = RouterScheme.topk
     norm_topk_prob: bool = False  # renormalise the k gate weights to sum to one
     routed_scaling_factor: float = 1.0
     # Group-limited routing: pick `topk_groups` of `num_groups` expert groups per token first
     # (V2's device-limited greedy, V3's node-limited routing). 1 group = unlimited.
     num_groups: int = 1
     topk_groups: int = 1
-    group_score: str = "max"  # max (V2) or top2_sum (V3)
+    group_score: GroupScore = GroupScore.max  # max (V2) or top2_sum (V3)
     # Top-M device-limited routing (DeepSeek-V2): a token uses experts of at most `device_limit` of the
     # `routing_groups` contiguous expert blocks; null = unlimited.
     device_limit: Optional[int] = None
@@ -173,7 +177,7 @@ class ModelConfig:
     d_model: int = 256
     num_layers: int = 4
     max_seq_len: int = 4096
-    norm: str = "rmsnorm"  # rmsnorm | layernorm (LayerNorm without bias, DBRX)
+    norm: Norm = Norm.rmsnorm  # rmsnorm | layernorm (LayerNorm without bias, DBRX)
     norm_eps: float = 1e-5
     dense_hidden: int = 1024  # width of dense SwiGLU layers (DeepSeek's first_k_dense layers)
     tie_embeddings: bool = False
@@ -183,7 +187,7 @@ class ModelConfig:
     post_sublayer_norm: bool = False
     # The gate's activation in every gated FFN (dense, routed and shared experts): silu (SwiGLU) or gelu_tanh
     # (GeGLU with tanh-approximated GELU, Grok-1's jax.nn.gelu).
-    ffn_activation: str = "silu"
+    ffn_activation: FfnActivation = FfnActivation.silu
     embedding_multiplier: float = 1.0
     output_multiplier: float = 1.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)

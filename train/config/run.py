@@ -2,10 +2,12 @@
 trainer and logging. `TrainConfig` is the root that `configs/train.yaml` fills in."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from train.config.choices import (
+    ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
+)
 from train.config.model import ModelConfig
 
 
@@ -15,20 +17,11 @@ class ParallelConfig:
     # 0: moeforge's own data parallelism; 1, 2, 3: DeepSpeed ZeRO partitions optimizer state / + gradients /
     # + parameters (parallel/zero/). The DeepSpeed config is generated from this whole config.
     zero_stage: int = 0
-    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
+    backend: Backend = Backend.auto  # auto: nccl on GPUs, gloo on CPU
     bucket_mb: float = 32.0  # gradient reduction bucket (MiB of fp32), for stage 0 and DeepSpeed's buckets alike
     # Extra DeepSpeed config keys merged onto the generated ones, e.g. {zero_optimization: {overlap_comm: true}};
     # a key that contradicts a value moeforge generates is an error naming both.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
-
-
-class Fp8Recipe(str, enum.Enum):
-    """FP8 scaling granularity (train/trainer/fp8/): one scale per tensor; one per row (torchao's rowwise,
-    power-of-2 scales); DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks."""
-
-    tensorwise = "tensorwise"
-    rowwise = "rowwise"
-    blockwise = "blockwise"
 
 
 @dataclass
@@ -36,7 +29,7 @@ class PrecisionConfig:
     # fp32 | bf16 | fp8: the recipe (train/trainer/precision.py). Parameters and optimizer state always stay
     # fp32 (master weights); bf16 autocasts the forward pass; fp8 autocasts like bf16 and runs the dense
     # attention/MLP linears and the routed-expert GEMMs in FP8.
-    name: str = "fp32"
+    name: Precision = Precision.fp32
     # fp8 only (configs/precision/fp8.yaml sets tensorwise): tensorwise | rowwise | blockwise. Must stay null
     # with fp32 and bf16, where it would mean nothing (validation says so rather than ignoring it).
     recipe: Optional[Fp8Recipe] = None
@@ -47,7 +40,7 @@ class DataConfig:
     # stdlib: the Python standard library sources shipped with the running interpreter (offline default)
     # hf: a Hugging Face dataset by name; files: local text/json/jsonl/parquet files; tokens: token files
     # (Megatron PREFIX.bin/.idx pairs or OLMo-core headerless .npy arrays) named by data.paths
-    source: str = "stdlib"
+    source: DataSource = DataSource.stdlib
     name: Optional[str] = None  # hf dataset name
     config_name: Optional[str] = None
     split: str = "train"
@@ -74,7 +67,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: OptimName = OptimName.adamw
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -82,7 +75,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Schedule = Schedule.cosine  # cosine | wsd | constant
     warmup_steps: int = 20
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying
 
@@ -102,11 +95,11 @@ class TrainerConfig:
     init_from: Optional[str] = None
     eval_every: int = 50
     eval_batches: int = 4
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto | cpu | cuda
     compile: bool = False
     # none | full | selective: recompute activations in backward (parallel/activation_checkpointing.py says what
     # each mode keeps); gradients are those of `none`.
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     # Per-device peak FLOP/s for MFU: null picks the dense bf16 peak from the GPU's name (1e12 on CPU); a number;
     # or `measure`: a timed matmul in the run's compute dtype, cached per device (train/trainer/peak_flops.py).
     # Typed Any because OmegaConf has no float-or-string union: validate.py checks the value.
@@ -115,7 +108,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # disabled | offline | online
+    wandb: WandbMode = WandbMode.disabled  # disabled | offline | online
     project: str = "moeforge"
     entity: Optional[str] = None
     log_every: int = 10  # plain log line every N steps (batch systems)

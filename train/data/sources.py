@@ -55,7 +55,7 @@ def source_name(spec: str) -> str:
 def _other_source_name(data: DataConfig) -> str:
     if data.source == "hf":
         return str(data.name).replace("/", "_")
-    return data.source
+    return str(data.source)  # a plain str (the enum would not safe-load from a checkpoint)
 
 
 def _manifest_tokenizer(specs: List[Tuple[str, List[Path]]]) -> Tuple[Optional[Path], Optional[str]]:
