@@ -19,6 +19,9 @@ class Choice(str, enum.Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
+    def __repr__(self) -> str:  # messages quote a value with !r: 'bf16', as before these enums
+        return repr(self.value)
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(m.value for m in cls)
