@@ -18,8 +18,8 @@ from parallel.zero.config import check_deepspeed_config
 from train.config import TrainConfig
 from train.config.errors import ConfigError, check
 from train.config.model import MIN_CAPACITY_FACTOR  # noqa: F401 (re-exported)
-from train.config.routing import resolve_routing_groups
 from train.data import check_batch_sizes
+from train.trainer.run_record import RunRecord
 
 SANE_LR = (1e-6, 1e-2)  # AdamW peak learning rates outside this range are almost always a typo
 
@@ -76,7 +76,7 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     if not _may_resume(cfg.trainer):
         # The routing groups a new run's first start resolves (the run record resolves them again, with the
         # checkpoint's value when it resumes one: then the stored groups, not this ep_size, bound the limit).
-        resolve_routing_groups(cfg.model.moe, cfg.parallel.ep_size)
+        RunRecord.resolve(cfg, world)
     stage = cfg.parallel.zero_stage
     if stage == 0:
         return
