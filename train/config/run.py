@@ -175,6 +175,9 @@ class TrainerConfig:
     # or `measure`: a timed matmul in the run's compute dtype, cached per device (train/trainer/peak_flops.py).
     # Typed Any because OmegaConf has no float-or-string union: validate.py checks the value.
     peak_flops: Any = None
+    # Run every check a start makes (config, data sources, model on the meta device, memory plan), print a
+    # summary and a JSON line, exit 0; nothing is read, written or allocated (train/trainer/dry_run.py).
+    dry_run: bool = False
 
     def validate(self) -> None:
         """The trainer's own rules; the batch sizes (which need the world size), `seq_len` against the model and
