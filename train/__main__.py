@@ -48,8 +48,14 @@ def _fail(message: str, multirun: bool) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    cfg = typed_config(dcfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        cfg = typed_config(dcfg)
+    except ConfigError as e:
+        _fail(f"moeforge: {e}", multirun)
+    if cfg.trainer.dry_run:  # before status.json: a dry run writes nothing to the run dir
+        _dry_run(cfg, multirun)
+        return
     is_main = os.environ.get("RANK", "0") == "0"
     run_dir = job_run_dir(cfg)  # the value rank 0 broadcasts below; status.json goes there from the start
     if is_main:
@@ -64,6 +70,24 @@ def main(dcfg: DictConfig) -> None:
         raise
     if is_main:  # SIGTERM (preemption, a time limit) ends fit() early with a checkpoint: resumable, not finished
         write_status(run_dir, FINISHED if finished else STOPPED)
+
+
+def _dry_run(cfg, multirun: bool) -> None:
+    """`trainer.dry_run=true`: the checks of a start (train/trainer/dry_run.py), a summary and one JSON line."""
+    import json
+
+    from train.trainer.dry_run import dry_run, summary_lines
+
+    try:
+        apply_init_from(cfg, HydraConfig.get().overrides.task)
+        result = dry_run(cfg)
+    except (ConfigError, CheckpointError) as e:
+        _fail(f"moeforge: {e}", multirun)
+        return
+    for warning in config_warnings(cfg):
+        print(f"moeforge: warning: {warning}", file=sys.stderr)
+    print("\n".join(summary_lines(result)))
+    print(json.dumps(result))
 
 
 def _train(cfg) -> bool:
@@ -97,5 +121,11 @@ def _train(cfg) -> bool:
         parallel.shutdown(mesh)
 
 
+# A dry run leaves no trace, Hydra's own included: no .hydra/ snapshot, no job log file in the run dir.
+DRY_RUN_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout",
+                 "hydra.run.dir=${oc.env:TMPDIR,/tmp}/moeforge-dry-run")
+
 if __name__ == "__main__":
+    if any(a.lower() in ("trainer.dry_run=true", "++trainer.dry_run=true") for a in sys.argv[1:]):
+        sys.argv += [o for o in DRY_RUN_HYDRA if o.split("=")[0] not in {a.split("=")[0] for a in sys.argv}]
     main()

@@ -36,6 +36,8 @@ from train.config.routing import stored_routing_groups
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+# Schema fields removed since checkpoints stored them: dropped when an older config.yaml is read.
+REMOVED_KEYS = ("model.moe.router_dtype",)
 TOKENIZER_DIR = "tokenizer"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -159,6 +161,11 @@ def verify_checkpoint(ckpt_dir, only=None) -> None:
 def load_config(ckpt_dir) -> TrainConfig:
     """The TrainConfig stored with a checkpoint, merged onto the schema so old files gain new defaults."""
     stored = OmegaConf.load(Path(ckpt_dir) / CONFIG_FILE)
+    for key in REMOVED_KEYS:  # fields older files hold that the schema dropped (they were never read)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(stored, parent)
+        if node is not None and leaf in node:
+            node.pop(leaf)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), stored))
     cfg.model.moe.routing_groups = stored_routing_groups(cfg.model.moe, cfg.parallel.ep_size)  # files from before it
     return cfg

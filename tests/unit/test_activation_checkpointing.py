@@ -171,7 +171,12 @@ def test_bad_mode_is_a_clear_error():
     model = _model("tiny_mixtral", "none")
     with pytest.raises(ValueError, match=r"trainer.activation_checkpointing='partial'.*none, full, selective"):
         apply_activation_checkpointing(model, "partial")
-    cfg = load_train_config(["trainer.activation_checkpointing=partial"])
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=r"activation_checkpointing=partial.*none, full, selective"):
+        load_train_config(["trainer.activation_checkpointing=partial"])  # an enum: refused at composition
+    cfg = load_train_config([])
+    cfg.trainer.activation_checkpointing = "partial"  # built by hand: the schema's validate() refuses it
     with pytest.raises(ConfigError, match=r"trainer.activation_checkpointing='partial'.*none, full, selective"):
         validate_config(cfg, world_size=1)
     for mode in ("none", "full", "selective"):

@@ -192,7 +192,8 @@ def test_cli_on_full_size_deepseek_v3():
     (["model=tiny_deepseek_moe", "parallel.world_size=two"], "parallel.world_size='two' must be a positive"),
     (["model=tiny_deepseek_moe", "parallel.world_size=4", "parallel.zero_stage=5"], "parallel.zero_stage=5"),
     (["model=tiny_deepseek_moe", "--device-memory", "80XB"], "expected a positive size"),
-    (["model=tiny_deepseek_moe", "trainer.activation_checkpointing=most"], "activation_checkpointing='most'"),
+    (["model=tiny_deepseek_moe", "trainer.activation_checkpointing=most"],
+     "activation_checkpointing=most (Invalid value 'most', expected one of [none, full, selective])"),
     (["model=tiny_deepseek_moe", "--device-mem", "80GB"], "unknown option"),
     (["model=tiny_deepseek_moe", "parallel.ep_sise=2"], "Could not override 'parallel.ep_sise'"),
 ])

@@ -146,12 +146,14 @@ def test_routing_groups_are_resolved_into_config_yaml_and_kept_on_resume(tmp_pat
     run(tmp_path / "a", cache_dir, "trainer.max_steps=1", "model.moe.device_limit=1")
     for path in (tmp_path / "a" / "config.yaml", tmp_path / "a" / "checkpoints" / "step_00000001" / "config.yaml"):
         assert OmegaConf.load(path).model.moe.routing_groups == 1, path  # null resolved to this run's ep_size
+    record = json.loads((tmp_path / "a" / "run_record.json").read_text())  # the run record holds it too
+    assert record["routing_groups"] == 1 and record["world_size"] == 1 and record["grad_accum_steps"] >= 1
 
     common = ["trainer.max_steps=2", "trainer.save_every=1", "model.moe.device_limit=2"]
     run(tmp_path / "b", cache_dir, *common, "model.moe.routing_groups=4", stop_at=1)
     resumed = make_trainer(tmp_path / "b", cache_dir, *common)  # no routing_groups: the stored one, not ep_size 1
     assert resumed.resumed_from.name == "step_00000001"
-    assert resumed.cfg.model.moe.routing_groups == 4
+    assert resumed.record.routing_groups == 4 and resumed.cfg.model.moe.routing_groups is None  # not written back
     assert all(layer.router.routing_groups == 4 for _, layer in resumed.state.model.moe_layers())
     resumed.close()
     with pytest.raises(ConfigError, match=r"model.moe.routing_groups=2 contradicts the checkpoint .*step_00000001"):

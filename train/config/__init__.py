@@ -35,10 +35,19 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from hydra.errors import ConfigCompositionException
+
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        except ConfigCompositionException as e:
+            # "Error merging override X=y" alone hides OmegaConf's reason (an enum's allowed values): add its first line
+            cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None and str(e.__cause__) else ""
+            if not cause or cause in str(e):
+                raise
+            raise ConfigCompositionException(f"{e} ({cause})") from e.__cause__
 
 
 def to_train_config(cfg) -> TrainConfig:

@@ -23,25 +23,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from train.config.model import MoEConfig
-
-
-def check_group_limit(num_experts: int, top_k: int, groups: int, limit: Optional[int], groups_field: str,
-                      limit_field: str) -> None:
-    """Raise a ValueError naming the fields and the fix unless `groups` contiguous blocks divide the
-    `num_experts` routed experts and `limit` of them (None: no limit) can hold the `top_k` active ones."""
-    if groups < 1 or num_experts % groups != 0:
-        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ValueError(f"{groups_field}={groups} must divide the {num_experts} routed experts: pick a divisor of "
-                         f"{num_experts} ({', '.join(map(str, divisors))})")
-    if limit is None:
-        return
-    if not 1 <= limit <= groups:
-        raise ValueError(f"{limit_field}={limit} must be between 1 and {groups_field}={groups}")
-    per_group = num_experts // groups
-    if limit * per_group < top_k:
-        raise ValueError(f"{limit_field}={limit} groups of {per_group} experts cannot hold top_k={top_k} experts: "
-                         f"raise {limit_field} or lower model.moe.top_k")
+from train.config.errors import ConfigError
+from train.config.model import MoEConfig, check_group_limit  # noqa: F401 (re-exported)
 
 
 def device_limit_groups(moe: MoEConfig) -> Optional[tuple[int, int]]:
@@ -61,12 +44,12 @@ def stored_routing_groups(moe: MoEConfig, stored_ep_size: int) -> Optional[int]:
 def resolve_routing_groups(moe: MoEConfig, ep_size: int, stored: Optional[MoEConfig] = None,
                            stored_where: str = "the checkpoint") -> Optional[int]:
     """The routing groups a run on `ep_size` expert-parallel ranks uses (the rule in this module's docstring).
-    `stored` is the model config of the checkpoint the run continues (resume) or None. Raises a ValueError
+    `stored` is the model config of the checkpoint the run continues (resume) or None. Raises a ConfigError
     naming the fields when the value contradicts the stored one or cannot hold the device limit."""
     mine = moe.routing_groups
     theirs = stored.routing_groups if stored is not None else None
     if mine is not None and theirs is not None and mine != theirs:
-        raise ValueError(
+        raise ConfigError(
             f"model.moe.routing_groups={mine} contradicts {stored_where}, whose model routes over "
             f"model.moe.routing_groups={theirs} (fixed at its run's first start so that routing does not depend on "
             f"the number of ranks): drop the override; the stored value works on any parallel.ep_size")
@@ -80,7 +63,7 @@ def resolve_routing_groups(moe: MoEConfig, ep_size: int, stored: Optional[MoECon
     try:
         check_group_limit(E, K, ep_size, M, "parallel.ep_size", "model.moe.device_limit")
     except ValueError as e:
-        raise ValueError(f"{e} (model.moe.routing_groups is null, so this run's first start sets it to "
+        raise ConfigError(f"{e} (model.moe.routing_groups is null, so this run's first start sets it to "
                          f"parallel.ep_size; or set model.moe.routing_groups to the number of expert blocks the "
                          f"limit should count, on any ep_size)") from None
     return ep_size

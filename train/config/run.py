@@ -2,11 +2,16 @@
 trainer and logging. `TrainConfig` is the root that `configs/train.yaml` fills in."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from train.config.choices import (
+    ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
+)
+from train.config.errors import check, one_of
 from train.config.model import ModelConfig
+
+MEASURE = "measure"  # trainer.peak_flops: time a matmul (train/trainer/peak_flops.py)
 
 
 @dataclass
@@ -15,20 +20,22 @@ class ParallelConfig:
     # 0: moeforge's own data parallelism; 1, 2, 3: DeepSpeed ZeRO partitions optimizer state / + gradients /
     # + parameters (parallel/zero/). The DeepSpeed config is generated from this whole config.
     zero_stage: int = 0
-    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
+    backend: Backend = Backend.auto  # auto: nccl on GPUs, gloo on CPU
     bucket_mb: float = 32.0  # gradient reduction bucket (MiB of fp32), for stage 0 and DeepSpeed's buckets alike
     # Extra DeepSpeed config keys merged onto the generated ones, e.g. {zero_optimization: {overlap_comm: true}};
     # a key that contradicts a value moeforge generates is an error naming both.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
 
-
-class Fp8Recipe(str, enum.Enum):
-    """FP8 scaling granularity (train/trainer/fp8/): one scale per tensor; one per row (torchao's rowwise,
-    power-of-2 scales); DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks."""
-
-    tensorwise = "tensorwise"
-    rowwise = "rowwise"
-    blockwise = "blockwise"
+    def validate(self) -> None:
+        """The layout's own rules; those that need the world size live with the mesh (`parallel.mesh`)."""
+        one_of("parallel.backend", self.backend, Backend)
+        check(self.ep_size >= 1, f"parallel.ep_size={self.ep_size} must be >= 1")
+        check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={self.zero_stage} must be 0 (moeforge's data "
+                                               f"parallelism) or a DeepSpeed ZeRO stage 1, 2 or 3")
+        check(self.bucket_mb > 0, f"parallel.bucket_mb={self.bucket_mb} must be > 0")
+        check(self.zero_stage != 0 or not self.deepspeed,
+              f"parallel.deepspeed={self.deepspeed} is set but parallel.zero_stage=0 does not use DeepSpeed: set "
+              f"parallel.zero_stage")
 
 
 @dataclass
@@ -36,10 +43,17 @@ class PrecisionConfig:
     # fp32 | bf16 | fp8: the recipe (train/trainer/precision.py). Parameters and optimizer state always stay
     # fp32 (master weights); bf16 autocasts the forward pass; fp8 autocasts like bf16 and runs the dense
     # attention/MLP linears and the routed-expert GEMMs in FP8.
-    name: str = "fp32"
+    name: Precision = Precision.fp32
     # fp8 only (configs/precision/fp8.yaml sets tensorwise): tensorwise | rowwise | blockwise. Must stay null
     # with fp32 and bf16, where it would mean nothing (validation says so rather than ignoring it).
     recipe: Optional[Fp8Recipe] = None
+
+    def validate(self) -> None:
+        one_of("precision.name", self.name, Precision)
+        # the recipe's choices are an enum in the schema (a typo fails at composition); here only its scope
+        check(self.recipe is None or self.name == Precision.fp8,
+              f"precision.recipe={getattr(self.recipe, 'value', self.recipe)} only applies to precision=fp8 "
+              f"(precision.name={self.name}): drop the override or use precision=fp8")
 
 
 @dataclass
@@ -47,7 +61,7 @@ class DataConfig:
     # stdlib: the Python standard library sources shipped with the running interpreter (offline default)
     # hf: a Hugging Face dataset by name; files: local text/json/jsonl/parquet files; tokens: token files
     # (Megatron PREFIX.bin/.idx pairs or OLMo-core headerless .npy arrays) named by data.paths
-    source: str = "stdlib"
+    source: DataSource = DataSource.stdlib
     name: Optional[str] = None  # hf dataset name
     config_name: Optional[str] = None
     split: str = "train"
@@ -71,10 +85,52 @@ class DataConfig:
     # one (the model's `document_ids`); the data pipeline then adds `document_ids` to each micro-batch.
     document_mask: bool = False
 
+    def validate(self) -> None:
+        """The data config's own rules; whether its files exist is checked by `validate_config` (and read by
+        `train.data`)."""
+        one_of("data.source", self.source, DataSource)
+        if self.source == DataSource.hf:
+            check(bool(self.name), "data.source=hf needs a dataset: data.name=<hub dataset name or local dataset "
+                                   "folder>")
+        if self.source == DataSource.files:
+            check(len(self.paths) > 0, "data.source=files needs data.paths='[/path/a.jsonl,/path/dir/*.txt]'")
+        if self.source == DataSource.tokens:
+            self._validate_tokens()
+        else:
+            check(bool(self.tokenizer), "data.tokenizer is empty: use builtin or a Hugging Face tokenizer name or "
+                                        "path")
+            check(self.weights is None, f"data.weights={self.weights} only applies to data.source=tokens (one per "
+                                        f"data.paths entry): drop it")
+        if self.tokenizer == "builtin":
+            # The BPE is trained on the first data.max_corpus_mb MB of the corpus (of the stream, unshuffled, when
+            # data.streaming), so that budget must be positive whatever the source.
+            check(self.max_corpus_mb > 0,
+                  f"data.tokenizer=builtin trains on the first data.max_corpus_mb MB of the {self.source} corpus, "
+                  f"but data.max_corpus_mb={self.max_corpus_mb}: set it > 0, or pass data.tokenizer=<HF tokenizer "
+                  f"name/path>")
+        check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+
+    def _validate_tokens(self) -> None:
+        """data=tokens: paths given, one finite positive weight per path; the files themselves are checked by
+        build_data (train/data/sources.py), still before the model is built."""
+        check(len(self.paths) > 0, "data.source=tokens needs data.paths='[/data/web,/data/code]' (token-file "
+                                   "prefixes, directories or globs)")
+        if self.weights is not None:
+            check(len(self.weights) == len(self.paths),
+                  f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}: give one "
+                  f"weight per path (or data.weights=null for equal weights)")
+            for path, w in zip(self.paths, self.weights):
+                check(w == w and w not in (float("inf"), float("-inf")) and w > 0,
+                      f"data.weights: {w} for {path} must be a positive finite number: drop the path from "
+                      f"data.paths rather than weighting it 0")
+        check(self.tokenizer != "builtin",
+              "data.tokenizer=builtin trains a tokenizer on text, but data.source=tokens reads token ids: use "
+              "data.tokenizer=null (the manifests' tokenizer) or the directory/name the files were written with")
+
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: OptimName = OptimName.adamw
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -82,9 +138,17 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Schedule = Schedule.cosine  # cosine | wsd | constant
     warmup_steps: int = 20
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying
+
+    def validate(self) -> None:
+        one_of("optim.name", self.name, OptimName)
+        one_of("optim.schedule", self.schedule, Schedule)
+        check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check(0.0 <= self.decay_frac <= 1.0, f"optim.decay_frac={self.decay_frac} must be in [0, 1]")
 
 
 @dataclass
@@ -102,24 +166,57 @@ class TrainerConfig:
     init_from: Optional[str] = None
     eval_every: int = 50
     eval_batches: int = 4
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto | cpu | cuda
     compile: bool = False
     # none | full | selective: recompute activations in backward (parallel/activation_checkpointing.py says what
     # each mode keeps); gradients are those of `none`.
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     # Per-device peak FLOP/s for MFU: null picks the dense bf16 peak from the GPU's name (1e12 on CPU); a number;
     # or `measure`: a timed matmul in the run's compute dtype, cached per device (train/trainer/peak_flops.py).
     # Typed Any because OmegaConf has no float-or-string union: validate.py checks the value.
     peak_flops: Any = None
+    # Run every check a start makes (config, data sources, model on the meta device, memory plan), print a
+    # summary and a JSON line, exit 0; nothing is read, written or allocated (train/trainer/dry_run.py).
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        """The trainer's own rules; the batch sizes (which need the world size), `seq_len` against the model and
+        the resume / init_from paths are checked by `validate_config`."""
+        check(self.max_steps >= 1, f"trainer.max_steps={self.max_steps} must be >= 1")
+        check(self.micro_batch_size >= 1, f"trainer.micro_batch_size={self.micro_batch_size} must be >= 1")
+        check(self.save_every >= 1, f"trainer.save_every={self.save_every} must be >= 1")
+        check(self.max_bad_steps >= 1, f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1")
+        check(self.keep_last is None or self.keep_last >= 1,
+              f"trainer.keep_last={self.keep_last} must be >= 1 (or null to keep every checkpoint)")
+        check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0 (0 disables validation)")
+        check(self.eval_batches >= 1, f"trainer.eval_batches={self.eval_batches} must be >= 1")
+        one_of("trainer.device", self.device, Device)
+        one_of("trainer.activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
+        self._validate_peak_flops()
+
+    def _validate_peak_flops(self) -> None:
+        """Typed Any (OmegaConf has no float-or-string union), so the choices are checked here."""
+        value = self.peak_flops
+        choices = f"choose null (the device's table value), a number (FLOP/s per device) or {MEASURE}"
+        if isinstance(value, str):
+            check(value == MEASURE, f"trainer.peak_flops={value!r} is not valid: {choices}")
+        elif value is not None:
+            check(isinstance(value, (int, float)) and not isinstance(value, bool),
+                  f"trainer.peak_flops={value!r} is not valid: {choices}")
+            check(value > 0, f"trainer.peak_flops={value} must be > 0: {choices}")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # disabled | offline | online
+    wandb: WandbMode = WandbMode.disabled  # disabled | offline | online
     project: str = "moeforge"
     entity: Optional[str] = None
     log_every: int = 10  # plain log line every N steps (batch systems)
     progress: bool = True  # progress bar when attached to a terminal
+
+    def validate(self) -> None:
+        one_of("logging.wandb", self.wandb, WandbMode)
+        check(self.log_every >= 1, f"logging.log_every={self.log_every} must be >= 1")
 
 
 @dataclass

@@ -43,7 +43,7 @@ def source_name(spec: str) -> str:
 def _other_source_name(data: DataConfig) -> str:
     if data.source == "hf":
         return str(data.name).replace("/", "_")
-    return data.source
+    return str(data.source)  # a plain str (the enum would not safe-load from a checkpoint)
 
 
 def _manifest_tokenizer(specs: List[Tuple[str, List[Path]]]) -> Tuple[Optional[Path], Optional[str]]:
@@ -184,3 +184,44 @@ def data_key(files: Sequence[Sequence[Path]], weights: Sequence[float], trainer:
     spec = {"files": [[(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in fs]
                       for fs in files], "weights": [float(w) for w in weights], "val_fraction": val_fraction}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_sources(data: DataConfig) -> List[dict]:
+    """Check that the data sources a run would read exist, without reading or tokenizing any data (the dry run):
+    token files expand, every Megatron index header validates against its .bin size, manifests agree on one
+    tokenizer and the tokenizer they name is there; text files match their globs; the stdlib is there. Returns
+    [{"source": name, "files": count}]; raises a `TokenFileError` / `DataError` naming the file and the fix."""
+    if data.source == "tokens":
+        from train.data.indexed import IndexedTokens
+
+        specs = []
+        for spec in data.paths:
+            files = expand_token_paths(spec)
+            for f in files:
+                if not str(f).endswith(".npy"):
+                    IndexedTokens(f)  # the header and the sizes only: the tokens stay on disk
+            specs.append((source_name(spec), files))
+        manifest_dir, _ = _manifest_tokenizer(specs)
+        if not data.tokenizer:
+            if manifest_dir is None:
+                raise DataError(f"{data.paths[0]}: no manifest names a tokenizer (data.tokenizer=null): set "
+                                "data.tokenizer to the tokenizer the files were written with")
+            if not (manifest_dir / "tokenizer.json").is_file() and not (manifest_dir / "tokenizer_config.json").is_file():
+                raise DataError(f"{manifest_dir}: the tokenizer the manifests name is missing; copy it back or set "
+                                "data.tokenizer")
+        return [{"source": name, "files": len(files)} for name, files in specs]
+    if data.source == "files":
+        files = [p for pattern in data.paths for p in glob.glob(os.path.expanduser(pattern))]
+        if not files:
+            raise DataError(f"data.paths={list(data.paths)}: nothing matches: fix the path(s) or the glob(s)")
+        return [{"source": _other_source_name(data), "files": len(files)}]
+    if data.source == "stdlib":
+        from train.data.corpus import stdlib_root
+
+        if not stdlib_root().is_dir():
+            raise DataError(f"data.source=stdlib: this interpreter's standard library ({stdlib_root()}) is missing: "
+                            "use data=files or data=tokens")
+        return [{"source": _other_source_name(data), "files": None}]
+    if not data.name:  # hf: a hub name is only resolved when the data is read
+        raise DataError("data.source=hf needs a dataset: data.name=<hub dataset name or local dataset folder>")
+    return [{"source": _other_source_name(data), "files": None}]

@@ -120,8 +120,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         a = cfg.attention
-        if a.num_heads % a.num_kv_heads:
-            raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
+        a.validate()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
         self.clip_qkv, self.sliding_window, self.softcap = a.clip_qkv, a.sliding_window, a.logit_softcap
         self.interleaved = cfg.rope.interleaved
@@ -144,8 +143,6 @@ class GroupedQueryAttention(nn.Module):
         elif a.qk_norm == "full":
             self.q_norm = RMSNorm(self.num_heads * hd, cfg.norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * hd, cfg.norm_eps)
-        elif a.qk_norm is not None:
-            raise ValueError(f"unknown attention.qk_norm {a.qk_norm!r} (expected null, 'head' or 'full')")
 
     def qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected (and clipped) q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""

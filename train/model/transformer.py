@@ -67,6 +67,7 @@ class MoETransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.validate()  # the schema's rules (a ConfigError naming the field): what the trainer accepts builds
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))

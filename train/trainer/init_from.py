@@ -4,9 +4,10 @@ The rule (the one place it is stated; the Trainer and `python -m train` follow i
 
 - The run's `model` config becomes the checkpoint's `config.yaml` model config: shapes, attention, rope,
   MoE shapes and scoring, `mtp_depth`, `family`. Whatever `model=NAME` composed is ignored (and logged).
-- Training-only knobs (`TRAINING_KNOBS`: balance coefficients, `bias_update_rate`, `capacity_factor`,
-  `device_limit`, `mtp_loss_weight`, `max_seq_len`, `init_std`, `name`) also come from the checkpoint,
-  except those the user set explicitly as `model.<field>=...` on the command line: those win.
+- Training-only knobs (the schema's fields marked `knob`, collected in `TRAINING_KNOBS`: balance and router loss
+  coefficients, `bias_update_rate`, the capacity factors, `device_limit`, noisy top-k / Switch / BASE training
+  settings, `mtp_loss_weight`, `max_seq_len`, `init_std`, `name`) also come from the checkpoint, except those the
+  user set explicitly as `model.<field>=...` on the command line: those win.
 - An explicit command-line `model.<field>=...` for any other (architecture) field must agree with the
   checkpoint; a different value is a `ConfigError` naming the field.
 - `moe.routing_groups` is architecture (it decides which experts a device-limited token may use), except that a
@@ -32,6 +33,7 @@ from typing import Iterable, List, Sequence
 from omegaconf import OmegaConf
 
 from train.config import ModelConfig, TrainConfig
+from train.config.model import training_knobs
 from train.trainer.validate import ConfigError
 
 log = logging.getLogger("train")
@@ -39,12 +41,8 @@ log = logging.getLogger("train")
 # Architecture fields a checkpoint may leave unresolved (null): the run's value is taken then.
 RESOLVED_ONCE = ("moe.routing_groups",)
 
-TRAINING_KNOBS = (
-    "name", "max_seq_len", "init_std", "mtp_loss_weight",
-    "moe.device_limit", "moe.capacity_factor", "moe.device_capacity_factor", "moe.bias_update_rate",
-    "moe.expert_balance_coef",
-    "moe.device_balance_coef", "moe.comm_balance_coef", "moe.seq_balance_coef", "moe.z_loss_coef",
-)
+# The fields marked `knob` in the schema (train/config/model.py: `knob(...)`), as `model.`-relative paths.
+TRAINING_KNOBS = training_knobs()
 
 
 def explicit_model_fields(overrides: Iterable[str]) -> List[str]:

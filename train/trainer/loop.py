@@ -1,7 +1,8 @@
 """`Trainer`: builds one run (data, model, optimizer, state, logger), trains it, validates, checkpoints.
 
 Build order and why: the checkpoint to resume, if any, is found first, because the model's routing groups come
-from it (train/config/routing.py: fixed at a run's first start, kept whatever the new ep_size); data next (its
+from it (train/config/routing.py: fixed at a run's first start, kept whatever the new ep_size); they go into the
+run record (`RunRecord`, with the derived batch arithmetic), never back into the config; data next (its
 tokenizer fixes the vocabulary the model must cover); then the model and its engine come from the one build
 pipeline (`train/build.py`: meta build, converters, expert parallelism, checkpointing, materialise with the seed
 drawn from `trainer.seed`, this run's weights, compile and engine); a resume then restores the engine's optimizer
@@ -21,7 +22,6 @@ import parallel
 from train import checkpoint as ckpt_io
 from train.checkpoint import load_config
 from train.config import TrainConfig
-from train.config.routing import resolve_routing_groups
 from train.data import build_data
 from train.data.indexed import TokenFileError
 from train.data.sources import DataError
@@ -34,6 +34,7 @@ from train.trainer.peak_flops import MEASURE, resolve_peak_flops
 from train.precision import build_precision
 from train.trainer.health import StepHealth, TrainingStopped
 from train.trainer.preemption import PreemptionGuard
+from train.trainer.run_record import RunRecord
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
 from train.trainer.step import StepContext, train_step
@@ -52,7 +53,10 @@ class Trainer:
         self._warned_no_val = False
         t = cfg.trainer
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
-        self._resolve_routing_groups()
+        self.record = self._resolve_record()
+        # what every config.yaml of this run holds: the config with the record's routing groups (where resume,
+        # init_from, generate and export have always read them); self.cfg itself stays as composed
+        self.saved_cfg = self.record.stamped(cfg)
         self.precision = build_precision(cfg.precision, mesh.device)
         self.data = self._build_data()
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -61,7 +65,7 @@ class Trainer:
 
         seed_everything(t.seed)  # the same init seed on every rank
         self.initialised_from: Optional[Path] = None
-        built = build_model(cfg, mesh, init_seed=draw_init_seed(), weights=self._load_weights,
+        built = build_model(self.saved_cfg, mesh, init_seed=draw_init_seed(), weights=self._load_weights,
                             engine_args=EngineArgs(self.data.grad_accum_steps, self.run_dir))
         model, engine = built.model, built.engine
         self.schedule = LRSchedule(cfg.optim, t.max_steps)
@@ -101,7 +105,7 @@ class Trainer:
         if self.resumed_from is not None:  # verified file by file by find_resume_checkpoint: not hashed again
             load_weights(model, self.resumed_from, self.mesh, verify=False)
         elif t.init_from is not None:  # architecture and tokenizer already taken by train.trainer.init_from
-            self.initialised_from = load_weights(model, t.init_from, self.mesh, self.cfg.model)
+            self.initialised_from = load_weights(model, t.init_from, self.mesh, self.saved_cfg.model)
 
     def _build_data(self):
         """The data module, its file checks and, when resuming, the check that the checkpoint's data position
@@ -121,24 +125,21 @@ class Trainer:
             raise ConfigError(f"{e} (resuming {self.resumed_from})") from None
         return data
 
-    def _resolve_routing_groups(self) -> None:
-        """Set `model.moe.routing_groups` for this run (the stored value of the checkpoint it resumes, else this
-        run's ep_size when a device limit is set), before the model is built; it goes into every config.yaml."""
-        moe = self.cfg.model.moe
-        stored = load_config(self.resumed_from).model.moe if self.resumed_from is not None else None
-        try:
-            moe.routing_groups = resolve_routing_groups(moe, self.mesh.ep_size, stored,
-                                                        f"the checkpoint {self.resumed_from} being resumed")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    def _resolve_record(self) -> RunRecord:
+        """This run's record: the routing groups (the stored value of the checkpoint it resumes, else this run's
+        ep_size when a device limit is set) and the batch arithmetic, before the model is built."""
+        stored = load_config(self.resumed_from).model if self.resumed_from is not None else None
+        return RunRecord.resolve(self.cfg, self.mesh.world_size, stored,
+                                 f"the checkpoint {self.resumed_from} being resumed")
 
     def _write_config(self) -> None:
-        """The resolved config at RUN_DIR/config.yaml; a resumed run with a changed config keeps the old file
-        and writes its own next to it."""
+        """The resolved config at RUN_DIR/config.yaml (and the run record at RUN_DIR/run_record.json); a resumed
+        run with a changed config keeps the old file and writes its own next to it."""
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        self.record.save(self.run_dir)
+        text = OmegaConf.to_yaml(OmegaConf.structured(self.saved_cfg))
         path = self.run_dir / "config.yaml"
         if path.exists() and path.read_text() != text:
             path = self.run_dir / f"config.resume_step{self.state.step:08d}.yaml"
@@ -193,7 +194,7 @@ class Trainer:
             f"then re-run the same command to continue from that checkpoint")
 
     def save(self) -> Optional[Path]:
-        path = save_checkpoint(self.state, self.cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
+        path = save_checkpoint(self.state, self.saved_cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
         if path is not None:
             self.logger.info(f"saved checkpoint {path}")
         return path

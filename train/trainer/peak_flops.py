@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from train.config.run import MEASURE  # noqa: F401 (defined with the schema that checks it)
+
 # Dense bf16 peaks from the vendors' data sheets (SXM parts), FLOP/s.
 _BF16_PEAK = (
     ("H200", 989.4e12),
@@ -32,7 +34,6 @@ _BF16_PEAK = (
     ("A10G", 70e12),
 )
 NOMINAL_PEAK = 1.0e12
-MEASURE = "measure"
 CACHE_FILE = "peak_flops.json"
 # The dtype whose dense GEMM peak is MFU's denominator, per precision recipe.
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}

@@ -55,7 +55,7 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return {"schedule": self.cfg.schedule, "max_steps": self.max_steps}
+        return {"schedule": str(self.cfg.schedule), "max_steps": self.max_steps}  # plain str: safe-loadable
 
     def load_state_dict(self, state: dict) -> None:
         """Nothing to restore: the lr is a function of the step (kept for the checkpoint's record)."""

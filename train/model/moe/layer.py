@@ -76,8 +76,6 @@ class MoELayer(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.count_load = True
-        if moe.expert_input_scaling and self.top_k != 1:
-            raise ValueError(f"moe.expert_input_scaling needs one active routed expert per token, got {self.top_k}")
         if moe.uses_expert_bias:
             # Selections since the last bias update; not checkpointed (the update happens every step).
             self.register_buffer("expert_load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)

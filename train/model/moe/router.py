@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.config.choices import GroupScore, Scoring
 from train.config.model import MoEConfig
 from train.config.routing import check_group_limit
 from train.model.moe import losses
 
-SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid")
-GROUP_SCORES = ("max", "top2_sum")
+SCORINGS = Scoring.values()
+GROUP_SCORES = GroupScore.values()
 TOKEN_CHOICE_TERMS = ("expert_balance", "device_balance", "comm_balance", "seq_balance", "z_loss")
 
 
@@ -97,16 +98,8 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
         super().__init__()
+        moe.validate()  # the schema's rules, every scheme's included (a ConfigError naming the field)
         E, K = moe.num_routed_experts, moe.num_active_routed
-        if moe.scoring not in SCORINGS:
-            raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {moe.scoring!r}")
-        if moe.num_groups > 1:
-            check_group_limit(E, K, moe.num_groups, moe.topk_groups, "model.moe.num_groups", "model.moe.topk_groups")
-            if moe.group_score == "top2_sum" and E // moe.num_groups < 2:
-                raise ValueError("moe.group_score=top2_sum needs at least 2 experts per group")
-        if moe.routing_groups is not None:
-            check_group_limit(E, K, moe.routing_groups, moe.device_limit, "model.moe.routing_groups",
-                              "model.moe.device_limit")
         self.moe = moe
         self.num_experts, self.top_k = E, K
         self.scoring = moe.scoring

@@ -23,6 +23,5 @@ ROUTERS: dict[str, type[Router]] = {
 
 def build_router(d_model: int, moe: MoEConfig) -> Router:
     """The router `moe.router` names, for `d_model`-wide tokens."""
-    if moe.router not in ROUTERS:
-        raise ValueError(f"model.moe.router={moe.router!r} is not a routing scheme: choose one of {', '.join(ROUTERS)}")
+    moe.validate()  # an unknown scheme included
     return ROUTERS[moe.router](d_model, moe)

@@ -114,9 +114,7 @@ class BaseRouter(Router):
     sigmoid(h_t . w_{a_t}) FFN_{a_t}(h_t) (the residual is the block's). No balance term; top_k must be 1."""
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
-        if moe.num_active_routed != 1:
-            raise ValueError("model.moe.router=base assigns one expert per token: set model.moe.top_k=1")
-        super().__init__(d_model, moe)
+        super().__init__(d_model, moe)  # validates top-1
 
     @property
     def causal(self) -> bool:
@@ -156,9 +154,7 @@ class HashRouter(Router):
     needs_token_ids = True
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
-        if moe.num_active_routed != 1:
-            raise ValueError("model.moe.router=hash routes each token to one expert: set model.moe.top_k=1")
-        super().__init__(d_model, moe)
+        super().__init__(d_model, moe)  # validates top-1
         del self.gate  # no learned router
 
     def reset_parameters(self, std: float) -> None:

@@ -45,10 +45,7 @@ class NoisyTopKRouter(Router):
     TERMS = ("importance", "load")
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
-        super().__init__(d_model, moe)
-        if moe.load_coef and self.top_k >= self.num_experts:
-            raise ValueError("model.moe.load_coef needs top_k < num_experts (the load is the chance of staying in the "
-                             "top k)")
+        super().__init__(d_model, moe)  # validates moe.load_coef against top_k (MoEConfig._validate_router)
         self.noise = nn.Linear(d_model, self.num_experts, bias=False)
 
     def reset_parameters(self, std: float) -> None:
@@ -88,10 +85,7 @@ class SwitchRouter(Router):
     which at K = 1 is the paper's alpha * E * sum_i f_i P_i."""
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
-        if moe.num_active_routed != 1 or moe.scoring != "softmax_topk" or moe.norm_topk_prob:
-            raise ValueError("model.moe.router=switch is top-1 over softmax probabilities: set model.moe.top_k=1 "
-                             "(granularity 1), model.moe.scoring=softmax_topk, model.moe.norm_topk_prob=false")
-        super().__init__(d_model, moe)
+        super().__init__(d_model, moe)  # validates top-1, softmax scoring, no renormalisation
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         eps = self.moe.jitter_eps
@@ -111,10 +105,7 @@ class GShardRouter(Router):
     fills_every_slot = False  # the second slot is -1 when its random draw skips it
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
-        if moe.num_active_routed != 2 or moe.scoring != "softmax_topk":
-            raise ValueError("model.moe.router=gshard is top-2 over softmax gates: set model.moe.top_k=2 (granularity "
-                             "1) and model.moe.scoring=softmax_topk")
-        super().__init__(d_model, moe)
+        super().__init__(d_model, moe)  # validates top-2 and softmax scoring
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)

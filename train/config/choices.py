@@ -1,0 +1,130 @@
+"""Every choice field of the typed config is one of these enums, so Hydra rejects a typo at composition with
+OmegaConf's message listing the allowed values.
+
+Each is a `str` enum whose member names equal their values: `x == "bf16"` holds, `f"{x}"` and `str(x)` give the
+value, `json.dumps` writes the plain string, and a config.yaml written with plain strings (before these enums)
+loads onto the schema unchanged.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class Choice(str, enum.Enum):
+    """Base of the config enums: formats as its value (not `Class.member`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:  # messages quote a value with !r: 'bf16', as before these enums
+        return repr(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+# ---- model ----
+class Norm(Choice):
+    rmsnorm = "rmsnorm"
+    layernorm = "layernorm"  # without bias (DBRX)
+
+
+class FfnActivation(Choice):
+    silu = "silu"  # SwiGLU
+    gelu_tanh = "gelu_tanh"  # GeGLU with tanh-approximated GELU (Grok-1)
+
+
+class AttentionKind(Choice):
+    gqa = "gqa"
+    mla = "mla"
+
+
+class QkNorm(Choice):
+    head = "head"  # one RMSNorm over each head's Dh channels (Qwen3)
+    full = "full"  # one RMSNorm over the whole projection (OLMoE)
+
+
+class RopeScalingType(Choice):
+    yarn = "yarn"
+
+
+class Scoring(Choice):
+    softmax_topk = "softmax_topk"
+    topk_softmax = "topk_softmax"
+    sigmoid = "sigmoid"
+
+
+class GroupScore(Choice):
+    max = "max"
+    top2_sum = "top2_sum"
+
+
+class RouterScheme(Choice):
+    topk = "topk"
+    noisy_topk = "noisy_topk"
+    switch = "switch"
+    gshard = "gshard"
+    expert_choice = "expert_choice"
+    base = "base"
+    hash = "hash"
+
+
+# ---- around the model ----
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
+class Fp8Recipe(Choice):
+    """FP8 scaling granularity (train/trainer/fp8/): one scale per tensor; one per row (torchao's rowwise,
+    power-of-2 scales); DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks."""
+
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+    blockwise = "blockwise"
+
+
+class DataSource(Choice):
+    stdlib = "stdlib"
+    hf = "hf"
+    files = "files"
+    tokens = "tokens"
+
+
+class OptimName(Choice):
+    adamw = "adamw"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ActivationCheckpointing(Choice):
+    none = "none"
+    full = "full"
+    selective = "selective"
+
+
+class WandbMode(Choice):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
