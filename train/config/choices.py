@@ -87,7 +87,7 @@ class Precision(Choice):
 
 
 class Fp8Recipe(Choice):
-    """FP8 scaling granularity (train/trainer/fp8/): one scale per tensor; one per row (torchao's rowwise,
+    """FP8 scaling granularity (train/precision/fp8/): one scale per tensor; one per row (torchao's rowwise,
     power-of-2 scales); DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks."""
 
     tensorwise = "tensorwise"

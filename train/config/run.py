@@ -40,7 +40,7 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    # fp32 | bf16 | fp8: the recipe (train/trainer/precision.py). Parameters and optimizer state always stay
+    # fp32 | bf16 | fp8: the recipe (train/precision/). Parameters and optimizer state always stay
     # fp32 (master weights); bf16 autocasts the forward pass; fp8 autocasts like bf16 and runs the dense
     # attention/MLP linears and the routed-expert GEMMs in FP8.
     name: Precision = Precision.fp32

@@ -7,10 +7,10 @@ from typing import Callable, Optional
 
 from train.config.run import TrainConfig, TrainerConfig
 from train.data.blend import BlendIndex, build_blend_index, index_key
-from train.data.corpus import cache_root, load_corpus
+from train.data.corpus import cache_root
 from train.data.loader import DataModule
 from train.data.sources import data_key, file_stamps, open_sources, resolve_weights, source_specs
-from train.data.tokenizer import EOS_TOKEN, PAD_TOKEN, ensure_tokenizer, load_tokenizer, open_tokenizer
+from train.data.tokenizer import open_tokenizer
 
 log = logging.getLogger("train")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 
 from train.plan.state import DS_PERSISTENCE_THRESHOLD, state_bytes
 from train.model.moe.experts import stacked_expert_tensors
