@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration._runs import step_records, torchrun_cli, train_cli
 from train.data.indexed import write_indexed
-from train.data.tokenizer import save_atomic, train_byte_bpe
+from tests.token_data import random_docs, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,10 @@ STEPS, HALF, G = 80, 40, 4
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     tok = root / "tokenizer"
-    save_atomic(train_byte_bpe(iter(["the quick brown fox jumps over the lazy dog"] * 50), 300), tok)
+    tiny_tokenizer(tok)
     rng = np.random.default_rng(0)
     for name, hi in (("web", 150), ("code", 280)):  # two distinguishable token distributions
-        docs = [list(rng.integers(2, hi, int(rng.integers(10, 60)))) + [0] for _ in range(150)]
+        docs = random_docs(rng, 150, lo=10, hi=60, max_id=hi)
         write_indexed(root / name, docs, np.uint16)
     return root
 

@@ -60,13 +60,13 @@ PRECISIONS = {"fp32": ["precision.name=fp32"], "bf16": ["precision.name=bf16"],
 def token_data(tmp_path_factory):
     """A tiny Megatron token file and the tokenizer it names (as tests/unit/test_data_tokens.py writes them)."""
     from train.data.indexed import write_indexed
-    from train.data.tokenizer import save_atomic, train_byte_bpe
+    from tests.token_data import random_docs, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("fuzz")
     tok = root / "tokenizer"
-    save_atomic(train_byte_bpe(iter(["hello world foo bar baz"] * 50), 300), tok)
+    tiny_tokenizer(tok)
     rng = np.random.default_rng(0)
-    docs = [list(rng.integers(2, 250, int(rng.integers(5, 40)))) + [0] for _ in range(200)]
+    docs = random_docs(rng, 200)
     prefix = write_indexed(root / "corpus", docs, np.uint16)
     return root, str(prefix).removesuffix(".bin").removesuffix(".idx"), str(tok)
 

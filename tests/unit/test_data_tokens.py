@@ -10,22 +10,21 @@ from train.config.run import DataConfig, TrainConfig, TrainerConfig
 from train.data import build_data
 from train.data.indexed import TokenFileError, write_indexed
 from train.data.sources import DataError
-from train.data.tokenizer import save_atomic, train_byte_bpe
+from tests.token_data import EOS, random_docs, tiny_tokenizer
 from train.trainer.validate import ConfigError, validate_config
 
 G, B, L = 8, 2, 16
-EOS = 0
 
 
 @pytest.fixture(scope="module")
 def tokdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    save_atomic(train_byte_bpe(iter(["hello world foo bar baz"] * 50), 300), out)
+    tiny_tokenizer(out)
     return out
 
 
 def docs(rng, n, lo=5, hi=40):
-    return [list(rng.integers(2, 250, int(rng.integers(lo, hi)))) + [EOS] for _ in range(n)]
+    return random_docs(rng, n, lo, hi)
 
 
 def make_cfg(tmp_path, tokdir, paths, weights=None, max_steps=40, **data):

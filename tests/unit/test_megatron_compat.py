@@ -83,14 +83,14 @@ def test_a_megatron_written_corpus_trains_directly(tmp_path):
     the first step are windows of its documents, and a training step runs on them."""
     from parallel import Mesh
     from train.config import load_train_config
-    from train.data.tokenizer import save_atomic, train_byte_bpe
+    from tests.token_data import random_docs, tiny_tokenizer
     from train.trainer.loop import Trainer
     from train.trainer.validate import validate_config
 
     tok = tmp_path / "tokenizer"
-    save_atomic(train_byte_bpe(iter(["def f(x): return x + 1"] * 40), 300), tok)
+    tiny_tokenizer(tok)
     rng = np.random.default_rng(3)
-    docs = [list(rng.integers(2, 290, int(rng.integers(8, 40)))) + [0] for _ in range(40)]
+    docs = random_docs(rng, 40, lo=8, max_id=290)
     builder = mc.IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=np.uint16)
     for doc in docs:
         builder.add_document(torch.tensor(doc), [len(doc)])
