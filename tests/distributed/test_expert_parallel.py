@@ -28,7 +28,7 @@ def make_cfg(ep_size: int, device_limit=None, checkpointing="none"):
          "model.moe.comm_balance_coef=0.03", "model.moe.seq_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
          f"trainer.activation_checkpointing={checkpointing}"]
     if device_limit is not None:  # device-limited routing replaces group-limited routing
-        o += ["model.moe.num_groups=1", f"model.moe.device_limit={device_limit}"]
+        o += ["model.moe.num_groups=1", "model.moe.topk_groups=1", f"model.moe.device_limit={device_limit}"]
     return load_train_config(o)
 
 
