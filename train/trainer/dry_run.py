@@ -36,16 +36,6 @@ def _resumed_model(cfg: TrainConfig) -> tuple[Optional[ModelConfig], Optional[Pa
         raise ConfigError(f"trainer.resume={t.resume!r}: {e}") from None
 
 
-def build_meta_model(cfg: TrainConfig, record: RunRecord):
-    """The model of this run on the meta device (no memory: full sizes work)."""
-    import torch
-
-    from train.model import MoETransformer
-
-    with torch.device("meta"):
-        return MoETransformer(record.model_config(cfg.model))
-
-
 def dry_run(cfg: TrainConfig, world_size: Optional[int] = None) -> dict:
     """Every check a start of `cfg` on `world_size` ranks (default: torchrun's WORLD_SIZE) makes; the summary
     (one JSON-able dict). Raises `ConfigError` (one line naming the field) for the first refusal."""
@@ -60,7 +50,9 @@ def dry_run(cfg: TrainConfig, world_size: Optional[int] = None) -> dict:
         raise ConfigError(f"data.paths: {e}" if not str(e).startswith("data.") else str(e)) from None
     stored, resumes = _resumed_model(cfg)
     record = RunRecord.resolve(cfg, world, stored, f"the checkpoint {resumes} a start would resume")
-    model = build_meta_model(cfg, record)
+    from train.build import meta_model  # the build pipeline's step 1, as the trainer's start runs it
+
+    model = meta_model(record.model_config(cfg.model))
     total = sum(p.numel() for p in model.parameters())
     plan = plan_memory(record.stamped(cfg), world)
     return {
