@@ -31,6 +31,9 @@ def test_placement_twelve_experts_over_three_ranks_seen_from_rank_two():
     assert p.owner_of(ids).tolist() == [[0, 1], [2, -1], [-1, -1]]
     assert p.owner_of(ids, dropped=3).tolist() == [[0, 1], [2, 3], [3, 3]]
     assert p.start_of(torch.tensor([0, 2])).tolist() == [0, 8]
+    x_E = torch.arange(12.0)  # each rank's total over its own block, batched over leading dims too
+    assert p.sum_per_rank(x_E).tolist() == [6.0, 22.0, 38.0]
+    assert p.sum_per_rank(torch.stack([x_E, 2 * x_E])).tolist() == [[6.0, 22.0, 38.0], [12.0, 44.0, 76.0]]
 
 
 def test_placement_whole_and_six_ranks():

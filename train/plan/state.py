@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from math import ceil
 from typing import Iterable, Sequence
 
+from parallel.mesh import Mesh
+
 FP32 = 4
 DS_MAX_EXPERT_GROUP = 178956971  # deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer
 DS_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeedZeroConfig.param_persistence_threshold default
@@ -90,7 +92,7 @@ def zero_bytes(groups: list[FlatGroup], stage: int, world_size: int, ep_size: in
                persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> dict:
     """Per-rank bytes under ZeRO `stage` (1-3) for DeepSpeed's `groups` (see `deepspeed_groups`); `grads` is the
     peak while accumulating (worst rank), `grads_partition` what is left once reduced."""
-    edp = world_size // ep_size
+    edp = Mesh(world_size=world_size, ep_size=ep_size).edp_size
 
     def dp(g: FlatGroup) -> int:
         return edp if g.expert else world_size
@@ -104,7 +106,7 @@ def zero_bytes(groups: list[FlatGroup], stage: int, world_size: int, ep_size: in
     part = sum(_partition(sum(g.numels), dp(g)) for g in groups)
     if stage == 1:
         grads = FP32 * sum(numels)
-    else:  # world rank r is rank r of the dense groups and rank r // ep of its EDP group
+    else:  # world rank r is rank r of the dense groups and its mesh's edp_rank in its EDP group
         dense = [0] * world_size
         expert = [0] * edp
         for g in groups:
@@ -113,7 +115,8 @@ def zero_bytes(groups: list[FlatGroup], stage: int, world_size: int, ep_size: in
                     expert[r] += b
                 else:
                     dense[r] += b
-        grads = max(dense[r] + expert[r // ep_size] for r in range(world_size))
+        grads = max(dense[r] + expert[Mesh(rank=r, world_size=world_size, ep_size=ep_size).edp_rank]
+                    for r in range(world_size))
     return {"params": FP32 * sum(numels), "grads": grads, "grads_partition": FP32 * part,
             "optimizer": FP32 * (3 * part + len(groups))}
 

@@ -30,6 +30,7 @@ from train.model.moe.capacity import (
 )
 from train.model.moe.dispatch import LocalDispatcher, TokenDispatcher
 from train.model.moe.experts import GroupedExperts
+from train.model.moe.placement import ExpertPlacement
 from train.model.moe.router import TOKEN_CHOICE_TERMS, BalanceInputs, RouterOutput
 from train.model.moe.routers import build_router
 
@@ -178,9 +179,9 @@ class MoELayer(nn.Module):
 
         load_E = num_tokens_per_expert_E.float()
         devices_per_token_T = device_mask_TG.sum(-1).float()
-        # Device g holds experts [g*E/G, (g+1)*E/G): its load is the token copies those experts process;
-        # what it receives is the tokens sent to it, a token counted once however many of its experts it picks.
-        load_G = load_E.view(G, -1).sum(-1)
+        # A device's load is the token copies its experts (the placement's block) process; what it receives is
+        # the tokens sent to it, a token counted once however many of its experts it picks.
+        load_G = ExpertPlacement(E, G).sum_per_rank(load_E)
         received_G = num_tokens_sent_G.float()
         stats = {
             "tokens_per_expert_E": load_E,

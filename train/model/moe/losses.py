@@ -88,7 +88,7 @@ def comm_balance_loss(
     """
     G = num_tokens_sent_G.shape[0]
     f_G = num_tokens_sent_G * (G / (device_limit * num_tokens))
-    p_G = probs_TE.mean(dim=0).view(G, -1).sum(dim=-1)
+    p_G = ExpertPlacement(probs_TE.shape[-1], G).sum_per_rank(probs_TE.mean(dim=0))
     return (f_G * p_G).sum()
 
 

@@ -98,3 +98,7 @@ class ExpertPlacement:
         """Vectorised `owner`: the EP rank of every expert id in `ids` (any shape, e.g. `topk_ids_TK`), and
         `dropped` where the id is -1 (no expert)."""
         return torch.where(ids >= 0, ids // self.num_local_experts, dropped)
+
+    def sum_per_rank(self, x_E: torch.Tensor) -> torch.Tensor:
+        """(..., E) per-expert values → (..., R): each EP rank's total over the experts it holds."""
+        return x_E.unflatten(-1, (self.ep_size, self.num_local_experts)).sum(-1)
