@@ -28,6 +28,23 @@ class Choice(str, enum.Enum):
 
 
 # ---- model ----
+class Family(Choice):
+    """The published architecture a config follows: selects HF conversion and defaults, never a code path."""
+
+    mixtral = "mixtral"
+    dbrx = "dbrx"
+    deepseek_moe = "deepseek_moe"
+    deepseek_v2 = "deepseek_v2"
+    deepseek_v3 = "deepseek_v3"
+    qwen2_moe = "qwen2_moe"
+    qwen3_moe = "qwen3_moe"
+    olmoe = "olmoe"
+    grok = "grok"
+    openmoe = "openmoe"
+    llama4 = "llama4"
+    llama4_text = "llama4_text"  # a Llama 4 imported from HF (its model_type), the same converter as llama4
+
+
 class Norm(Choice):
     rmsnorm = "rmsnorm"
     layernorm = "layernorm"  # without bias (DBRX)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from train.config.errors import ConfigError, check, one_of
 from train.config.choices import (
-    AttentionKind, FfnActivation, GroupScore, Norm, QkNorm, RopeScalingType, RouterScheme, Scoring,
+    AttentionKind, Family, FfnActivation, GroupScore, Norm, QkNorm, RopeScalingType, RouterScheme, Scoring,
 )
 
 KNOB = "knob"  # field metadata: a training knob (a run may change it), not the architecture
@@ -329,9 +329,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     name: str = knob("tiny_mixtral")
-    # mixtral | dbrx | deepseek_moe | deepseek_v2 | deepseek_v3 | qwen2_moe | qwen3_moe | olmoe | grok | openmoe |
-    # llama4: selects conversion and defaults, not code paths
-    family: str = "mixtral"
+    family: Family = Family.mixtral  # selects HF conversion and defaults, not code paths
     vocab_size: int = 8192
     d_model: int = 256
     num_layers: int = 4
