@@ -34,13 +34,13 @@ def _imbalance(layer, x_TD):
 @pytest.mark.parametrize("term,which", [("device_balance", 0), ("comm_balance", 1)])
 def test_balance_term_reduces_its_imbalance(term, which):
     layer = _layer(term)
-    x_BSD = torch.randn(4, T // 4, D, generator=torch.Generator().manual_seed(1)) + 1.0
-    x_TD = x_BSD.reshape(-1, D)
+    x_BTD = torch.randn(4, T // 4, D, generator=torch.Generator().manual_seed(1)) + 1.0
+    x_TD = x_BTD.reshape(-1, D)
     before = _imbalance(layer, x_TD)[which]
     assert before > 3.0  # nearly everything lands on device 0
     opt = torch.optim.Adam(layer.router.parameters(), lr=0.02)
     for _ in range(60):
-        _, out = layer(x_BSD)
+        _, out = layer(x_BTD)
         loss = out.aux_terms[term]
         assert all(v.item() == 0.0 for k, v in out.aux_terms.items() if k != term)  # only this term is on
         opt.zero_grad()

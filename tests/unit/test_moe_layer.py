@@ -33,8 +33,8 @@ def _expert(layer, e, x_D):
     return expert_ffn(layer.experts, e, x_D)
 
 
-def _naive(layer, x_BSD, ids_TK=None):
-    x_TD = x_BSD.reshape(-1, D)
+def _naive(layer, x_BTD, ids_TK=None):
+    x_TD = x_BTD.reshape(-1, D)
     r = layer.router(x_TD)
     ids_TK = r.topk_ids_TK if ids_TK is None else ids_TK
     out = []
@@ -47,7 +47,7 @@ def _naive(layer, x_BSD, ids_TK=None):
         if layer.shared is not None:
             y = y + layer.shared(x_TD[t])
         out.append(y)
-    return torch.stack(out).view_as(x_BSD)
+    return torch.stack(out).view_as(x_BTD)
 
 
 @pytest.mark.parametrize(

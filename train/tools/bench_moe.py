@@ -253,14 +253,14 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def routing_mismatch(impls: dict, x_BSD: torch.Tensor) -> dict[str, float]:
+def routing_mismatch(impls: dict, x_BTD: torch.Tensor) -> dict[str, float]:
     """Fraction of tokens whose set of K experts differs from ours, for the peers whose router we can call alone
     (HF's, torchtitan's). DeepSpeed's gate is ours in fp32; its outputs show any difference."""
-    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
     ours_TK = impls["ours"][1].router(x_TD).topk_ids_TK.sort(-1).values
     peers = {"hf": lambda: impls["hf"][1].gate(x_TD)[2]}
     if "torchtitan" in impls:
-        peers["torchtitan"] = lambda: impls["torchtitan"][1].router(x_BSD, None)[1].reshape(x_TD.shape[0], -1)
+        peers["torchtitan"] = lambda: impls["torchtitan"][1].router(x_BTD, None)[1].reshape(x_TD.shape[0], -1)
     return {k: (ids().sort(-1).values != ours_TK).any(-1).float().mean().item() for k, ids in peers.items()}
 
 

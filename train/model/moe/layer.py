@@ -1,6 +1,6 @@
 """The MoE feed-forward layer: route, dispatch, run experts, combine, add shared experts; balance terms.
 
-Shape legend: B batch, T tokens (B*S after flattening), S sequence length, D model dim, E routed experts,
+Shape legend: B batch, T tokens (a row's positions in (B, T); all B·T once flattened), D model dim, E routed experts,
 K active routed experts, N routed rows, G devices.
 
 Routing and expert computation are separate steps with `self.dispatcher` as the seam: `parallel/` replaces
@@ -108,13 +108,13 @@ class MoELayer(nn.Module):
             nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
 
     def forward(
-        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None
+        self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoELayerOutput]:
-        """`token_ids_BS`: the input token ids, read only by routers that route on them (hash)."""
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(-1, D)
-        if self.router.needs_token_ids and token_ids_BS is not None:
-            route = self.router(x_TD, token_ids_BS.reshape(-1))
+        """`token_ids_BT`: the input token ids, read only by routers that route on them (hash)."""
+        B, T_row, D = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, D)
+        if self.router.needs_token_ids and token_ids_BT is not None:
+            route = self.router(x_TD, token_ids_BT.reshape(-1))
         else:
             route = self.router(x_TD)
         topk_ids_TK = route.topk_ids_TK
@@ -144,7 +144,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         aux_terms, stats = self._balance(route, topk_ids_TK, B)
-        return y_TD.view(B, S, D), MoELayerOutput(aux_terms, stats)
+        return y_TD.view(B, T_row, D), MoELayerOutput(aux_terms, stats)
 
     def _balance(
         self, route: RouterOutput, kept_ids_TK: torch.Tensor, B: int
