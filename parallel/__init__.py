@@ -4,7 +4,7 @@ The API, in its order of use (each name is re-exported here from the module that
     mesh = init_distributed(cfg)                  # process groups, device; 1-rank Mesh off torchrun (mesh.py)
     train.build.build_model(cfg, mesh, ...)       # the build pipeline, which calls this room's steps in order:
         apply_expert_parallel, apply_activation_checkpointing, materialize (parallelize.py, activation_checkpointing.py)
-        build_engine(model, groups, optimizer_cls, cfg, mesh, accum)   # compile, backward, gradient reduction,
+        build_engine(model, groups, optimizer_cls, cfg, mesh, accum)   # backward, gradient reduction,
         # clipping, step and optimizer state: moeforge's own at zero_stage=0, DeepSpeed ZeRO 1-3 (engine.py, zero/)
     engine.backward(loss) per micro-batch; engine.step()
 - `parallelize(model, cfg, mesh, init_seed)`: expert parallelism, checkpointing and materialisation of a model a

@@ -82,10 +82,10 @@ class LocalEngine(TrainEngine):
     """Stage 0: plain backward, `reduce_gradients` and `clip_grad_norm_` over the mesh, then the optimizer."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, accum_steps: int,
-                 grad_clip: float, compile: bool = False, bucket_mb: float = BUCKET_BYTES / 2**20):
+                 grad_clip: float, forward: Callable | None = None, bucket_mb: float = BUCKET_BYTES / 2**20):
         self.model, self.optimizer, self.mesh = model, optimizer, mesh
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.forward = torch.compile(model) if compile else model
+        self.forward = model if forward is None else forward  # the compiled model, when the pipeline compiled it
         self.loss_scale = 1.0 / accum_steps
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
 
@@ -124,14 +124,18 @@ class LocalEngine(TrainEngine):
 
 
 def build_engine(model: nn.Module, param_groups: list[dict], optimizer_cls, cfg, mesh: Mesh,
-                 accum_steps: int, run_dir=None) -> TrainEngine:
+                 accum_steps: int, run_dir=None, forward: Callable | None = None) -> TrainEngine:
     """The engine `parallel.zero_stage` asks for, over an already parallelized model whose weights are final
     (ZeRO copies them into its partitions here). `param_groups` and `optimizer_cls(groups)` define the
     optimizer; DeepSpeed stages split the groups into dense and expert groups first. `run_dir` receives the
-    generated DeepSpeed config."""
+    generated DeepSpeed config. `forward`: what a training forward calls instead of `model` (the pipeline's
+    compiled model; stage 0 only, as DeepSpeed wraps the module itself)."""
     if cfg.parallel.zero_stage == 0:
         return LocalEngine(model, optimizer_cls(param_groups), mesh, accum_steps, cfg.optim.grad_clip,
-                           compile=cfg.trainer.compile, bucket_mb=cfg.parallel.bucket_mb)
+                           forward=forward, bucket_mb=cfg.parallel.bucket_mb)
+    if forward is not None:
+        raise ValueError(f"trainer.compile=true is not supported with parallel.zero_stage={cfg.parallel.zero_stage}: "
+                         "use trainer.compile=false, or parallel.zero_stage=0")
     from parallel.zero.engine import DeepSpeedEngine
 
     return DeepSpeedEngine(model, param_groups, optimizer_cls, cfg, mesh, accum_steps, run_dir)

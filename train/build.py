@@ -9,8 +9,9 @@
     5. materialise       allocate this rank's tensors on `mesh.device`, initialise them from `init_seed`
     6. load weights      `weights(model)`, e.g. a resume, `init_from`, or a checkpoint to generate from
        -- stop_after="load" ends here (`train.generate`: a model, no optimizer)
-    7. compile + 8. engine  `parallel.build_engine`: compile (stage 0's forward) and stage 0 or DeepSpeed ZeRO,
-                         with the trainer's optimizer groups; ZeRO copies the final weights into its partitions
+    7. compile           `trainer.compile`: `torch.compile` of the model, the training forward (stage 0 only)
+    8. engine            `parallel.build_engine`: stage 0 or DeepSpeed ZeRO, with the trainer's optimizer groups;
+                         ZeRO copies the final weights into its partitions
 
 Why this order: converters swap module classes but keep every Parameter (the same names, so materialising
 afterwards initialises them exactly as without FP8), and torchao's `Float8Linear.from_float` and our emulated and
@@ -82,12 +83,19 @@ def load(model: nn.Module, weights: Optional[Callable[[nn.Module], Any]]) -> Any
     return None if weights is None else weights(model)
 
 
-def engine_step(model: nn.Module, cfg: TrainConfig, mesh: Mesh, args: EngineArgs) -> TrainEngine:
-    """Steps 7-8: compile and the engine (`parallel.zero_stage`) over the trainer's optimizer groups."""
+def compile_step(model: nn.Module, cfg: TrainConfig) -> Optional[Callable]:
+    """Step 7: the compiled model that training forwards call (`trainer.compile`), or None to call the model."""
+    return torch.compile(model) if cfg.trainer.compile else None
+
+
+def engine_step(model: nn.Module, cfg: TrainConfig, mesh: Mesh, args: EngineArgs,
+                forward: Optional[Callable] = None) -> TrainEngine:
+    """Step 8: the engine (`parallel.zero_stage`) over the trainer's optimizer groups, training through
+    `forward` (step 7's compiled model) where given."""
     from train.trainer.optim import optimizer_factory, param_groups
 
     return build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg, mesh,
-                        args.accum_steps, run_dir=args.run_dir)
+                        args.accum_steps, run_dir=args.run_dir, forward=forward)
 
 
 def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None, stop_after: str = "engine",
@@ -115,7 +123,7 @@ def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None
     if stop_after == "load":
         return built
     model.train()
-    built.engine = engine_step(model, cfg, mesh, engine_args)
+    built.engine = engine_step(model, cfg, mesh, engine_args, forward=compile_step(model, cfg))
     return built
 
 
