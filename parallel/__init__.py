@@ -15,12 +15,10 @@ The API, in its order of use (each name is re-exported here from the module that
 - `gather_full_state_dict(model, mesh)` (to rank 0: tests, small models) / `load_full_state_dict(model, sd, mesh)`
   (imported safetensors weights): logical (unsharded) weights (state_dict.py).
 - `barrier(mesh)`, `broadcast_object(obj, mesh)`, `gather_objects(obj, mesh)`, `shutdown(mesh)`: housekeeping.
-- `parallel.sharded_checkpoint` (imported by name): weights and optimizer state saved per rank in logical
-  coordinates (DCP), each rank its share, read back into any layout.
 
 Modules: `mesh` (groups), `permute` (pure index bookkeeping), `comm` (differentiable all-to-all),
 `dispatcher` (`AllToAllDispatcher`), `parallelize`, `activation_checkpointing`, `grads`, `reduce`, `state_dict`,
-`engine`, `sharded_checkpoint`, `memory` (bytes an engine holds), `ports`, `zero` (DeepSpeed).
+`engine`, `memory` (bytes an engine holds), `ports`, `zero` (DeepSpeed).
 """
 from parallel.engine import StepOutcome, TrainEngine, build_engine
 from parallel.grads import clip_grad_norm_, reduce_gradients

@@ -63,7 +63,7 @@ class TrainEngine:
     def export_state(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Collective (every rank iterates to the end): for every parameter of `model`, in `named_parameters()`
         order, (name, {"param": weights, kind: optimizer state ...}), each tensor this rank's whole local
-        tensor (its experts, unpartitioned), fp32. What `parallel.sharded_checkpoint` saves."""
+        tensor (its experts, unpartitioned), fp32. What `train.checkpoint.sharded` saves."""
         raise NotImplementedError
 
     def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:

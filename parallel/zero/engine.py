@@ -10,7 +10,7 @@ expert ones over their EDP group; the clipping norm is the global one over all p
 
 Checkpoints go through DeepSpeed's per-parameter state API (`safe_get_full_fp32_param`,
 `safe_get_full_optimizer_state`, `safe_set_full_optimizer_state`): `export_state` hands each parameter's whole
-local weights and optimizer state to `parallel.sharded_checkpoint`, which stores them in logical coordinates, and
+local weights and optimizer state to `train.checkpoint.sharded`, which stores them in logical coordinates, and
 `import_state` writes them back into this engine's partitions whatever layout saved them. DeepSpeed's own
 `save_checkpoint` files are per-rank partitions of flat buffers that its consolidation tools cannot read for
 stacked experts (../shared/notes/deepspeed.md), so they would not reshard.

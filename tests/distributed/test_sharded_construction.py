@@ -42,7 +42,7 @@ def _peak_rss_bytes() -> int:
 def _check_construction_and_checkpoint(rank: int, world_size: int, tmp: str) -> None:
     from pathlib import Path
 
-    import parallel.sharded_checkpoint as sharded
+    from train.checkpoint import sharded
     from parallel import init_distributed, parallelize
     from parallel.memory import unique_bytes
     from train.model import MoETransformer, build_model
@@ -123,5 +123,5 @@ def _check_construction_and_checkpoint(rank: int, world_size: int, tmp: str) -> 
             assert (states[name]["exp_avg"] % EP == mesh.ep_rank).all(), name
 
 
-def test_construction_in_shards_and_sharded_checkpoint(tmp_path):
+def test_construction_in_shards_and_a_sharded_save(tmp_path):
     run_distributed(_check_construction_and_checkpoint, WORLD, str(tmp_path))

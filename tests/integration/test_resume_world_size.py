@@ -1,6 +1,6 @@
 """Resuming a run through the command line: on the same layout it is bit-exact; on any other world size,
 `ep_size` or ZeRO stage the sharded checkpoint is read into the new layout, weights and optimizer state, and the
-loss curve continues the uninterrupted run's (train/trainer/checkpointing.py, parallel/sharded_checkpoint.py).
+loss curve continues the uninterrupted run's (train/checkpoint/save_resume.py, train/checkpoint/sharded.py).
 
 The lr schedule is a function of the step alone and all steps here are in warmup, so stopping with max_steps=N
 and resuming with a larger max_steps is the same schedule as one uninterrupted run.

@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration._runs import REPO, env_for, read_metrics, train_cli
 from tests.unit.test_checkpoint_safe_load import plant_payload
-from train.checksums import write_checksums
+from train.checkpoint.checksums import write_checksums
 
 FAST = ["data.max_corpus_mb=1", "data.tokenizer_vocab_size=512", "model.vocab_size=512", "trainer.seq_len=64",
         "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "logging.wandb=disabled"]

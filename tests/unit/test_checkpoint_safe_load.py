@@ -32,11 +32,11 @@ def test_a_planted_pickle_payload_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_a_planted_payload_in_a_sharded_checkpoint_index_is_refused_and_never_runs(tmp_path):
+def test_a_planted_payload_in_the_dcp_index_is_refused_and_never_runs(tmp_path):
     """DCP's own reader unpickles `.metadata` with plain `pickle.load`; ours admits only its metadata classes."""
     import pickle
 
-    from parallel.sharded_checkpoint import ShardedCheckpointError, index
+    from train.checkpoint.sharded import ShardedCheckpointError, index
 
     (tmp_path / "state").mkdir()
     marker = tmp_path / "pwned"
@@ -50,7 +50,7 @@ def test_a_planted_payload_in_a_sharded_checkpoint_index_is_refused_and_never_ru
 def test_a_checkpoint_in_the_old_expert_layout_is_refused_by_name(tmp_path, monkeypatch):
     """A sharded checkpoint whose experts are stored per projection (before the fused w_gate_up_EHD layout) gets an
     error that names the layout change and the way out, not a wrong expert count."""
-    from parallel import sharded_checkpoint as sharded
+    from train.checkpoint import sharded
     from train.config import load_train_config
     from train.model import build_model
 

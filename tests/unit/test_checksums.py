@@ -1,7 +1,7 @@
 """Per-file checksums catch truncation, a flipped byte and a missing file, and name the file."""
 import pytest
 
-from train.checksums import CHECKSUM_FILE, ChecksumMismatch, verify_checksums, write_checksums
+from train.checkpoint.checksums import CHECKSUM_FILE, ChecksumMismatch, verify_checksums, write_checksums
 
 
 @pytest.fixture

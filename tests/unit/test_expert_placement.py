@@ -97,7 +97,7 @@ def _rank_model(ep: int):
 
 @pytest.mark.parametrize("ep", [3, 4, 6])
 def test_every_module_agrees_on_the_placement(ep):
-    import parallel.sharded_checkpoint as sharded
+    from train.checkpoint import sharded
     from parallel.dispatcher import AllToAllDispatcher
     from parallel.grads import _split_params
     from parallel.parallelize import expert_parameters

@@ -278,7 +278,7 @@ def test_a_planted_payload_in_each_kind_of_pt_file_is_refused(tmp_path, cache_di
     """Checksums rewritten to match (an attacker can do that too): the weights_only loader is what refuses."""
     from tests.unit.test_checkpoint_safe_load import plant_payload
     from train.checkpoint import CheckpointError
-    from train.checksums import write_checksums
+    from train.checkpoint.checksums import write_checksums
 
     run(tmp_path / "r", cache_dir, "trainer.max_steps=1", "trainer.save_every=1")
     ckpt, marker = tmp_path / "r" / "checkpoints" / "step_00000001", tmp_path / "pwned"

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
+
+from train.data.atomic import publish_dir
 
 INDEX_VERSION = 1
 CHUNK = 1 << 20  # samples per building chunk, and the spacing of the stored cumulative counts
@@ -194,16 +194,5 @@ def build_blend_index(root: Path, key: str, weights: Sequence[float], num_window
     final = Path(root) / key
     if (final / "meta.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
-    try:
-        _write_index(tmp, weights, num_windows, num_samples, seed, meta)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return publish_dir(final, lambda tmp: _write_index(tmp, weights, num_windows, num_samples, seed, meta),
+                       marker="meta.json")

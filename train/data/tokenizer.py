@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -22,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from train.config.run import DataConfig
+from train.data.atomic import publish_dir
 from train.data.corpus import Corpus, cache_root, iter_texts, load_corpus
 
 EOS_TOKEN = "<|endoftext|>"  # separates documents (EOS of one = BOS of the next)
@@ -65,21 +63,13 @@ def train_byte_bpe(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizer
 def save_atomic(tokenizer: PreTrainedTokenizerFast, final_dir: Path) -> None:
     """`save_pretrained` into a temporary sibling directory, then rename it to `final_dir`. If another
     process got there first, its copy is kept and ours is removed."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=final_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
         special_map = tmp / "special_tokens_map.json"
         if not special_map.exists():  # transformers 5 stopped writing it; older readers and our layout want it
             special_map.write_text(json.dumps(tokenizer.special_tokens_map, indent=2, ensure_ascii=False) + "\n")
-        try:
-            os.rename(tmp, final_dir)
-        except OSError:
-            if not (final_dir / "tokenizer.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(final_dir, write, marker="tokenizer.json")
 
 
 def _builtin_dir(cfg: DataConfig, corpus: Corpus) -> Path:

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     args, overrides = ap.parse_known_args(argv)
 
     import parallel
-    import parallel.sharded_checkpoint as sharded
+    from train.checkpoint import sharded
     from train.config import load_train_config
     from train.build import EngineArgs, build_model, meta_model
     from train.model.transformer import draw_init_seed, tensor_seed

@@ -28,7 +28,7 @@ from train.data.sources import DataError
 from train.build import EngineArgs, build_model
 from train.flops import flops_per_token
 from train.model.transformer import draw_init_seed
-from train.trainer.checkpointing import COMMON_FILE, find_resume_checkpoint, load_weights, resume_from, save_checkpoint
+from train.checkpoint.save_resume import COMMON_FILE, find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.peak_flops import MEASURE, resolve_peak_flops
 from train.precision import build_precision

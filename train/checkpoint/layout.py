@@ -1,15 +1,4 @@
-"""The on-disk checkpoint layout and the model-weights part of it.
-
-    RUN_DIR/checkpoints/step_00000100/
-      state/              sharded weights and optimizer state in logical coordinates, one file per rank plus
-                          an index (parallel/sharded_checkpoint.py): what training writes
-      model.safetensors   logical (unsharded) weights, keys = MoETransformer.state_dict() names: what
-                          `convert_hf.py import` and `scripts/upcycle.py` write (a checkpoint has one or the other)
-      config.yaml         the resolved TrainConfig
-      tokenizer/          Hugging Face tokenizer files
-      train_state*.pt     optimizer, scheduler, data position, RNG, ... (trainer-owned; absent when imported)
-      CHECKSUMS.json      size and SHA-256 of every file above (train/checksums.py), verified before loading
-      COMPLETE            written last: a directory without it is an interrupted save and is never resumed from
+"""The on-disk checkpoint layout (drawn in this package's `__init__.py`) and the model-weights part of it.
 
 Saves go to a temporary sibling directory that is renamed into place, so a crash mid-save never leaves a
 directory that looks complete and never touches an existing checkpoint.
@@ -28,9 +17,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import parallel.sharded_checkpoint as sharded
-
-from train.checksums import ChecksumMismatch, verify_checksums, write_checksums
+from train.checkpoint import sharded
+from train.checkpoint.checksums import ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
 from train.config.routing import stored_routing_groups
 

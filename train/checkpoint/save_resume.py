@@ -1,9 +1,9 @@
-"""Saving and resuming `TrainState` in the layout of `train/checkpoint.py` (docs/ARCHITECTURE.md).
+"""Saving and resuming `TrainState` in the layout of `layout.py` (docs/ARCHITECTURE.md).
 
     RUN_DIR/checkpoints/step_00000100/
       state/                                       weights and optimizer state, sharded in logical coordinates:
                                                    each rank writes its share in parallel, an index ties them
-                                                   (parallel/sharded_checkpoint.py, torch.distributed.checkpoint)
+                                                   (sharded.py, torch.distributed.checkpoint)
       config.yaml, tokenizer/                      rank 0
       train_state.pt                               step, tokens, data position, scheduler, wandb id, layout
       train_state_rank{r}.pt                       rank r's RNG states
@@ -35,9 +35,9 @@ from typing import Optional
 import torch
 
 import parallel
-import parallel.sharded_checkpoint as sharded
-from train import checkpoint as ckpt_io
-from train.checksums import checksum_entries
+from train.checkpoint import layout as ckpt_io
+from train.checkpoint import sharded
+from train.checkpoint.checksums import checksum_entries
 from train.config import TrainConfig
 from train.trainer.state import TrainState
 
