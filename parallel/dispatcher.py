@@ -10,8 +10,20 @@ Route of one MoE layer on EP rank r (experts in contiguous blocks of E_loc per r
             ─sum per token→ T rows.
 The receiving side treats the Q copies exactly as `LocalDispatcher` treats tokens (K slots, -1 = elsewhere),
 so it reuses the model's own permutation helpers.
-Deduplication means a token that picks several experts on one rank crosses the network once each way; the
-per-rank partial sums happen on the expert side.
+
+What crosses the wire, per copy (`parallel/comm.py` packs it into one collective each way):
+  dispatch  the token's row in the compute dtype (bf16 under bf16; e4m3 + one fp32 scale per 128 values with
+            `parallel.a2a_dtype=fp8`), its K gate weights (fp32, 0 for slots elsewhere) and K local expert ids in
+            the smallest integer type that holds them (int8 up to 127 experts per rank)
+  combine   one row in the compute dtype: the gate-weighted sum of the copy's expert outputs on that rank
+Why the gate weights travel, against keeping them home and applying them after the combine: deduplication sends a
+token once to a rank however many of its experts live there, and returns ONE summed row. Keeping the weights home
+would need each expert's output back separately, (experts per copy − 1) extra rows on the combine, to save 4·K
+bytes on a row of 2·D. `scripts/bench_dispatch.py` prints both (`combine_bytes_per_token_weights_home`).
+
+Host synchronisations per dispatch: one, reading the split sizes (copies and expert rows per rank, exchanged in one
+small all-to-all). The copies are listed with `nonzero_static` at the size just read, the receiving side cuts its
+sort at the row count it was sent, and the statistics stay on the device. Combine has none.
 """
 from __future__ import annotations
 
@@ -30,11 +42,14 @@ class AllToAllDispatcher:
     last `dispatch`. `dispatch`/`combine` are collective over `group`: every rank of the EP group calls them
     for the same layers in the same order (also in backward). `placement` is the layer's experts' placement
     (`GroupedExperts.placement`): which EP rank of `group` holds each expert, and this rank's own.
+    `fp8`: dispatch the rows as FP8 e4m3 with tile scales (`parallel.a2a_dtype=fp8`); combine stays in the
+    compute dtype.
     """
 
-    def __init__(self, group, placement: ExpertPlacement):
+    def __init__(self, group, placement: ExpertPlacement, fp8: bool = False):
         self.group = group
         self.placement = placement
+        self.fp8 = fp8
         self.ep_size = placement.ep_size
         self.ep_rank = placement.ep_rank
         self.num_local_experts = placement.num_local_experts
@@ -46,42 +61,46 @@ class AllToAllDispatcher:
         """Before: this rank holds its T tokens and their global top-k expert ids (-1 = dropped) and weights.
         After: it holds the N rows destined for its own E_loc experts, from every rank of the EP group, sorted
         by local expert, and `num_tokens_per_local_expert_E` (length E_loc). `may_drop` changes nothing here: the
-        all-to-all reads its split sizes on the host anyway, and the received slots for other ranks are -1."""
-        plan = plan_send(topk_ids_TK, self.placement)
-        send_counts = plan.send_counts_R
-        recv_counts = exchange_counts(send_counts, self.group)
-        in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
+        row counts come with the split sizes, and the received slots for other ranks are -1."""
+        splits = {}
+
+        def exchange(send_counts_R, slots_R):
+            # the one host sync: how many copies and expert rows go to, and come from, every rank
+            recv_R2 = exchange_counts(torch.stack([send_counts_R, slots_R], 1), self.group)
+            host = torch.cat([send_counts_R, recv_R2[:, 0], recv_R2[:, 1].sum().view(1)]).tolist()
+            R = self.ep_size
+            splits.update(in_splits=host[:R], out_splits=host[R : 2 * R], num_rows=host[2 * R], recv_R2=recv_R2)
+            return sum(host[:R])
+
+        plan = plan_send(topk_ids_TK, self.placement, num_copies=exchange)
+        in_splits, out_splits = splits["in_splits"], splits["out_splits"]
 
         x_CD = x_TD[plan.copy_token_C]
         w_CK = copy_weights(topk_weights_TK, plan)
-        x_QD, w_QK, ids_QK = all_to_all([x_CD, w_CK, plan.local_ids_CK], out_splits, in_splits, self.group)
+        x_QD, w_QK, ids_QK = all_to_all([x_CD, w_CK, plan.local_ids_CK], out_splits, in_splits, self.group,
+                                        fp8_rows=self.fp8)
 
-        perm_N, num_tokens_per_local_expert_E = sort_by_expert(ids_QK, self.num_local_experts)
+        perm_A, num_tokens_per_local_expert_E = sort_by_expert(ids_QK.long(), self.num_local_experts,
+                                                               keep_dropped=True)
+        perm_N = perm_A[: splits["num_rows"]]  # the other ranks' slots (-1) sort last
         x_ND = gather_rows(x_QD, perm_N, ids_QK.shape[1])
         self._state = (plan, perm_N, w_QK, in_splits, out_splits, x_TD.shape[0])
 
-        self.stats = self._stats(plan, topk_ids_TK, send_counts, recv_counts)
+        self.stats = self._stats(plan, topk_ids_TK, splits["recv_R2"][:, 0])
         return x_ND, num_tokens_per_local_expert_E
 
-    def _stats(self, plan, topk_ids_TK, send_counts, recv_counts) -> dict:
-        """Detached statistics of this call, read back to the host in one transfer."""
+    def _stats(self, plan, topk_ids_TK, recv_counts_R) -> dict:
+        """Detached statistics of this call, kept on the device (the metrics fold them in without a sync)."""
+        send_counts = plan.send_counts_R
         dev_T = plan.devices_per_token_T
-        routed_T = dev_T > 0
         foreign_TK = (topk_ids_TK >= 0) & (self.placement.owner_of(topk_ids_TK) != self.ep_rank)
-        sent, naive, received, dev_max, dev_sum, num_routed = torch.stack([
-            send_counts.sum() - send_counts[self.ep_rank],
-            foreign_TK.sum(),
-            recv_counts.sum() - recv_counts[self.ep_rank],
-            dev_T.max() if dev_T.numel() else dev_T.new_zeros(()),
-            dev_T.sum(),
-            routed_T.sum(),
-        ]).tolist()
         return {
-            "a2a_tokens_sent": sent,  # token copies sent to OTHER ranks (one per token and destination rank)
-            "a2a_tokens_sent_naive": naive,  # what one copy per selected expert would have sent
-            "a2a_tokens_received": received,
-            "devices_per_token_max": dev_max,
-            "devices_per_token_mean": dev_sum / max(num_routed, 1),
+            # token copies sent to OTHER ranks (one per token and destination rank)
+            "a2a_tokens_sent": send_counts.sum() - send_counts[self.ep_rank],
+            "a2a_tokens_sent_naive": foreign_TK.sum(),  # what one copy per selected expert would have sent
+            "a2a_tokens_received": recv_counts_R.sum() - recv_counts_R[self.ep_rank],
+            "devices_per_token_max": dev_T.max() if dev_T.numel() else dev_T.new_zeros(()),
+            "devices_per_token_mean": dev_T.sum() / (dev_T > 0).sum().clamp(min=1),
         }
 
     def combine(self, y_ND: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ asks it for owners and local indices. Expert id -1 means "dropped" (capacity) an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -25,14 +26,28 @@ class SendPlan:
 
     copy_token_C: torch.Tensor  # int64 [C]: source token of each copy
     copy_rank_C: torch.Tensor  # int64 [C]: destination EP rank of each copy
-    local_ids_CK: torch.Tensor  # int64 [C, K]: local expert id on the destination, -1 if slot k is not there
+    local_ids_CK: torch.Tensor  # [C, K] `id_dtype`: local expert id on the destination, -1 if slot k is not there
     send_counts_R: torch.Tensor  # int64 [R]: copies per destination rank
+    slots_R: torch.Tensor  # int64 [R]: (token, expert) assignments per destination rank (rows its experts run)
     devices_per_token_T: torch.Tensor  # int64 [T]: distinct destination ranks per token (0 if all dropped)
 
 
-def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement) -> SendPlan:
+def id_dtype(num_local_experts: int) -> torch.dtype:
+    """The smallest signed integer type that holds local expert ids 0..E_loc-1 and -1 (what crosses the wire)."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if num_local_experts - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement,
+              num_copies: Optional[Callable[[torch.Tensor, torch.Tensor], int]] = None) -> SendPlan:
     """Deduplicate a token's top-k into one copy per destination rank of `placement` (its `ep_rank` plays no
     part: every rank plans the same way).
+
+    `num_copies(send_counts_R, slots_R)` returns C, the number of copies, on the host: the dispatcher passes the
+    function that exchanges the counts with the other ranks (the one host synchronisation a dispatch needs), so
+    that listing the copies (`nonzero_static`) does not synchronise again. Without it C is read from the counts.
 
     Example (E=4 over R=2, E_loc=2): token 0 picks experts [3, 0] → one copy to rank 1 with local ids [1, -1] and one
     copy to rank 0 with local ids [-1, 0]; token 1 picks [2, 3] → a single copy to rank 1 with ids [0, 1].
@@ -40,17 +55,22 @@ def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement) -> SendPlan
     T, K = topk_ids_TK.shape
     ep_size = placement.ep_size
     owner_TK = placement.owner_of(topk_ids_TK)
+    kept_owner_A = torch.where(owner_TK >= 0, owner_TK, ep_size).reshape(-1)
     hit_TR = torch.zeros(T, ep_size + 1, dtype=torch.bool, device=topk_ids_TK.device)
     # column ep_size collects dropped slots (owner -1) so that a single scatter handles every slot
-    hit_TR.scatter_(1, torch.where(owner_TK >= 0, owner_TK, ep_size), True)
+    hit_TR.scatter_(1, kept_owner_A.view(T, K), True)
     hit_TR = hit_TR[:, :ep_size]
-    copy_rank_C, copy_token_C = hit_TR.t().nonzero(as_tuple=True)  # row-major over (rank, token)
+    send_counts_R = hit_TR.sum(0)
+    # scatter_add, not bincount: CUDA's bincount reads the largest id on the host
+    slots_R = torch.zeros(ep_size + 1, dtype=torch.long, device=topk_ids_TK.device).scatter_add_(
+        0, kept_owner_A, torch.ones_like(kept_owner_A))[:ep_size]
+    C = num_copies(send_counts_R, slots_R) if num_copies is not None else int(send_counts_R.sum())
+    flat_C = torch.nonzero_static(hit_TR.t().reshape(-1), size=C).view(-1)  # row-major over (rank, token)
+    copy_rank_C, copy_token_C = flat_C // T, flat_C % T
     on_dest_CK = owner_TK[copy_token_C] == copy_rank_C[:, None]
-    local_ids_CK = torch.where(
-        on_dest_CK, topk_ids_TK[copy_token_C] - placement.start_of(copy_rank_C[:, None]),
-        torch.full_like(on_dest_CK, -1, dtype=topk_ids_TK.dtype),
-    )
-    return SendPlan(copy_token_C, copy_rank_C, local_ids_CK, hit_TR.sum(0), hit_TR.sum(1))
+    local_ids_CK = torch.where(on_dest_CK, topk_ids_TK[copy_token_C] - placement.start_of(copy_rank_C[:, None]), -1)
+    return SendPlan(copy_token_C, copy_rank_C, local_ids_CK.to(id_dtype(placement.num_local_experts)),
+                    send_counts_R, slots_R, hit_TR.sum(1))
 
 
 def copy_weights(topk_weights_TK: torch.Tensor, plan: SendPlan) -> torch.Tensor:

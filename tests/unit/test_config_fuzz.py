@@ -50,6 +50,7 @@ SPACE = {
     "model.attention.num_kv_heads": [1, 2, 3, 4],
     "parallel.ep_size": [1, 1, 2, 4, 3],
     "parallel.zero_stage": [0, 0, 1, 2, 3],
+    "parallel.a2a_dtype": ["auto", "fp8"],
     "trainer.activation_checkpointing": ["none", "full", "selective"],
 }
 PRECISIONS = {"fp32": ["precision.name=fp32"], "bf16": ["precision.name=bf16"],

@@ -80,6 +80,7 @@ def test_unknown_key_fails_at_composition():
     (["model.moe.num_groups=4", "model.moe.topk_groups=5"], r"model.moe.topk_groups=5"),
     (["trainer.resume=/definitely/not/here"], r"trainer.resume='/definitely/not/here'"),
     (["data.tokenizer_vocab_size=9000"], r"data.tokenizer_vocab_size=9000 exceeds model.vocab_size=8192"),
+    (["parallel.a2a_dtype=fp8"], r"parallel.a2a_dtype=fp8 .* parallel.ep_size=1 has none"),
 ])
 def test_invalid_values(overrides, match):
     _check(overrides, match)
@@ -92,6 +93,7 @@ def test_invalid_values(overrides, match):
     ("trainer.device=tpu", "cuda"), ("trainer.activation_checkpointing=some", "selective"),
     ("model.attention.qk_norm=layer", "head"), ("model.ffn_activation=relu", "gelu_tanh"),
     ("model.moe.group_score=mean", "top2_sum"), ("parallel.backend=mpi", "gloo"), ("optim.name=sgd", "adamw"),
+    ("model.family=mixtrall", "deepseek_v3"), ("parallel.a2a_dtype=fp16", "fp8"),
 ])
 def test_a_choice_typo_fails_at_composition_naming_the_allowed_values(override, allowed):
     """Every choice field is an enum in the schema (train/config/choices.py): OmegaConf refuses a typo."""

@@ -97,6 +97,14 @@ class Backend(Choice):
     gloo = "gloo"
 
 
+class A2aDtype(Choice):
+    """What the expert-parallel dispatch all-to-all sends token rows as: the compute dtype, or FP8 e4m3 with
+    1×128 tile scales (DeepSeek-V3); the combine always returns the compute dtype."""
+
+    auto = "auto"
+    fp8 = "fp8"
+
+
 class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from train.config.choices import (
-    ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
+    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
 )
 from train.config.errors import check, one_of
 from train.config.model import ModelConfig
@@ -25,10 +25,17 @@ class ParallelConfig:
     # Extra DeepSpeed config keys merged onto the generated ones, e.g. {zero_optimization: {overlap_comm: true}};
     # a key that contradicts a value moeforge generates is an error naming both.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
+    # auto: the dispatch all-to-all sends token rows in the compute dtype; fp8: as e4m3 with one fp32 scale per
+    # 128 values (DeepSeek-V3), dequantized on arrival, gradients back in the compute dtype. Needs ep_size > 1.
+    a2a_dtype: A2aDtype = A2aDtype.auto
 
     def validate(self) -> None:
         """The layout's own rules; those that need the world size live with the mesh (`parallel.mesh`)."""
         one_of("parallel.backend", self.backend, Backend)
+        one_of("parallel.a2a_dtype", self.a2a_dtype, A2aDtype)
+        check(self.a2a_dtype == A2aDtype.auto or self.ep_size > 1,
+              f"parallel.a2a_dtype={self.a2a_dtype} sets what expert parallelism's all-to-all sends, but "
+              f"parallel.ep_size={self.ep_size} has none: drop the override or set parallel.ep_size > 1")
         check(self.ep_size >= 1, f"parallel.ep_size={self.ep_size} must be >= 1")
         check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={self.zero_stage} must be 0 (moeforge's data "
                                                f"parallelism) or a DeepSpeed ZeRO stage 1, 2 or 3")
