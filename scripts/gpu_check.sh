@@ -31,6 +31,9 @@ if [ "$NGPU" -ge 2 ]; then
     EP_SIZES=2; [ "$NGPU" -ge 4 ] && EP_SIZES="2 4"
     # shellcheck disable=SC2086
     step dispatch_nccl "$PY" scripts/bench_dispatch.py --backend nccl --ep-sizes $EP_SIZES
+    # shellcheck disable=SC2086
+    step dispatch_nccl_bf16_fp8 "$PY" scripts/bench_dispatch.py --backend nccl --ep-sizes $EP_SIZES --dtype bf16 \
+        --a2a-dtype fp8
     step zero_nccl "$TORCHRUN" --standalone --nproc_per_node="$NGPU" scripts/bench_zero.py trainer.device=cuda \
         "parallel.ep_size=2" "trainer.global_batch_size=$((NGPU * 4))"
 fi
