@@ -50,10 +50,10 @@ def _check_device_capacity(rank, world_size):
     counts = {}
     exchange = dispatcher_mod.exchange_counts
 
-    def recording_exchange(send_counts, group):
-        recv = exchange(send_counts, group)
-        counts.setdefault("send", send_counts.clone())
-        counts.setdefault("recv", recv.clone())
+    def recording_exchange(send_counts_R2, group):  # per rank: (token copies, expert rows)
+        recv = exchange(send_counts_R2, group)
+        counts.setdefault("send", send_counts_R2[:, 0].clone())
+        counts.setdefault("recv", recv[:, 0].clone())
         return recv
 
     dispatcher_mod.exchange_counts = recording_exchange
