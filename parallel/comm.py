@@ -89,31 +89,97 @@ def dequantize_rows_fp8(q_CD: torch.Tensor, scale_CN: torch.Tensor, dtype: torch
     return (q_CD.float().view(C, n, D // n) * scale_CN[..., None]).view(C, D).to(dtype)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out_splits, in_splits, group, fp8_rows, *tensors):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        if fp8_rows:
+class PendingAllToAll:
+    """An all-to-all in flight: `all_to_all_start` launched it, `wait()` returns its tensors. Between the two the
+    caller computes whatever does not need them (the shared expert while the combine is on the wire).
+
+    Autograd: two nodes, the launch and the wait, linked by an empty tensor so that the wait's backward (the
+    reverse exchange, which hands the gradients to the launch) runs before the launch's backward (which returns
+    them to the inputs). One reverse exchange per all-to-all, in the order of the waits, on every rank alike."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group, fp8_rows: bool):
+        self.out_splits, self.in_splits, self.group, self.fp8_rows = out_splits, in_splits, group, fp8_rows
+        self._launched = None
+        self.needs_grad: tuple[bool, ...] = ()
+        self.input_grads: list = []
+        self._link: torch.Tensor | None = None
+        self._done = False
+
+    def _launch(self, tensors) -> None:
+        dtype = tensors[0].dtype
+        wire = list(tensors)
+        if self.fp8_rows:
             q, scale = quantize_rows_fp8(tensors[0])
-            q, scale, *rest = _exchange([q, scale, *tensors[1:]], out_splits, in_splits, group)
-            outs = [dequantize_rows_fp8(q, scale, tensors[0].dtype), *rest]
-        else:
-            outs = _exchange(tensors, out_splits, in_splits, group)
-        for t, o in zip(tensors, outs):
-            if not t.is_floating_point():
+            wire = [q, scale, *tensors[1:]]
+        buf, layout, _ = pack_rows(wire)
+        out = buf.new_empty((sum(self.out_splits), layout.row_bytes))
+        work = dist.all_to_all_single(out, buf, self.out_splits, self.in_splits, group=self.group, async_op=True)
+        # `buf` must live until the collective completes
+        self._launched = (work, buf, out, layout, dtype, [t.is_floating_point() for t in tensors])
+
+    def _finish(self) -> list[torch.Tensor]:
+        work, _buf, out, layout, dtype, _ = self._launched
+        work.wait()
+        outs = unpack_rows(out, layout)
+        if self.fp8_rows:
+            q, scale, *rest = outs
+            outs = [dequantize_rows_fp8(q, scale, dtype), *rest]
+        self._launched = None
+        return outs
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        """The received tensors (module docstring of `all_to_all`); call exactly once."""
+        if self._done:
+            raise RuntimeError("PendingAllToAll.wait() called twice")
+        self._done = True
+        return _Wait.apply(self, self._link)
+
+
+class _Launch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pending: PendingAllToAll, *tensors):
+        pending.needs_grad = tuple(ctx.needs_input_grad[1:])
+        pending._launch(tensors)
+        ctx.pending = pending
+        return tensors[0].new_empty(0, dtype=torch.float32)  # the link to the wait node
+
+    @staticmethod
+    def backward(ctx, _link_grad):
+        grads, ctx.pending.input_grads = ctx.pending.input_grads, []
+        return (None, *grads)
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pending: PendingAllToAll, _link):
+        outs = pending._finish()
+        for o in outs:
+            if not o.is_floating_point():
                 ctx.mark_non_differentiable(o)
+        ctx.pending = pending
+        ctx.link_grad = torch.zeros_like(_link)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        # reverse exchange: what came from rank s goes back to rank s
-        need = [i for i, n in enumerate(ctx.needs_input_grad[4:]) if n]
-        result = [None] * len(grads)
+        # reverse exchange: what came from rank s goes back to rank s (in the compute dtype, also after fp8)
+        p = ctx.pending
+        need = [i for i, n in enumerate(p.needs_grad) if n]
+        result = [None] * len(p.needs_grad)
         if need:
-            back = _exchange([grads[i] for i in need], ctx.in_splits, ctx.out_splits, ctx.group)
+            back = _exchange([grads[i] for i in need], p.in_splits, p.out_splits, p.group)
             for i, g in zip(need, back):
                 result[i] = g
-        return (None, None, None, None, *result)
+        p.input_grads = result
+        return None, ctx.link_grad
+
+
+def all_to_all_start(tensors: Sequence[torch.Tensor], out_splits: list[int], in_splits: list[int],
+                     group, fp8_rows: bool = False) -> PendingAllToAll:
+    """Launch `all_to_all` asynchronously; `.wait()` on the result gives what `all_to_all` returns."""
+    pending = PendingAllToAll(list(out_splits), list(in_splits), group, fp8_rows)
+    pending._link = _Launch.apply(pending, *tensors)
+    return pending
 
 
 def all_to_all(tensors: Sequence[torch.Tensor], out_splits: list[int], in_splits: list[int],
@@ -125,7 +191,7 @@ def all_to_all(tensors: Sequence[torch.Tensor], out_splits: list[int], in_splits
     rank order (views of one received buffer). Backward sends gradients back along the reverse route.
     `fp8_rows`: the first tensor (D wide) crosses as e4m3 with tile scales (module docstring).
     """
-    return _AllToAll.apply(list(out_splits), list(in_splits), group, fp8_rows, *tensors)
+    return all_to_all_start(tensors, out_splits, in_splits, group, fp8_rows).wait()
 
 
 def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:

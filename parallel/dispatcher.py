@@ -21,15 +21,21 @@ token once to a rank however many of its experts live there, and returns ONE sum
 would need each expert's output back separately, (experts per copy − 1) extra rows on the combine, to save 4·K
 bytes on a row of 2·D. `scripts/bench_dispatch.py` prints both (`combine_bytes_per_token_weights_home`).
 
+Overlap (`parallel.overlap`, on by default): the combine's exchange is launched asynchronously and the layer's
+shared expert (its gate included) computes while it is in flight, as Megatron's `--moe-shared-expert-overlap`
+does; the backward's reverse exchanges stay synchronous.
+
 Host synchronisations per dispatch: one, reading the split sizes (copies and expert rows per rank, exchanged in one
 small all-to-all). The copies are listed with `nonzero_static` at the size just read, the receiving side cuts its
 sort at the row count it was sent, and the statistics stay on the device. Combine has none.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
-from parallel.comm import all_to_all, exchange_counts
+from parallel.comm import all_to_all, all_to_all_start, exchange_counts
 from parallel.permute import copy_weights, plan_send, sum_rows_into
 from train.model.moe.dispatch import combine_rows, gather_rows, sort_by_expert
 from train.model.moe.placement import ExpertPlacement
@@ -43,13 +49,15 @@ class AllToAllDispatcher:
     for the same layers in the same order (also in backward). `placement` is the layer's experts' placement
     (`GroupedExperts.placement`): which EP rank of `group` holds each expert, and this rank's own.
     `fp8`: dispatch the rows as FP8 e4m3 with tile scales (`parallel.a2a_dtype=fp8`); combine stays in the
-    compute dtype.
+    compute dtype. `overlap`: run the layer's shared expert while the combine is on the wire
+    (`parallel.overlap`).
     """
 
-    def __init__(self, group, placement: ExpertPlacement, fp8: bool = False):
+    def __init__(self, group, placement: ExpertPlacement, fp8: bool = False, overlap: bool = True):
         self.group = group
         self.placement = placement
         self.fp8 = fp8
+        self.overlap = overlap
         self.ep_size = placement.ep_size
         self.ep_rank = placement.ep_rank
         self.num_local_experts = placement.num_local_experts
@@ -103,14 +111,21 @@ class AllToAllDispatcher:
             "devices_per_token_mean": dev_T.sum() / (dev_T > 0).sum().clamp(min=1),
         }
 
-    def combine(self, y_ND: torch.Tensor) -> torch.Tensor:
+    def combine(self, y_ND: torch.Tensor, overlap: Optional[Callable[[], None]] = None) -> torch.Tensor:
         """Before: this rank holds the expert outputs for the N rows `dispatch` returned (same order).
         After: it holds y_TD for its own T tokens: Σ over each token's k experts of gate weight × expert output
-        (zeros for tokens whose experts were all dropped). Differentiable in y, the gate weights and x."""
+        (zeros for tokens whose experts were all dropped). Differentiable in y, the gate weights and x.
+        `overlap()` (the shared expert) is called once, while the exchange is in flight when `self.overlap`,
+        after it otherwise: the same operations either way, so the same results."""
         if self._state is None:
             raise RuntimeError("combine() called before dispatch()")
         plan, perm_N, w_QK, in_splits, out_splits, num_t = self._state
         self._state = None  # one combine per dispatch; frees the routing state
         y_QD = combine_rows(y_ND, perm_N, w_QK)  # gate-weighted partial sum per received copy (fp32 accum)
-        (y_CD,) = all_to_all([y_QD], in_splits, out_splits, self.group)
+        pending = all_to_all_start([y_QD], in_splits, out_splits, self.group)
+        if overlap is not None and self.overlap:
+            overlap()
+        (y_CD,) = pending.wait()
+        if overlap is not None and not self.overlap:
+            overlap()
         return sum_rows_into(y_CD, plan.copy_token_C, num_t)

@@ -70,7 +70,8 @@ def apply_expert_parallel(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
         placement = mesh.expert_placement(layer.experts.placement.num_global_experts)
         layer.experts.shard(placement)
         if mesh.ep_size > 1:
-            layer.dispatcher = AllToAllDispatcher(mesh.ep_group, placement, fp8=cfg.parallel.a2a_dtype == "fp8")
+            layer.dispatcher = AllToAllDispatcher(mesh.ep_group, placement, fp8=cfg.parallel.a2a_dtype == "fp8",
+                                                  overlap=cfg.parallel.overlap)
         layer.num_devices = placement.ep_size
         if reducer is not None:
             layer.count_reducer = reducer

@@ -6,7 +6,8 @@ rank (with `num_devices` = ep_size so device/comm balance terms see the same exp
 that `parallelize` makes expert-parallel and that processes only this rank's slice. Compared: logits, every
 loss term (mean over ranks vs reference), global load counts, every gradient after `reduce_gradients`
 (expert gradients against the reference's slice), the clipped gradients, and the parameters after 3 AdamW
-steps with expert-bias updates in between. Where a case names an activation-checkpointing mode, a third copy
+steps with expert-bias updates in between; with expert parallelism, a copy whose shared expert runs after the
+combine instead of during it (`parallel.overlap=false`) gives bit-identical losses and gradients. Where a case names an activation-checkpointing mode, a third copy
 recomputes its blocks in backward and must match the expert-parallel model exactly: under `full` the recompute
 runs the dispatch all-to-alls again inside backward, on every rank in the same order.
 """
@@ -19,10 +20,11 @@ B_LOCAL, S = 2, 8
 ATOL = RTOL = 1e-5
 
 
-def make_cfg(ep_size: int, device_limit=None, checkpointing="none"):
+def make_cfg(ep_size: int, device_limit=None, checkpointing="none", overlap=True):
     from train.config import load_train_config
 
-    o = ["model=tiny_deepseek_v3", f"parallel.ep_size={ep_size}", "trainer.device=cpu", "model.vocab_size=96",
+    o = ["model=tiny_deepseek_v3", f"parallel.ep_size={ep_size}", f"parallel.overlap={str(overlap).lower()}",
+         "trainer.device=cpu", "model.vocab_size=96",
          "model.d_model=48", "model.num_layers=2", "model.dense_hidden=64", "model.moe.expert_hidden=16",
          "model.moe.expert_balance_coef=0.01", "model.moe.device_balance_coef=0.02",
          "model.moe.comm_balance_coef=0.03", "model.moe.seq_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
@@ -112,6 +114,16 @@ def _check_against_reference(rank, world_size, ep_size, device_limit, checkpoint
         out.loss.backward()
         if model_ac is not None:
             _check_same_as_without_checkpointing(model_ac, model, out, x[mine], y[mine])
+        if step == 0 and ep_size > 1:  # the shared expert overlapped with the combine, or run after it: the same
+            serial = parallelize(build(make_cfg(ep_size, device_limit, overlap=False)),
+                                 make_cfg(ep_size, device_limit, overlap=False), mesh)
+            assert all(not layer.dispatcher.overlap for _, layer in serial.moe_layers())
+            assert all(layer.dispatcher.overlap for _, layer in model.moe_layers())
+            out_serial = serial(x[mine], y[mine])
+            out_serial.loss.backward()
+            assert torch.equal(out_serial.loss, out.loss)
+            for (name, a), b in zip(serial.named_parameters(), model.parameters()):
+                assert torch.equal(a.grad, b.grad), name
 
         if step == 0:
             torch.testing.assert_close(out.logits, out_ref.logits[mine], atol=ATOL, rtol=RTOL)

@@ -28,6 +28,9 @@ class ParallelConfig:
     # auto: the dispatch all-to-all sends token rows in the compute dtype; fp8: as e4m3 with one fp32 scale per
     # 128 values (DeepSeek-V3), dequantized on arrival, gradients back in the compute dtype. Needs ep_size > 1.
     a2a_dtype: A2aDtype = A2aDtype.auto
+    # Compute the shared expert while the combine's all-to-all is in flight (expert parallelism only); the same
+    # results either way.
+    overlap: bool = True
 
     def validate(self) -> None:
         """The layout's own rules; those that need the world size live with the mesh (`parallel.mesh`)."""

@@ -8,7 +8,7 @@ they can be tested on hand-worked indices. A flat assignment index is `t * K + k
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -59,7 +59,8 @@ class TokenDispatcher(Protocol):
     process, grouped by local expert ascending, with their counts. `may_drop=False` promises that no id is -1
     (a dropless plan), which lets a dispatcher skip work that finds the dropped ones. `combine` receives the
     expert outputs for exactly those rows and returns, for this rank's tokens, the gate-weighted sum over the K copies.
-    `stats` holds detached statistics of the last call (at least `a2a_tokens_sent`).
+    `stats` holds detached statistics of the last call (at least `a2a_tokens_sent`). `combine(y, overlap)` calls
+    `overlap()` exactly once, while its own communication is in flight where it has any (the shared expert).
     """
 
     stats: dict[str, Any]
@@ -68,7 +69,7 @@ class TokenDispatcher(Protocol):
         self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, may_drop: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def combine(self, y_ND: torch.Tensor) -> torch.Tensor: ...
+    def combine(self, y_ND: torch.Tensor, overlap: Optional[Callable[[], None]] = None) -> torch.Tensor: ...
 
 
 class LocalDispatcher:
@@ -90,10 +91,13 @@ class LocalDispatcher:
         self.stats = {"a2a_tokens_sent": 0}
         return gather_rows(x_TD, perm_N, topk_ids_TK.shape[1]), num_tokens_per_expert_E
 
-    def combine(self, y_ND: torch.Tensor) -> torch.Tensor:
-        """Gate-weighted sum of each token's expert outputs, `y_TD`, for the tokens of the last dispatch."""
+    def combine(self, y_ND: torch.Tensor, overlap: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """Gate-weighted sum of each token's expert outputs, `y_TD`, for the tokens of the last dispatch.
+        `overlap()` runs first (nothing is in flight here)."""
         if self._perm_N is None:
             raise RuntimeError("combine() called before dispatch()")
+        if overlap is not None:
+            overlap()
         y_TD = combine_rows(y_ND, self._perm_N, self._topk_weights_TK)
         self._perm_N = self._topk_weights_TK = None  # free the routing state; one combine per dispatch
         return y_TD

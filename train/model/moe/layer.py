@@ -136,12 +136,17 @@ class MoELayer(nn.Module):
             self.moe.device_capacity_factor is not None)
         x_ND, num_tokens_per_local_expert_E = self.dispatcher.dispatch(x_in_TD, topk_ids_TK, weights_TK, may_drop)
         y_ND = self.experts(x_ND, num_tokens_per_local_expert_E)
-        y_TD = self.dispatcher.combine(y_ND)
-        if self.shared is not None:
+        shared: list[torch.Tensor] = []
+
+        def shared_expert() -> None:  # the dispatcher runs it while the combine is in flight (parallel.overlap)
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            shared.append(shared_TD)
+
+        y_TD = self.dispatcher.combine(y_ND, overlap=shared_expert if self.shared is not None else None)
+        if self.shared is not None:
+            y_TD = y_TD + shared[0]
 
         aux_terms, stats = self._balance(route, topk_ids_TK, B)
         return y_TD.view(B, T_row, D), MoELayerOutput(aux_terms, stats)
