@@ -118,6 +118,9 @@ def hf_loop(model, cfg, batches, device) -> list[dict]:
     optimizer = optimizer_factory(cfg.optim)(param_groups(model, cfg.optim.weight_decay))
     schedule = LRSchedule(cfg.optim, cfg.trainer.max_steps)
     precision = build_precision(cfg.precision, device)
+    # a plain loop's way to compute in bf16 is autocast, also for precision=bf16 (moeforge: bf16 weight copies)
+    dtype = precision.compute_dtype
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     coef = model.config.router_aux_loss_coef
     records = []
     for step, micro_batches in enumerate(batches):
@@ -126,7 +129,7 @@ def hf_loop(model, cfg, batches, device) -> list[dict]:
         sums = torch.zeros(2, device=device)  # lm loss, loss
         for mb in micro_batches:
             ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
-            with precision.autocast():
+            with autocast:
                 out = model(input_ids=ids, output_router_logits=True, use_cache=False)
             lm = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
             loss = lm + coef * out.aux_loss
