@@ -1,7 +1,7 @@
-"""The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd
-really saves (saved-tensor hooks, every tiny family, fp32 and bf16_autocast), every activation-checkpointing mode
-against the real `parallel/activation_checkpointing.py` (kept activations and backward's recompute), the CLI
-contract on a full-size config, and input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0
+"""The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd really
+saves (saved-tensor hooks, every tiny family, fp32 and bf16_autocast), every activation-checkpointing mode against
+the real `parallel/activation_checkpointing.py` (kept activations and backward's recompute), the CLI contract on a
+full-size config, and input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0
 really hold are checked with 4 ranks in tests/distributed/test_zero.py (`_planner_agrees`)."""
 import json
 import subprocess
