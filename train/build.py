@@ -1,7 +1,8 @@
 """`build_model(cfg, mesh, ...) -> BuiltModel`: the one model build pipeline, in one fixed order.
 
     1. meta build        `MoETransformer(cfg.model)` on the meta device: nothing allocated
-    2. model converters  the precision recipe's module swaps (FP8, `train.precision`), on the meta model
+    2. model converters  the precision recipe's module swaps (bf16 compute copies, FP8: `train.precision`), on the
+                         meta model
     3. expert parallel   this rank keeps its E/ep experts, the all-to-all dispatcher and count reducer
                          (`parallel.apply_expert_parallel`)
     4. checkpointing     `trainer.activation_checkpointing` wraps block methods (`parallel.activation_checkpointing`)
@@ -39,7 +40,7 @@ from parallel.engine import TrainEngine, build_engine
 from parallel.mesh import Mesh
 from parallel.parallelize import apply_expert_parallel, materialize
 from train.config import ModelConfig, TrainConfig
-from train.precision import build_precision
+from train.precision import build_precision, check_engine
 
 STOPS = ("parallelize", "load", "engine")
 
@@ -94,6 +95,7 @@ def engine_step(model: nn.Module, cfg: TrainConfig, mesh: Mesh, args: EngineArgs
     `forward` (step 7's compiled model) where given."""
     from train.trainer.optim import optimizer_factory, param_groups
 
+    check_engine(cfg.precision.name, cfg.parallel.zero_stage)
     return build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg, mesh,
                         args.accum_steps, run_dir=args.run_dir, forward=forward)
 

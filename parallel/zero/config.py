@@ -2,7 +2,7 @@
 
 `deepspeed_config(cfg, world_size)` maps every value moeforge already owns onto DeepSpeed's keys; the keys a user
 adds under `parallel.deepspeed` are merged on top, and one that contradicts a generated value is an error naming
-both (`DeepSpeedConfigError`). Precision: DeepSpeed always runs in fp32 here; moeforge's own `precision=bf16`
+both (`DeepSpeedConfigError`). Precision: DeepSpeed always runs in fp32 here; moeforge's own `precision=bf16_autocast`
 (autocast around an fp32 model, fp32 router and losses) happens inside the forward pass, so DeepSpeed's `bf16`
 and `fp16` modes, which cast the stored weights themselves, are refused. No deepspeed import here, so validation
 can run before any process group, data or model exists.
@@ -20,8 +20,8 @@ CONFIG_FILE = "deepspeed_config.json"
 _OWNED_ELSEWHERE = {
     "optimizer": "optim.* (moeforge builds the optimizer and hands it to DeepSpeed)",
     "scheduler": "optim.schedule / optim.warmup_steps (moeforge's schedule sets the learning rate)",
-    "fp16": "precision=bf16 (moeforge's mixed precision; DeepSpeed's fp16 would cast the weights)",
-    "amp": "precision=bf16",
+    "fp16": "precision=bf16_autocast (moeforge's mixed precision; DeepSpeed's fp16 would cast the weights)",
+    "amp": "precision=bf16_autocast",
 }
 
 # Generated key path -> the Hydra field it comes from (for error messages).
@@ -34,7 +34,7 @@ _SOURCE = {
     "zero_optimization.reduce_bucket_size": "parallel.bucket_mb",
     "zero_optimization.allgather_bucket_size": "parallel.bucket_mb",
     "zero_optimization.stage3_prefetch_bucket_size": "parallel.bucket_mb",
-    "bf16.enabled": "precision (moeforge autocasts inside the forward; DeepSpeed keeps fp32 weights)",
+    "bf16.enabled": "precision=bf16_autocast (moeforge autocasts inside the forward; DeepSpeed keeps fp32 weights)",
     "zero_optimization.elastic_checkpoint": "moeforge's checkpoint layout (per-rank optimizer partitions)",
     "zero_allow_untested_optimizer": "optim.name (moeforge's torch optimizer)",
 }

@@ -85,18 +85,19 @@ def _stages_match_stage0(rank, world_size, model_name, optimizer, tol, *extra):
     import deepspeed
 
     assert deepspeed.__version__ == DEEPSPEED_VERSION, "re-measure shared/notes/deepspeed.md before moving the pin"
+    bf16 = "precision=bf16_autocast" in extra
     ref_records, ref_weights = train(rank, model_name, 0, optimizer, *extra)
     assert all(r["grad_norm"] > CLIP for r in ref_records)  # clipping is active at every step
     for stage in (1, 2, 3):
         records, weights = train(rank, model_name, stage, optimizer, *extra)
         for r, ref in zip(records, ref_records):
             for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-                k_tol = tol * (GRAD_NORM_BF16_FACTOR if key == "grad_norm" and "precision=bf16" in extra else 1)
+                k_tol = tol * (GRAD_NORM_BF16_FACTOR if key == "grad_norm" and bf16 else 1)
                 assert r[key] == pytest.approx(ref[key], rel=k_tol, abs=k_tol), (
                     stage, r["step"], key, r[key], ref[key])
         assert set(weights) == set(ref_weights)
         for name, w in weights.items():
-            _assert_weights_close(w, ref_weights[name], tol, "precision=bf16" in extra, f"stage {stage}: {name}")
+            _assert_weights_close(w, ref_weights[name], tol, bf16, f"stage {stage}: {name}")
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
@@ -126,7 +127,7 @@ GRAD_NORM_BF16_FACTOR = 3
 
 
 def test_zero_stages_match_stage0_in_bf16():
-    """precision=bf16 means the same at every stage: fp32 weights and optimizer, bf16 autocast forward.
+    """precision=bf16_autocast means the same at every stage: fp32 weights and optimizer, bf16 autocast forward.
 
     Without MTP: the output head is shared by the main model and the MTP head, and under bf16 autocast stage 0
     reuses one cached bf16 cast for both uses (their gradients meet in bf16), while ZeRO-3 re-gathers the weight
@@ -137,7 +138,7 @@ def test_zero_stages_match_stage0_in_bf16():
     in fp32 on CPU, 1.6e-4 relative since they run in bf16 too (stages 1 and 2, which reduce in stage 0's order,
     still agree within 1e-4), hence 3e-4 for the gradient norm alone; losses and weights keep 1e-4. A bf16 master
     copy or router would be off by ~1e-3."""
-    run_distributed(_stages_match_stage0, WORLD, "tiny_deepseek_v3", "adamw", 1e-4, "precision=bf16",
+    run_distributed(_stages_match_stage0, WORLD, "tiny_deepseek_v3", "adamw", 1e-4, "precision=bf16_autocast",
                     "model.mtp_depth=0")
 
 

@@ -54,6 +54,7 @@ SPACE = {
     "trainer.activation_checkpointing": ["none", "full", "selective"],
 }
 PRECISIONS = {"fp32": ["precision.name=fp32"], "bf16": ["precision.name=bf16"],
+              "bf16_autocast": ["precision.name=bf16_autocast"],
               "fp8": ["precision.name=fp8", "precision.recipe=tensorwise"]}
 
 

@@ -1,7 +1,7 @@
-"""The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd
-really saves (saved-tensor hooks, every tiny family, fp32 and bf16), every activation-checkpointing mode against
-the real `parallel/activation_checkpointing.py` (kept activations and backward's recompute), the CLI contract on
-a full-size config, and input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0
+"""The memory planner (`python -m train.plan`): hand-worked arithmetic, activations against the bytes autograd really
+saves (saved-tensor hooks, every tiny family, fp32 and bf16_autocast), every activation-checkpointing mode against
+the real `parallel/activation_checkpointing.py` (kept activations and backward's recompute), the CLI contract on a
+full-size config, and input errors. Parameters, gradients and optimizer state against what DeepSpeed and stage 0
 really hold are checked with 4 ranks in tests/distributed/test_zero.py (`_planner_agrees`)."""
 import json
 import subprocess
@@ -102,7 +102,7 @@ def test_activations_by_hand():
     assert recompute_peak_bytes(_checkpointed(cfg.model, "selective"), x, y) == pytest.approx(1152, rel=0.06)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_dbrx", "tiny_deepseek_moe", "tiny_deepseek_v2",
                                   "tiny_deepseek_v3", "tiny_grok1", "tiny_openmoe", "tiny_qwen15_moe",
                                   "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_llama4"])
@@ -116,13 +116,14 @@ def test_activations_match_saved_tensors(name, precision):
     cfg = load_train_config([f"model={name}", f"precision={precision}"])
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = torch.bfloat16 if precision == "bf16_autocast" else None
     measured = saved_tensor_bytes(build_model(cfg.model), ids[:, :-1], ids[:, 1:], dtype)
-    planned = activation_bytes(cfg.model, Shapes(2, 32, precision == "bf16", device_type="cpu"))["by_mode"]["none"]
+    shapes = Shapes(2, 32, precision == "bf16_autocast", device_type="cpu")
+    planned = activation_bytes(cfg.model, shapes)["by_mode"]["none"]
     assert planned == pytest.approx(measured, rel=0.10)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_deepseek_v3"])
 def test_activations_per_checkpointing_mode_match_measured(name, precision):
     """`parallel/activation_checkpointing.py` applied to the real model (sliding-window GQA and softmax top-2; MLA,
@@ -131,8 +132,8 @@ def test_activations_per_checkpointing_mode_match_measured(name, precision):
     storages the forward leaves alive for `selective` (its kept matmul outputs sit in the checkpoint's cache)."""
     cfg = load_train_config([f"model={name}", f"precision={precision}"])
     ids = torch.randint(0, cfg.model.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    planned = activation_bytes(cfg.model, Shapes(2, 64, precision == "bf16", device_type="cpu"))["by_mode"]
+    dtype = torch.bfloat16 if precision == "bf16_autocast" else None
+    planned = activation_bytes(cfg.model, Shapes(2, 64, precision == "bf16_autocast", device_type="cpu"))["by_mode"]
     for mode in ("none", "full", "selective"):
         measure = alive_tensor_bytes if mode == "selective" else saved_tensor_bytes
         measured = measure(_checkpointed(cfg.model, mode), ids[:, :-1], ids[:, 1:], dtype)
@@ -178,7 +179,8 @@ def test_cli_on_full_size_deepseek_v3():
     assert plan["params_bytes"] > 80e9 and plan["peak_bytes"] > plan["params_bytes"]
     assert "does NOT fit" in out.stdout
 
-    cfg = load_train_config(["model=deepseek_v3", "parallel.ep_size=64", "parallel.zero_stage=3", "precision=bf16",
+    cfg = load_train_config(["model=deepseek_v3", "parallel.ep_size=64", "parallel.zero_stage=3",
+                             "precision=bf16_autocast",
                              "trainer.micro_batch_size=1", "trainer.seq_len=4096",
                              "trainer.activation_checkpointing=full"])
     plan = plan_memory(cfg, 512, device_memory=80 * 10**9)

@@ -30,7 +30,8 @@ def test_decay_on_matrices_only():
 def test_precision_recipes():
     cpu = torch.device("cpu")
     assert build_precision(PrecisionConfig(name="fp32"), cpu).autocast_dtype is None
-    bf16 = build_precision(PrecisionConfig(name="bf16"), cpu)
+    assert build_precision(PrecisionConfig(name="bf16"), cpu).autocast_dtype is None  # bf16 weights, no autocast
+    bf16 = build_precision(PrecisionConfig(name="bf16_autocast"), cpu)
     with bf16.autocast():
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16

@@ -209,9 +209,9 @@ def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, cache_dir, m
     assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs)  # one run id, two sessions
 
 
-def test_bf16_trains_with_fp32_master_weights_and_router(tmp_path, cache_dir):
+def test_bf16_autocast_trains_with_fp32_master_weights_and_router(tmp_path, cache_dir):
     fp32 = run(tmp_path / "fp32", cache_dir, "trainer.max_steps=3")
-    bf16 = run(tmp_path / "bf16", cache_dir, "trainer.max_steps=3", "precision=bf16")
+    bf16 = run(tmp_path / "bf16", cache_dir, "trainer.max_steps=3", "precision=bf16_autocast")
     assert all(p.dtype == torch.float32 for p in bf16.state.model.parameters())  # master weights stay fp32
     ref, got = records(tmp_path / "fp32"), records(tmp_path / "bf16")
     for r_ref, r in zip(ref, got):

@@ -107,7 +107,8 @@ class A2aDtype(Choice):
 
 class Precision(Choice):
     fp32 = "fp32"
-    bf16 = "bf16"
+    bf16 = "bf16"  # bf16 compute end to end, fp32 masters (train/precision/bf16.py)
+    bf16_autocast = "bf16_autocast"  # bf16 autocast over fp32 weights
     fp8 = "fp8"
 
 

@@ -2,7 +2,8 @@
 
 Both normalise in fp32 whatever the activation dtype, because the mean of squares over thousands of channels
 loses most of its precision in bf16; the weight is applied after casting back, exactly as the Hugging Face
-reference implementations do, so fp32 runs match them bit for bit.
+reference implementations do, so fp32 runs match them bit for bit; the output has the input's dtype whatever the
+weight's (fp32 under precision=bf16, whose activations are bf16).
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ class RMSNorm(_ScaledNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # The product is cast back too: an fp32 weight times a bf16 input would otherwise promote to fp32
+        # (precision=bf16 keeps norm weights fp32 and the residual stream bf16). fp32 runs: the same numbers.
+        return (self.weight * x32.to(x.dtype)).to(x.dtype)
 
 
 class LayerNorm(_ScaledNorm):

@@ -7,7 +7,7 @@ V vocabulary.
 What the forward keeps, per precision:
   - the residual stream, norm statistics and outputs, the router, gate weights, losses and log-softmax (t·V) are
     fp32 in every precision (norms compute in fp32 and their fp32 weight promotes the output);
-  - matmul outputs are bf16 under `precision=bf16`, and every linear saves its own bf16 cast of an fp32 input
+  - matmul outputs are bf16 under `precision=bf16_autocast`, and every linear saves its own bf16 cast of an fp32 input
     (q, k and v each cast the same norm output) plus a bf16 copy of its weight (autocast's cache: one per weight);
   - routed experts see the fp32 norm output: under bf16 their grouped GEMMs cast the rows and the stacked weights
     as autocast casts a linear's (on every device); in fp32 they run `torch._grouped_mm` (CPU) or the per-expert
@@ -51,7 +51,7 @@ class Shapes:
 
     batch: int
     seq_len: int
-    bf16: bool  # precision=bf16 (autocast); fp32 otherwise
+    bf16: bool  # precision=bf16_autocast (also the planner's upper bound for bf16 and fp8); fp32 otherwise
     ep_size: int = 1
     device_type: str = "cuda"
 

@@ -23,8 +23,11 @@ def _autocast(input_ids_BT: torch.Tensor, dtype: torch.dtype | None):
 
 
 def _weights(model: nn.Module) -> dict[int, StorageWeakRef]:
+    """Storages of the parameters, buffers and the parameters' cached bf16 compute copies (`precision=bf16`, held
+    for the whole step: state, not activations; cast before the pass by calling the model once)."""
+    copies = [p._compute_copy[1] for p in model.parameters() if hasattr(p, "_compute_copy")]
     return {t.untyped_storage().data_ptr(): StorageWeakRef(t.untyped_storage())
-            for t in (*model.parameters(), *model.buffers())}
+            for t in (*model.parameters(), *model.buffers(), *copies)}
 
 
 def _out_storages(out):

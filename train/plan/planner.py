@@ -28,6 +28,7 @@ from train.plan.state import DS_PERSISTENCE_THRESHOLD, state_bytes
 from train.model.moe.experts import stacked_expert_tensors
 from train.config import ModelConfig, TrainConfig
 from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token
+from train.precision.bf16 import compute_copy_numel
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RankParams:
     dense_numel: int
     expert_numel: int
     largest_module_numel: int
+    compute_copy_numel: int = 0  # precision=bf16: elements of the bf16 weight copies held beside the masters
 
 
 _META_MODELS: dict = {}  # repr(ModelConfig) -> the model on the meta device (building a full size takes seconds)
@@ -71,7 +73,8 @@ def rank_params(cfg: TrainConfig, world_size: int) -> RankParams:
     expert_numel = sum(n for ns, fs in zip(numels, flags) for n, f in zip(ns, fs) if f)
     modules = [model.embed, model.lm_head, *model.layers, *model.mtp]
     largest = max(sum(p.numel() for p in m.parameters()) for m in modules)
-    return RankParams(numels, flags, sum(map(sum, numels)) - expert_numel, expert_numel, largest)
+    return RankParams(numels, flags, sum(map(sum, numels)) - expert_numel, expert_numel, largest,
+                      compute_copy_numel(model))
 
 
 def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = None, headroom: float = 0.1) -> dict:
@@ -86,9 +89,14 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     threshold = ((par.deepspeed or {}).get("zero_optimization", {})
                  .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
     held = state_bytes(rp.groups, rp.expert_flags, stage, world_size, ep, int(threshold))
+    held["params"] += 2 * rp.compute_copy_numel  # precision=bf16: one bf16 copy of the converted masters
 
-    # fp8 autocasts like bf16 and its GEMMs save their bf16 inputs (re-quantised in backward): planned as bf16
-    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name in ("bf16", "fp8"), ep, device_type)
+    # fp8 autocasts like bf16_autocast and its GEMMs save their bf16 inputs (re-quantised in backward): planned as
+    # bf16_autocast. bf16 (bf16 activations) is planned with bf16_autocast's figures too, an upper bound (measured
+    # within it by tests/unit/test_precision_bf16.py): its linears save the same bf16 inputs and weight copies,
+    # while its residual stream and norm outputs, which autocast keeps in fp32, are bf16.
+    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name in ("bf16", "bf16_autocast", "fp8"), ep,
+                device_type)
     acts = activation_bytes(m, sh)
     a2a, a2a_worst = 0, 0
     if ep > 1 and any(m.is_moe_layer(i) for i in range(m.num_layers)):

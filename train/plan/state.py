@@ -2,7 +2,8 @@
 `TrainEngine.held_bytes()` measures (`parallel/memory.py`), predicted from tensor sizes alone (meta tensors work).
 
 Inputs: the optimizer's parameter groups of ONE rank's model (experts already sharded to E/ep), which of those
-parameters are routed experts, the world size W and the EP degree ep. Every weight is fp32 in every precision.
+parameters are routed experts, the world size W and the EP degree ep. Every weight is fp32 in every precision
+(`precision=bf16` adds its bf16 compute copies to `params`: `train.plan.planner`).
   stage 0 (`LocalEngine`): whole parameters and gradients; AdamW's two moments and a step counter per tensor.
   stages 1-3 (DeepSpeed ZeRO, as 0.19.8 lays it out): DeepSpeed's groups are ours with the expert parameters split
     off into their own groups (at most 178,956,971 elements each); a dense group is partitioned over the W ranks,

@@ -1,11 +1,15 @@
 """The mixed-precision recipe, in one place: autocast for forward passes, and the model converters it needs.
 
-Parameters, gradients and optimizer state are always fp32 (master weights). `bf16` runs the forward pass
-under autocast to bfloat16; the model itself keeps the router, softmax, norms and losses in fp32. `fp8` autocasts
-the same way, and its model converter (`Fp8Converter`, `fp8/`) puts the attention/MLP/shared-expert linears and
-routed-expert GEMMs in FP8 with `precision.recipe`'s scaling; their Parameters stay the fp32 masters, so
-checkpoints do not change. The build pipeline (`train/build.py`) runs `model_converters()` on the meta model,
-before expert parallelism.
+Parameters, gradients and optimizer state are always fp32 (master weights), and checkpoints hold them.
+- `bf16`: bf16 compute end to end (`bf16.py`): its converter makes linears, embeddings and expert stacks compute
+  with bf16 copies of the fp32 masters, cast once per optimizer step, so activations and the residual stream
+  are bf16; routers, the expert bias, norm statistics and losses stay fp32. No autocast. ZeRO stage 0 only.
+- `bf16_autocast`: the forward pass under autocast to bfloat16 over fp32 weights (matmuls in bf16, residual
+  stream fp32); the model itself keeps the router, softmax, norms and losses in fp32. Every ZeRO stage.
+- `fp8` autocasts as `bf16_autocast` does (it does not build on `bf16` yet), and its model converter
+  (`Fp8Converter`, `fp8/`) puts the attention/MLP/shared-expert linears and routed-expert GEMMs in FP8 with
+  `precision.recipe`'s scaling; their Parameters stay the fp32 masters, so checkpoints do not change.
+The build pipeline (`train/build.py`) runs `model_converters()` on the meta model, before expert parallelism.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 
 from train.config import Fp8Recipe, PrecisionConfig
 
+NAMES = ("fp32", "bf16", "bf16_autocast", "fp8")
 DEFAULT_FP8_RECIPE = Fp8Recipe.tensorwise  # precision.name=fp8 without a recipe (configs/precision/fp8.yaml sets it)
 
 
@@ -29,7 +34,12 @@ class Precision:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[self.name]
+        return {"fp32": None, "bf16": None, "bf16_autocast": torch.bfloat16, "fp8": torch.bfloat16}[self.name]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in (FP8's GEMMs aside): what MFU and the planner count."""
+        return torch.float32 if self.name == "fp32" else torch.bfloat16
 
     def autocast(self):
         """Context manager for forward passes (training and validation)."""
@@ -39,7 +49,12 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def model_converters(self) -> list["ModelConverter"]:
-        """The module conversions this recipe needs, in the order the build pipeline applies them (fp8: one)."""
+        """The module conversions this recipe needs, in the order the build pipeline applies them (bf16, fp8:
+        one each)."""
+        if self.name == "bf16":
+            from train.precision.bf16 import Bf16Converter
+
+            return [Bf16Converter()]
         if self.name != "fp8":
             return []
         from train.precision.fp8 import Fp8Converter
@@ -55,9 +70,18 @@ class ModelConverter(Protocol):
 
 
 def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
-    if cfg.name not in ("fp32", "bf16", "fp8"):
-        raise ValueError(f"precision.name={cfg.name!r}: choose fp32, bf16 or fp8")
+    if cfg.name not in NAMES:
+        raise ValueError(f"precision.name={cfg.name!r}: choose {', '.join(NAMES)}")
     if cfg.recipe is not None and cfg.name != "fp8":
         raise ValueError(f"precision.recipe={Fp8Recipe(cfg.recipe).value} only applies to precision=fp8")
     recipe = Fp8Recipe(cfg.recipe or DEFAULT_FP8_RECIPE) if cfg.name == "fp8" else None
     return Precision(name=cfg.name, device=device, recipe=recipe)
+
+
+def check_engine(precision: str, zero_stage: int) -> None:
+    """Raise a ValueError when the recipe cannot run on the engine `parallel.zero_stage` picks: `bf16` (bf16
+    compute copies over fp32 masters, `bf16.py`) is moeforge's stage-0 engine only for now."""
+    if precision == "bf16" and zero_stage > 0:
+        raise ValueError(f"precision=bf16 is not supported with parallel.zero_stage={zero_stage} yet (bf16 compute "
+                         f"over fp32 masters is stage 0 only): use precision=bf16_autocast, or "
+                         f"parallel.zero_stage=0")

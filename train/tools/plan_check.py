@@ -2,7 +2,7 @@
 
     python scripts/plan_check.py [--batch 2] [--seq-len 64] [--models tiny_mixtral,...] [--modes none,full,selective]
 
-For every tiny family in fp32 and bf16 (autocast) and every `trainer.activation_checkpointing` mode, applied with
+For every tiny family in fp32 and bf16_autocast and every `trainer.activation_checkpointing` mode, applied with
 `parallel/activation_checkpointing.py`, the measurement of `train.plan.measure` beside `train.plan.activations` for
 the same shapes (`device_type=cpu`): kept bytes (autograd's saved storages for `none` and `full`; the storages the
 forward leaves alive for `selective`, whose kept matmul outputs sit in the checkpoint's cache) and, for the
@@ -46,13 +46,13 @@ def main() -> None:
           "| recompute peak, measured B | recompute, planned B | planned / measured |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16_autocast"):
             cfg = load_train_config([f"model={name}", f"precision={precision}"])
             ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
                                 generator=torch.Generator().manual_seed(1))
             x, y = ids[:, :-1], ids[:, 1:]
-            dtype = torch.bfloat16 if precision == "bf16" else None
-            plan = activation_bytes(cfg.model, Shapes(args.batch, args.seq_len, precision == "bf16",
+            dtype = torch.bfloat16 if precision == "bf16_autocast" else None
+            plan = activation_bytes(cfg.model, Shapes(args.batch, args.seq_len, precision == "bf16_autocast",
                                                       device_type="cpu"))
             for mode in args.modes.split(","):
                 measure = alive_tensor_bytes if mode == "selective" else saved_tensor_bytes

@@ -36,7 +36,7 @@ _BF16_PEAK = (
 NOMINAL_PEAK = 1.0e12
 CACHE_FILE = "peak_flops.json"
 # The dtype whose dense GEMM peak is MFU's denominator, per precision recipe.
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_autocast": torch.bfloat16, "fp8": torch.bfloat16}
 # Square matmul side: large enough to reach the GEMM peak, small enough to take well under a second.
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 

@@ -144,10 +144,16 @@ class GroupedExperts(nn.Module):
             drawn_IO = torch.empty(w_OI.shape[1], w_OI.shape[0], dtype=w_OI.dtype, device=w_OI.device)
             w_OI.copy_(drawn_IO.normal_(0.0, std, generator=generator_for(stream)).t())
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_gate_up_EHD, w_down_EDF) as the GEMMs use them: the Parameters here; a precision recipe's subclass
+        may hand out compute copies instead (`train/precision/bf16.py`)."""
+        return self.w_gate_up_EHD, self.w_down_EDF
+
     def forward(self, x_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """`x_ND` rows grouped by expert ascending, block sizes `num_tokens_per_expert_E`; returns `y_ND`."""
-        gate_NF, up_NF = self.gemm(x_ND, self.w_gate_up_EHD, num_tokens_per_expert_E).chunk(2, dim=-1)
-        return self.gemm(self.act(gate_NF) * up_NF, self.w_down_EDF, num_tokens_per_expert_E)
+        w_gate_up_EHD, w_down_EDF = self.expert_weights()
+        gate_NF, up_NF = self.gemm(x_ND, w_gate_up_EHD, num_tokens_per_expert_E).chunk(2, dim=-1)
+        return self.gemm(self.act(gate_NF) * up_NF, w_down_EDF, num_tokens_per_expert_E)
 
 
 def stacked_expert_tensors(model: nn.Module) -> dict[str, GroupedExperts]:
