@@ -3,8 +3,6 @@ process. What runs in bf16 and what stays fp32; one cast per optimizer step; los
 bf16_autocast's); an exact resume; the planner's bound on its activations; ZeRO refused in one line."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,34 +13,13 @@ from train.config import load_train_config
 from train.config.errors import ConfigError
 from train.model.moe.experts import GroupedExperts
 from train.model.moe.router import Router
-from train.trainer.loop import Trainer
+from tests.small_runs import records, run
 from train.trainer.validate import validate_config
 
 BF16, FP32 = torch.bfloat16, torch.float32
-SMALL = [
-    "data.max_corpus_mb=1", "data.tokenizer_vocab_size=512", "data.val_fraction=0.05", "model.vocab_size=512",
-    "model.num_layers=2", "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
-    "trainer.eval_every=0", "logging.progress=false", "logging.wandb=disabled", "optim.warmup_steps=2",
-]
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
-
-
-def _run(run_dir: Path, cache_dir: Path, *overrides: str, stop_at=None) -> Trainer:
-    cfg = load_train_config([*SMALL, f"data.cache_dir={cache_dir}", f"trainer.run_dir={run_dir}", *overrides])
-    validate_config(cfg, world_size=1)
-    torch.set_num_threads(1)
-    trainer = Trainer(cfg, Mesh())
-    trainer.fit(stop_at=stop_at)
-    trainer.close()
-    return trainer
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _built(model: str = "tiny_deepseek_v3", *overrides: str, accum_steps: int = 2):
@@ -117,8 +94,8 @@ def test_bf16_tracks_fp32_and_bf16_autocast(model, tmp_path, cache_dir):
     common = [f"model={model}", "trainer.max_steps=4"]
     runs = {}
     for p in ("fp32", "bf16", "bf16_autocast"):
-        _run(tmp_path / p, cache_dir, *common, f"precision={p}")
-        runs[p] = _records(tmp_path / p)
+        run(tmp_path / p, cache_dir, *common, f"precision={p}")
+        runs[p] = records(tmp_path / p)
     for ref, bf16, auto in zip(runs["fp32"], runs["bf16"], runs["bf16_autocast"]):
         assert bf16["lm_loss"] == pytest.approx(ref["lm_loss"], rel=2e-2)
         assert auto["lm_loss"] == pytest.approx(ref["lm_loss"], rel=2e-2)
@@ -128,11 +105,11 @@ def test_bf16_tracks_fp32_and_bf16_autocast(model, tmp_path, cache_dir):
 def test_bf16_resume_is_exact(tmp_path, cache_dir):
     """The checkpoint holds the fp32 masters (never the bf16 copies): the resumed run casts the same copies."""
     common = ["model=tiny_deepseek_v3", "precision=bf16", "trainer.max_steps=4", "trainer.save_every=2"]
-    full = _run(tmp_path / "full", cache_dir, *common)
-    _run(tmp_path / "split", cache_dir, *common, stop_at=2)
-    resumed = _run(tmp_path / "split", cache_dir, *common)
+    full = run(tmp_path / "full", cache_dir, *common)
+    run(tmp_path / "split", cache_dir, *common, stop_at=2)
+    resumed = run(tmp_path / "split", cache_dir, *common)
     assert resumed.resumed_from.name == "step_00000002"
-    ref, got = _records(tmp_path / "full"), _records(tmp_path / "split")
+    ref, got = records(tmp_path / "full"), records(tmp_path / "split")
     for key in ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm"):
         assert [r[key] for r in got] == [r[key] for r in ref], key
     sd_full, sd_resumed = full.state.model.state_dict(), resumed.state.model.state_dict()
