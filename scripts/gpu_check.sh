@@ -2,7 +2,8 @@
 # The GPU-only paths, checked in one command on a machine with NVIDIA GPUs (run after `make setup`):
 #   bash scripts/gpu_check.sh            # writes gpu_check/*.log and prints each step's last lines
 # 1. the unit tests on a CUDA build of torch;
-# 2. with >= 2 GPUs: the expert-parallel all-to-all over NCCL (scripts/bench_dispatch.py --backend nccl);
+# 2. with >= 2 GPUs: the expert-parallel all-to-all over NCCL (scripts/bench_dispatch.py --backend nccl, fp32 and
+#    bf16 with FP8 dispatch) and our EP MoE layer against DeepSpeed's in bf16 (scripts/bench_ep.py --device cuda);
 # 3. with >= 2 GPUs: DeepSpeed ZeRO 0-3 over NCCL, per-rank bytes and step time (scripts/bench_zero.py);
 # 4. short bf16 and FP8 (each recipe) training runs on one GPU;
 # 5. speed (issue 10): scripts/bench_moe.py at the default shapes and at 16K routed tokens, bf16, against the
@@ -34,6 +35,8 @@ if [ "$NGPU" -ge 2 ]; then
     # shellcheck disable=SC2086
     step dispatch_nccl_bf16_fp8 "$PY" scripts/bench_dispatch.py --backend nccl --ep-sizes $EP_SIZES --dtype bf16 \
         --a2a-dtype fp8
+    step ep_nccl_bf16 "$TORCHRUN" --standalone --nproc_per_node="$NGPU" scripts/bench_ep.py --device cuda --dtype bf16 \
+        --tokens 4096 --d-model 2048 --experts 16 --hidden 1408 --shared-hidden 2816 --top-k 4 --iters 10
     step zero_nccl "$TORCHRUN" --standalone --nproc_per_node="$NGPU" scripts/bench_zero.py trainer.device=cuda \
         "parallel.ep_size=2" "trainer.global_batch_size=$((NGPU * 4))"
 fi

@@ -14,11 +14,11 @@ from torch import nn
 from parallel.zero.runtime import import_deepspeed
 
 
-def init_deepspeed_comm() -> None:
-    """DeepSpeed's communication on the already initialised default process group (gloo)."""
+def init_deepspeed_comm(backend: str = "gloo") -> None:
+    """DeepSpeed's communication on the already initialised default process group (gloo, or nccl on GPUs)."""
     deepspeed = import_deepspeed()
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def deepspeed_moe(d_model: int, expert: nn.Module, num_experts: int, top_k: int, router_ED: torch.Tensor,

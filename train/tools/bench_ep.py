@@ -3,7 +3,10 @@ dispatch) against DeepSpeed's `deepspeed.moe.layer.MoE` at the same `ep_size`, o
 
     torchrun --standalone --nproc_per_node=4 scripts/bench_ep.py [--tokens 512] [--d-model 256] [--experts 8]
         [--hidden 512] [--top-k 2] [--shared-hidden 512] [--ep-size WORLD] [--dtype bf16|fp32] [--iters 5]
-        [--warmup 2] [--no-fp8] [--threads N]
+        [--warmup 2] [--no-fp8] [--threads N] [--device cpu|cuda]
+
+`--device cuda` puts local rank r on cuda:r and communicates over NCCL (`scripts/gpu_check.sh` runs it so);
+the default is gloo ranks on the CPU.
 
 Every rank holds `--tokens` tokens of its own (the global batch is tokens × world) and builds, from one seeded
 draw of the logical weights (`bench_moe.draw_weights`, identical on every rank):
@@ -55,6 +58,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # JSON keys of the times (INTERFACE.md: `ours_ms` is overlap on)
 MS_KEYS = {"ours": "ours_ms", "ours_no_overlap": "ours_ms_no_overlap", "ours_fp8": "ours_fp8_ms",
            "deepspeed": "deepspeed_ms"}
+_DEVICE = [torch.device("cpu")]  # where the all-reduced figures live (NCCL reduces device tensors only)
 RTOL = {"fp32": 1e-4, "bf16": 2e-2}  # max |Δy| ≤ RTOL · max |y|: a routing or weight mismatch is O(max |y|)
 
 
@@ -116,7 +120,7 @@ def layer_config(args, overlap: bool = True, a2a_dtype: str = "auto"):
         "model=tiny_mixtral", f"model.d_model={args.d_model}", f"model.moe.num_experts={args.experts}",
         f"model.moe.top_k={args.top_k}", f"model.moe.expert_hidden={args.hidden}",
         f"model.moe.num_shared_experts={args.shared_hidden // args.hidden}", f"parallel.ep_size={args.ep_size}",
-        "trainer.device=cpu", f"parallel.overlap={str(overlap).lower()}", f"parallel.a2a_dtype={a2a_dtype}"])
+        f"trainer.device={args.device}", f"parallel.overlap={str(overlap).lower()}", f"parallel.a2a_dtype={a2a_dtype}"])
 
 
 def build_ours(args, w, shared_w, mesh, overlap: bool, a2a_dtype: str) -> tuple[Callable, nn.Module]:
@@ -126,16 +130,16 @@ def build_ours(args, w, shared_w, mesh, overlap: bool, a2a_dtype: str) -> tuple[
 
     cfg = layer_config(args, overlap, a2a_dtype)
     layer = MoELayer(cfg.model.d_model, cfg.model.moe, cfg.model.init_std, cfg.model.ffn_activation)
-    layer.to(DTYPES[args.dtype])
+    layer.to(device=mesh.device, dtype=DTYPES[args.dtype])
     layer.router.float()  # fp32 gate weight; its logits are fp32 whatever the weight's dtype
     load_ours(layer, w)
     if layer.shared is not None:
-        _load(layer.shared, shared_w)
+        _load(layer.shared, {k: v.to(mesh.device) for k, v in shared_w.items()})
     parallelize(_OneLayer(layer), cfg, mesh)
     return (lambda x: layer(x)[0]), layer
 
 
-def build_deepspeed(args, w, shared_w) -> tuple[Callable, nn.Module]:
+def build_deepspeed(args, w, shared_w, device) -> tuple[Callable, nn.Module]:
     """DeepSpeed's MoE at ep_size with this rank's experts, plus the shared SwiGLU added outside (docstring)."""
     from parallel.zero.peer_moe import deepspeed_moe
     from train.model.mlp import SwiGLU
@@ -144,17 +148,17 @@ def build_deepspeed(args, w, shared_w) -> tuple[Callable, nn.Module]:
     experts = [{"w_gate.weight": w["gate_up_EHD"][e, :Fh], "w_up.weight": w["gate_up_EHD"][e, Fh:],
                 "w_down.weight": w["down_EDF"][e]} for e in range(args.experts)]
     moe = deepspeed_moe(args.d_model, SwiGLU(args.d_model, Fh), args.experts, args.top_k, w["router_ED"], experts,
-                        ep_size=args.ep_size, dtype=dtype)
+                        ep_size=args.ep_size, dtype=dtype).to(device)
     mods = nn.ModuleDict({"moe": moe})
     if args.shared_hidden:
-        mods["shared"] = SwiGLU(args.d_model, args.shared_hidden).to(dtype)
-        _load(mods["shared"], shared_w)
+        mods["shared"] = SwiGLU(args.d_model, args.shared_hidden).to(device=device, dtype=dtype)
+        _load(mods["shared"], {k: v.to(device) for k, v in shared_w.items()})
         return (lambda x: moe(x)[0] + mods["shared"](x)), mods
     return (lambda x: moe(x)[0]), mods
 
 
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_DEVICE[0])
     dist.all_reduce(t, op=op)
     return t.tolist()
 
@@ -169,11 +173,12 @@ def run(args, mesh) -> dict:
              "ours_no_overlap": build_ours(args, w, shared_w, mesh, False, "auto")}
     if args.fp8:
         impls["ours_fp8"] = build_ours(args, w, shared_w, mesh, True, "fp8")
-    impls["deepspeed"] = build_deepspeed(args, w, shared_w)
+    impls["deepspeed"] = build_deepspeed(args, w, shared_w, mesh.device)
+    sync = torch.cuda.synchronize if mesh.device.type == "cuda" else (lambda: None)
 
-    x = torch.randn(1, args.tokens, args.d_model, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
-    x.requires_grad_(True)
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + rank)).to(dtype)
+    x = torch.randn(1, args.tokens, args.d_model, generator=torch.Generator().manual_seed(100 + rank))
+    x = x.to(device=mesh.device, dtype=dtype).requires_grad_(True)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + rank)).to(mesh.device, dtype)
 
     outs, sent, shapes = {}, {}, {}
     with torch.no_grad():
@@ -205,8 +210,10 @@ def run(args, mesh) -> dict:
             mod.zero_grad(set_to_none=True)
             x.grad = None
             dist.barrier()
+            sync()
             start = time.perf_counter()
             fn(x).backward(grad)
+            sync()
             elapsed = time.perf_counter() - start
             if it >= args.warmup:
                 times[name].append(elapsed)
@@ -246,6 +253,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip ours with parallel.a2a_dtype=fp8")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: cores / ranks)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: rank r on cuda:r over NCCL")
     args = p.parse_args()
     if args.shared_hidden % args.hidden:
         raise SystemExit(f"--shared-hidden {args.shared_hidden} must be a multiple of --hidden {args.hidden} "
@@ -261,7 +269,8 @@ def main() -> None:
     from parallel.zero.peer_moe import init_deepspeed_comm
 
     mesh = init_distributed(layer_config(args))
-    init_deepspeed_comm()
+    _DEVICE[0] = mesh.device
+    init_deepspeed_comm("nccl" if mesh.device.type == "cuda" else "gloo")
     result = run(args, mesh)
     if dist.get_rank() == 0:
         ours = result["ours_ms"]
