@@ -40,7 +40,7 @@ from parallel.engine import TrainEngine, build_engine
 from parallel.mesh import Mesh
 from parallel.parallelize import apply_expert_parallel, materialize
 from train.config import ModelConfig, TrainConfig
-from train.precision import build_precision, check_engine
+from train.precision import build_precision
 
 STOPS = ("parallelize", "load", "engine")
 
@@ -95,7 +95,6 @@ def engine_step(model: nn.Module, cfg: TrainConfig, mesh: Mesh, args: EngineArgs
     `forward` (step 7's compiled model) where given."""
     from train.trainer.optim import optimizer_factory, param_groups
 
-    check_engine(cfg.precision.name, cfg.parallel.zero_stage)
     return build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg, mesh,
                         args.accum_steps, run_dir=args.run_dir, forward=forward)
 

@@ -3,7 +3,8 @@
 `deepspeed_config(cfg, world_size)` maps every value moeforge already owns onto DeepSpeed's keys; the keys a user
 adds under `parallel.deepspeed` are merged on top, and one that contradicts a generated value is an error naming
 both (`DeepSpeedConfigError`). Precision: DeepSpeed always runs in fp32 here; moeforge's own `precision=bf16_autocast`
-(autocast around an fp32 model, fp32 router and losses) happens inside the forward pass, so DeepSpeed's `bf16`
+(autocast around an fp32 model, fp32 router and losses) and `precision=bf16` (bf16 copies of the fp32 weights, whose
+gradients reach the fp32 Parameters) happen inside the forward pass, so DeepSpeed's `bf16`
 and `fp16` modes, which cast the stored weights themselves, are refused. No deepspeed import here, so validation
 can run before any process group, data or model exists.
 """

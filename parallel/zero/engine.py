@@ -64,6 +64,11 @@ class DeepSpeedEngine(TrainEngine):
                                                 dist_init_required=False)
         self.model = model
         self.device = mesh.device
+        if self.stage == 3:
+            for p in model.parameters():
+                # `.data` is gathered around each use and released after: nothing may cache a tensor derived from
+                # it (read by `precision=bf16`'s compute copies, which are then cast per use)
+                p.gathered_per_use = True
         self.forward = self.ds  # the engine's forward runs ZeRO's hooks and bookkeeping around the model's
 
     def backward(self, loss) -> None:
@@ -78,10 +83,20 @@ class DeepSpeedEngine(TrainEngine):
                                "fewer micro-batches than gradient_accumulation_steps")
         skipped_before = self.ds.skipped_steps
         self.ds.step()  # in fp32 mode ZeRO skips the update itself when the global norm is not finite
+        self._mark_updated()
         norm = self.ds.get_global_grad_norm()
         skipped = self.ds.skipped_steps > skipped_before
         # ZeRO reports a skipped step's norm as inf, and the culprits are spread over partitions: not named
         return StepOutcome(float("nan") if norm is None else float(norm), skipped=skipped)
+
+    def _mark_updated(self) -> None:
+        """Advance every parameter's version counter, as an in-place update through the parameter would.
+
+        ZeRO-1/2 write the new weights into a flat buffer the parameters are views of (all-gathered from the fp32
+        partitions), which leaves each parameter's own version counter and storage unchanged; anything keyed on
+        them (autograd's saved-tensor check, `precision=bf16`'s cached bf16 copy) would not see the step."""
+        for p in self.model.parameters():
+            torch.autograd.graph.increment_version(p)
 
     def full_parameters(self):
         if self.stage < 3:

@@ -10,13 +10,16 @@ the model's computation:
   `ep_size_{ep}` (reduced over their EDP group only); at stage 3 also with the placement attributes that make
   ZeRO-3 partition them over their EDP group instead of the world;
 - `ExpertMarker`: a parameter-free `deepspeed.moe.layer.MoE` subclass whose presence makes the engine build its
-  expert-group tables at stages 1 and 2 (stage 3 refuses native MoE modules and needs none).
+  expert-group tables at stages 1 and 2 (stage 3 refuses native MoE modules and needs none);
+- `count_gathered_bytes()`: what DeepSpeed all-gathers on this rank, by dtype (benchmarks).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+from collections import Counter
 
 import torch.distributed as dist
 from torch import nn
@@ -103,3 +106,43 @@ def expert_marker(mesh) -> nn.Module:
             raise RuntimeError("ExpertMarker is a tag for DeepSpeed, never called")
 
     return ExpertMarker(mesh.ep_size)
+
+
+@contextlib.contextmanager
+def count_gathered_bytes():
+    """Within the block, add up the bytes of every tensor DeepSpeed all-gathers on this rank (the gathered output,
+    this rank's own piece included), keyed by dtype name; yields the Counter. Wraps the methods of DeepSpeed's comm
+    backend object (`deepspeed.comm.comm.cdb`), which ZeRO's parameter gathers go through; empty where no
+    DeepSpeed engine exists (stage 0)."""
+    import deepspeed.comm.comm as ds_comm
+
+    counts: Counter = Counter()
+    backend = ds_comm.cdb
+    if backend is None:
+        yield counts
+        return
+
+    def add(tensors) -> None:
+        for t in tensors:
+            counts[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+
+    def counting(name, outputs_of):
+        original = getattr(backend, name)
+
+        def wrapper(*args, **kwargs):
+            add(outputs_of(*args, **kwargs))
+            return original(*args, **kwargs)
+        return wrapper
+
+    wrappers = {
+        "all_gather_into_tensor": counting("all_gather_into_tensor", lambda output_tensor, *a, **k: [output_tensor]),
+        "all_gather": counting("all_gather", lambda tensor_list, *a, **k: tensor_list),
+        "all_gather_coalesced": counting("all_gather_coalesced", lambda output_tensors, *a, **k: output_tensors),
+    }
+    for name, fn in wrappers.items():
+        setattr(backend, name, fn)  # instance attributes shadow the class's methods
+    try:
+        yield counts
+    finally:
+        for name in wrappers:
+            delattr(backend, name)

@@ -89,7 +89,8 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     threshold = ((par.deepspeed or {}).get("zero_optimization", {})
                  .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
     held = state_bytes(rp.groups, rp.expert_flags, stage, world_size, ep, int(threshold))
-    held["params"] += 2 * rp.compute_copy_numel  # precision=bf16: one bf16 copy of the converted masters
+    if stage < 3:  # precision=bf16: one bf16 copy of the converted masters, cached across the step; ZeRO-3 casts
+        held["params"] += 2 * rp.compute_copy_numel  # per use instead (the copies autograd saves are activations)
 
     # fp8 autocasts like bf16_autocast and its GEMMs save their bf16 inputs (re-quantised in backward): planned as
     # bf16_autocast. bf16 (bf16 activations) is planned with bf16_autocast's figures too, an upper bound (measured

@@ -3,7 +3,7 @@
 Parameters, gradients and optimizer state are always fp32 (master weights), and checkpoints hold them.
 - `bf16`: bf16 compute end to end (`bf16.py`): its converter makes linears, embeddings and expert stacks compute
   with bf16 copies of the fp32 masters, cast once per optimizer step, so activations and the residual stream
-  are bf16; routers, the expert bias, norm statistics and losses stay fp32. No autocast. ZeRO stage 0 only.
+  are bf16; routers, the expert bias, norm statistics and losses stay fp32. No autocast. Every ZeRO stage.
 - `bf16_autocast`: the forward pass under autocast to bfloat16 over fp32 weights (matmuls in bf16, residual
   stream fp32); the model itself keeps the router, softmax, norms and losses in fp32. Every ZeRO stage.
 - `fp8` autocasts as `bf16_autocast` does (it does not build on `bf16` yet), and its model converter
@@ -77,11 +77,3 @@ def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     recipe = Fp8Recipe(cfg.recipe or DEFAULT_FP8_RECIPE) if cfg.name == "fp8" else None
     return Precision(name=cfg.name, device=device, recipe=recipe)
 
-
-def check_engine(precision: str, zero_stage: int) -> None:
-    """Raise a ValueError when the recipe cannot run on the engine `parallel.zero_stage` picks: `bf16` (bf16
-    compute copies over fp32 masters, `bf16.py`) is moeforge's stage-0 engine only for now."""
-    if precision == "bf16" and zero_stage > 0:
-        raise ValueError(f"precision=bf16 is not supported with parallel.zero_stage={zero_stage} yet (bf16 compute "
-                         f"over fp32 masters is stage 0 only): use precision=bf16_autocast, or "
-                         f"parallel.zero_stage=0")

@@ -23,9 +23,21 @@ before anything reads the parameters (engine, checkpoint, planner, tests) and re
 checkpointing's recompute; the cached cast has no state outside the Parameter. The cost is the same: one bf16
 copy of the converted weights held across the step (`train/plan/state.py` counts it).
 
-ZeRO 1-3 are refused with this recipe (`check_engine`): DeepSpeed's own `bf16` mode casts the whole module to bf16,
-the router gate included, and its gradient hooks sit on the Parameters, which this recipe's graph does not reach.
-`precision=bf16_autocast` (fp32 weights under autocast) runs at every stage.
+Under ZeRO (DeepSpeed in its fp32 mode, `parallel/zero/`): `_CachedCast` takes the master as an autograd input, so
+the fp32 gradient reaches the Parameter's AccumulateGrad node, where ZeRO's reduce hooks sit; DeepSpeed reduces,
+partitions, clips and steps fp32 as at any precision. Two things differ from stage 0:
+- ZeRO-1/2 write the updated weights into a flat buffer the Parameters view, which moves neither their storage
+  nor their version counter, so the engine advances the version counters after each step (`_mark_updated`);
+  without it the copies kept the first step's weights (loss off by 1.7e-3 at the second step, test_zero.py).
+- ZeRO-3 gathers `.data` around each module's use and releases it after: the engine marks every Parameter
+  `gathered_per_use`, and `compute_weight` casts per use without caching, since a cache would pin a whole bf16
+  copy of every weight for the step (the partitioning undone) and save no cast (each gather lands elsewhere).
+  Gathers therefore move fp32, 4 bytes per parameter: 26.4 MB per rank and step for tiny_deepseek_moe (13.2 MB of
+  local parameters, gathered once per micro-batch, 2 micro-batches; `torchrun --nproc_per_node=4
+  scripts/bench_zero.py --steps 2 precision=bf16`). DeepSpeed's `bf16` mode would gather bf16 (half that) but is
+  not an option here: it casts every Parameter, the router gate included (`engine.py:1851-1862` in 0.19.8;
+  `keep_in_fp32_modules` covers buffers only), and ZeRO-3's flat partitions hold one dtype for all parameters
+  (`stage3.py:238, 907`), so an fp32 gate cannot be put back beside bf16 weights.
 """
 from __future__ import annotations
 
@@ -58,6 +70,10 @@ def compute_weight(p: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch
     Cast again only when `p` changed since the last cast (its storage or its version counter)."""
     if p.dtype == dtype:
         return p
+    if getattr(p, "gathered_per_use", False):  # ZeRO-3: a cache would pin the gathered weight and go stale
+        with torch.no_grad():
+            copy = p.detach().to(dtype)
+        return _CachedCast.apply(p, copy)
     key = (p.data_ptr(), p._version, dtype)
     cached = getattr(p, "_compute_copy", None)
     if cached is None or cached[0] != key:

@@ -7,7 +7,8 @@ Defaults: tiny_deepseek_moe with ep_size=2 (each expert on 2 of the 4 ranks), 2 
 128 tokens per rank and step, AdamW, fp32. For each stage it prints the bytes this rank holds (parameters;
 gradients while accumulating and once reduced; optimizer moments plus any fp32 master copy), measured from the
 tensors themselves (`TrainEngine.held_bytes`), and the mean wall time of a training step after one warm-up
-step, relative to stage 0. ZeRO-3 runs with `stage3_param_persistence_threshold=0` so that small tensors are
+step, relative to stage 0, and the bytes DeepSpeed all-gathers on this rank per step, by dtype (ZeRO-1/2: the
+updated parameters after the step; ZeRO-3: every parameter around each use, and those). ZeRO-3 runs with `stage3_param_persistence_threshold=0` so that small tensors are
 partitioned too (DeepSpeed keeps tensors under 1e5 elements whole by default, which is all of a tiny model's).
 Beside each measured figure it prints the memory planner's (`python -m train.plan`, from the config alone; its
 gradient figure is the worst rank's while accumulating), and at stage 0 the bytes saved for backward by one
@@ -17,6 +18,7 @@ Rank 0's last line is JSON with every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -36,6 +38,7 @@ def micro_batches(cfg, mesh, accum: int, step: int) -> list[dict]:
 
 def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     from parallel import init_distributed
+    from parallel.zero.runtime import count_gathered_bytes
     from train.build import EngineArgs, build_model
     from train.config import load_train_config
     from train.data import check_batch_sizes
@@ -70,14 +73,16 @@ def run_stage(stage: int, overrides: list[str], steps: int) -> dict:
     held = engine.held_bytes()
 
     times = []
-    for s in range(steps):
-        batches = micro_batches(cfg, mesh, accum, s + 1)
-        start = time.perf_counter()
-        train_step(state, batches, ctx)
-        times.append(time.perf_counter() - start)
+    with count_gathered_bytes() if stage else contextlib.nullcontext({}) as gathered:
+        for s in range(steps):
+            batches = micro_batches(cfg, mesh, accum, s + 1)
+            start = time.perf_counter()
+            train_step(state, batches, ctx)
+            times.append(time.perf_counter() - start)
     plan = plan_memory(cfg, mesh.world_size)
     return {"params_bytes": held["params"], "grads_accumulating_bytes": accumulating, "grads_reduced_bytes": reduced,
             "optimizer_bytes": held["optimizer"], "step_s": sum(times) / len(times), "rank": mesh.rank,
+            "gathered_bytes_per_step": {dtype: n // steps for dtype, n in gathered.items()},
             "world_size": mesh.world_size, "saved_activation_bytes": saved,
             "planned": {k: plan[k] for k in ("params_bytes", "grads_bytes", "grads_partition_bytes",
                                              "optimizer_bytes", "activations_bytes")}}
@@ -92,12 +97,13 @@ def main() -> None:
         return
     base = results[0]
     print(f"world {base['world_size']}, rank 0, overrides {[*DEFAULTS, *overrides]}")
-    print("stage  params_B  grads_accum_B  grads_reduced_B  optimizer_B  step_s  vs_stage0")
+    print("stage  params_B  grads_accum_B  grads_reduced_B  optimizer_B  step_s  vs_stage0  gathered_B/step")
     for stage, r in results.items():
         r["step_time_vs_stage0"] = r["step_s"] / base["step_s"]
+        gathered = " ".join(f"{n} {dtype}" for dtype, n in sorted(r["gathered_bytes_per_step"].items())) or "-"
         print(f"{stage:>5}  {r['params_bytes']:>8}  {r['grads_accumulating_bytes']:>13}  "
               f"{r['grads_reduced_bytes']:>15}  {r['optimizer_bytes']:>11}  {r['step_s']:.3f}  "
-              f"{r['step_time_vs_stage0']:.2f}")
+              f"{r['step_time_vs_stage0']:>9.2f}  {gathered}")
     print("planned (python -m train.plan; grads = worst rank while accumulating), planned / measured:")
     for stage, r in results.items():
         p = r["planned"]

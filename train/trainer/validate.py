@@ -19,7 +19,6 @@ from train.config import TrainConfig
 from train.config.errors import ConfigError, check
 from train.config.model import MIN_CAPACITY_FACTOR  # noqa: F401 (re-exported)
 from train.data import check_batch_sizes
-from train.precision import check_engine
 from train.trainer.run_record import RunRecord
 
 SANE_LR = (1e-6, 1e-2)  # AdamW peak learning rates outside this range are almost always a typo
@@ -81,10 +80,6 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     stage = cfg.parallel.zero_stage
     if stage == 0:
         return
-    try:
-        check_engine(cfg.precision.name, stage)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     check(world > 1, f"parallel.zero_stage={stage} partitions state over ranks, and this run has one: launch "
                      f"several with torchrun --nproc_per_node=N, or use parallel.zero_stage=0")
     check(not cfg.trainer.compile, f"trainer.compile=true is not supported with parallel.zero_stage={stage} "
