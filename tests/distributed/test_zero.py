@@ -135,6 +135,27 @@ def _routers(cfg):
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
+def _chunked_head_under_zero3(rank, world_size, *tie):
+    """The chunked loss head (5 tokens of a micro-batch's 16 at a time, main and MTP heads) at ZeRO-3 with every
+    parameter partitioned (persistence threshold 0, so the head's weight too) against stage 0's plain head: the same
+    losses, gradient norms and final weights within ATOL. The loss uses the weight inside `lm_head`'s call, in
+    forward and in its backward, where ZeRO-3 gathers it; outside them it would see an empty partition."""
+    ref_records, ref_weights = train(rank, "tiny_deepseek_v3", 0, "adamw", "model.loss_chunk_tokens=0", *tie)
+    records, weights = train(rank, "tiny_deepseek_v3", 3, "adamw", "model.loss_chunk_tokens=5", *tie,
+                             "+parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
+    for r, ref in zip(records, ref_records):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert r[key] == pytest.approx(ref[key], rel=ATOL, abs=ATOL), (r["step"], key, r[key], ref[key])
+    assert set(weights) == set(ref_weights)
+    for name, w in weights.items():
+        _assert_weights_close(w, ref_weights[name], ATOL, False, f"chunked head: {name}")
+
+
+@pytest.mark.parametrize("tie", [[], ["model.tie_embeddings=true"]], ids=["untied", "tied"])
+def test_chunked_loss_head_under_zero3_matches_stage0(tie):
+    run_distributed(_chunked_head_under_zero3, WORLD, *tie)
+
+
 def _assert_weights_close(w, ref, tol, bf16: bool, what: str) -> None:
     """Within `tol`. Under bf16 an element may instead be off by up to ADAM_LR per step, in at most 5% of a tensor of
     1,000 elements or more: another reduce order makes bf16 round some inputs differently, so an element whose

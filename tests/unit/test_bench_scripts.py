@@ -56,3 +56,19 @@ def test_bench_ep_smoke():
     assert result["max_abs_diff"] < 1e-6 and result["dx_max_abs_diff"] < 1e-6
     assert 0 < result["ours_bytes_per_token"] < result["deepspeed_bytes_per_token"]
     assert result["ours_fp8_bytes_per_token"] < result["ours_bytes_per_token"]
+
+
+def test_bench_loss_head_smoke():
+    """Both heads run in fp32 and bf16; the chunked one saves and holds less and agrees with the plain one."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_loss_head.py"), "--tokens", "256", "--vocab",
+                          "512", "--d-model", "32", "--chunk", "64", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                          "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["tokens"], result["vocab"], result["d_model"], result["chunk"]) == (256, 512, 32, 64)
+    assert [r["dtype"] for r in result["results"]] == ["fp32", "bf16"]
+    for r in result["results"]:
+        assert r["chunked_saved_bytes"] < r["plain_saved_bytes"] / 4 and r["chunked_peak_bytes"] < r["plain_peak_bytes"]
+        assert r["plain_ms"] > 0 and r["chunked_ms"] > 0
+        assert r["max_rel_diff_loss"] < 1e-5 and r["max_rel_diff_grad_h"] < 1e-5

@@ -10,6 +10,7 @@ from torch import nn
 
 from train.config import Fp8Recipe, load_train_config
 from train.model import MoETransformer
+from train.model.loss_head import OutputHead
 from train.model.moe.experts import grouped_mm
 from train.precision.fp8 import convert_to_fp8
 from train.precision.fp8.emulated import EmulatedFp8Linear, emulated_fp8_grouped_mm
@@ -216,7 +217,7 @@ def test_conversion_keeps_embedding_head_gates_norms_and_mtp(recipe, one_thread)
     expected |= {f"layers.{i}.ffn.shared.{p}" for i in (1, 2, 3) for p in ("w_gate", "w_up", "w_down")}
     assert converted == expected
     assert type(layer0.attn.q_a_proj) is fp8_type
-    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert type(model.lm_head) is OutputHead and type(model.embed) is nn.Embedding  # not swapped for an FP8 linear
     for i in (1, 2, 3):
         assert type(model.layers[i].ffn.router.gate) is nn.Linear
     assert not any(isinstance(m, fp8_type) for m in model.mtp.modules())

@@ -353,6 +353,10 @@ class ModelConfig:
     # Multi-token prediction (V3): D sequential modules sharing embedding and head; loss weight lambda.
     mtp_depth: int = 0
     mtp_loss_weight: float = knob(0.3)
+    # The loss head (main and MTP) computes its logits and cross-entropy this many tokens at a time, forward and
+    # again in backward (train/model/loss_head.py), so it never holds B·T·V logits; 0 or a chunk covering the
+    # micro-batch's B·T tokens: the plain head, whole logits (the only path that returns them with labels).
+    loss_chunk_tokens: int = knob(1024)
 
     def validate(self) -> None:
         """Every rule of the model config (its sub-configs' `validate()` included); `MoETransformer` calls it."""
@@ -362,6 +366,8 @@ class ModelConfig:
             check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
         check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         check(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0")
+        check(self.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: the "
+                                           f"whole logits at once)")
         self.attention.validate()
         check(self.head_dim >= 1, f"model.attention.num_heads={self.attention.num_heads} leaves a head size of "
                                   f"{self.head_dim} for model.d_model={self.d_model}: set model.attention.head_dim")
@@ -375,6 +381,11 @@ class ModelConfig:
         m = self.moe
         m.check_layer_placement()
         return layer_idx >= m.first_k_dense and layer_idx % m.layer_freq == m.layer_offset
+
+    def loss_chunk(self, num_tokens: int) -> Optional[int]:
+        """The tokens per chunk of the loss head for a micro-batch of `num_tokens` (B·T) tokens, or None for the plain
+        head (whole logits): chunking is off (0) or one chunk would hold every token."""
+        return self.loss_chunk_tokens if 0 < self.loss_chunk_tokens < num_tokens else None
 
     @property
     def head_dim(self) -> int:

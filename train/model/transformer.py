@@ -17,21 +17,22 @@ from train.config.model import ModelConfig
 from train.model.attention import KVCache
 from train.model.block import Block
 from train.model.documents import document_positions
+from train.model.loss_head import IGNORE_INDEX, OutputHead
 from train.model.moe.experts import GroupedExperts
 from train.model.moe.layer import MoELayer, MoELayerOutput
 from train.model.mtp import MTPModule, shift_left
 from train.model.norms import NORMS, build_norm
 from train.model.rope import RotaryEmbedding
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class ModelOutput:
-    """`logits` always; the loss fields only when labels were given. `aux_terms` and `moe_stats` are filled
-    whenever MoE layers ran (the terms are already coefficient-weighted; `aux_loss` is their sum)."""
+    """`logits` (B, T, V), except when labels were given and the loss head ran in chunks (`model.loss_chunk_tokens`
+    below B·T): then None, as the point is never to hold them. The loss fields only when labels were given.
+    `aux_terms` and `moe_stats` are filled whenever MoE layers ran (the terms are already coefficient-weighted;
+    `aux_loss` is their sum)."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
     lm_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
@@ -72,7 +73,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
         # Registered last so a seeded init draws the main model's weights identically with or without MTP.
         self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp_depth + 1))
         self.tie_weights()
@@ -142,6 +143,19 @@ class MoETransformer(nn.Module):
                 if not b.is_meta:
                     b.zero_()
 
+    def head(self, hn_BTD: torch.Tensor, labels_BT: Optional[torch.Tensor], multiplier: float = 1.0,
+             ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(logits, mean CE over labels != -100) of the final-normed hidden states through `lm_head`; the loss only
+        with labels. With labels and a chunk (`cfg.loss_chunk`: `loss_chunk_tokens` below B·T): the chunked loss
+        head (`loss_head.py`), which returns no logits. Otherwise the plain path: whole logits and
+        `token_cross_entropy`, exactly as before chunking existed."""
+        chunk = None if labels_BT is None else self.cfg.loss_chunk(labels_BT.numel())
+        if chunk is None:
+            logits_BTV = self.lm_head(hn_BTD, multiplier=multiplier)
+            return logits_BTV, None if labels_BT is None else token_cross_entropy(logits_BTV, labels_BT)
+        loss_sum = self.lm_head(hn_BTD, labels_BT, chunk_tokens=chunk, multiplier=multiplier)
+        return None, loss_sum / (labels_BT != IGNORE_INDEX).sum().clamp(min=1)
+
     def forward(
         self,
         input_ids_BT: torch.Tensor,
@@ -183,9 +197,8 @@ class MoETransformer(nn.Module):
                                    document_ids_BT=document_ids)
             if moe_out is not None:
                 moe_outs.append((block.layer_idx, moe_out))
-        logits_BTV = self.lm_head(self.norm(h_BTD))
-        if self.cfg.output_multiplier != 1.0:  # Grok-1
-            logits_BTV = logits_BTV * self.cfg.output_multiplier
+        # Grok-1's output multiplier on the main head's logits (MTP heads have none)
+        logits_BTV, lm_loss = self.head(self.norm(h_BTD), labels_BT, self.cfg.output_multiplier)
 
         out = ModelOutput(logits=logits_BTV)
         mtp_losses = []
@@ -197,9 +210,9 @@ class MoETransformer(nn.Module):
                                                 document_ids)
                 if moe_out is not None:
                     moe_outs.append((module.layer_idx, moe_out))
-                mtp_losses.append(token_cross_entropy(self.lm_head(hn_BTD), shift_left(labels_BT, k, IGNORE_INDEX)))
+                mtp_losses.append(self.head(hn_BTD, shift_left(labels_BT, k, IGNORE_INDEX))[1])
 
-        aux_terms: dict[str, torch.Tensor] = defaultdict(lambda: logits_BTV.new_zeros((), dtype=torch.float32))
+        aux_terms: dict[str, torch.Tensor] = defaultdict(lambda: h_BTD.new_zeros((), dtype=torch.float32))
         for idx, moe_out in moe_outs:
             for name, term in moe_out.aux_terms.items():
                 aux_terms[name] = aux_terms[name] + term
@@ -208,8 +221,8 @@ class MoETransformer(nn.Module):
         out.aux_terms = dict(aux_terms)
 
         if labels_BT is not None:
-            out.lm_loss = token_cross_entropy(logits_BTV, labels_BT)
-            out.aux_loss = sum(out.aux_terms.values(), logits_BTV.new_zeros((), dtype=torch.float32))
+            out.lm_loss = lm_loss
+            out.aux_loss = sum(out.aux_terms.values(), h_BTD.new_zeros((), dtype=torch.float32))
             out.loss = out.lm_loss + out.aux_loss
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()

@@ -319,12 +319,30 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4)
 
 
 def _head(s: _Saved, cfg: ModelConfig, sh: Shapes, name: str, h: str, in_bytes: int) -> None:
-    """Final norm, output head (one bf16 weight copy shared by every use), the fp32 log-softmax, the targets."""
+    """Final norm, output head (one bf16 weight copy shared by every use), the fp32 log-softmax, the targets. With
+    a loss chunk (`cfg.loss_chunk`) the chunked loss head keeps instead the fp32 norm output, one fp32
+    log-sum-exp per token and the targets: nothing of size t·V."""
     t, D, V = sh.tokens, cfg.d_model, cfg.vocab_size
     out = _norm(s, cfg.norm, f"{name}.norm", h, t, D, in_bytes, "head")
-    _linear(s, sh, f"{name}.lm_head", out, t, D, V, 4, "head", weight_key="lm_head.weight_bf16")
-    s.keep(f"{name}.log_probs", t * V * 4, "logits")
+    if cfg.loss_chunk(t) is None:
+        _linear(s, sh, f"{name}.lm_head", out, t, D, V, 4, "head", weight_key="lm_head.weight_bf16")
+        s.keep(f"{name}.log_probs", t * V * 4, "logits")
+    else:
+        s.keep(out, t * D * 4, "head")
+        s.keep(f"{name}.lse", t * 4, "head")
     s.keep(f"{name}.targets", t * 8, "head")
+
+
+def loss_head_transient(cfg: ModelConfig, sh: Shapes) -> int:
+    """What the loss head's backward holds at its start beyond the saved activations: the logits the output holds
+    and the fp32 gradients of log-probabilities and logits (t·V each); with a loss chunk of c tokens, one chunk's
+    recomputed fp32 logits, turned into their gradient in place, and its cast to bf16 under autocast (measured on
+    CPU in tests/unit/test_loss_head.py). The weight's gradient is counted with the gradients."""
+    t, V = sh.tokens, cfg.vocab_size
+    chunk = cfg.loss_chunk(t)
+    if chunk is None:
+        return t * V * (sh.act + 2 * 4)
+    return chunk * V * (4 + (sh.act if sh.bf16 else 0))
 
 
 def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:

@@ -127,3 +127,32 @@ def recompute_peak_bytes(model: nn.Module, input_ids_BT: torch.Tensor, labels_BT
     with _RecomputedStorages(before) as recomputed:
         loss.backward()
     return recomputed.peak
+
+
+class _PeakStorages(TorchDispatchMode):
+    """The peak bytes of storages created by the ops run under it (not views or in-place results of their
+    inputs), alive at one time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {s.data_ptr() for s in _out_storages((args, kwargs))}
+        self.live = {ptr: v for ptr, v in self.live.items() if not v[0].expired()}
+        for s in _out_storages(out):
+            ptr = s.data_ptr()
+            if ptr not in inputs and ptr not in self.live and s.nbytes():
+                self.live[ptr] = (StorageWeakRef(s), s.nbytes())
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def peak_new_bytes(fn) -> tuple[object, int]:
+    """(fn(), the most bytes of storages that fn's ops created and held at one time): the working set of a forward
+    and backward on CPU, where no allocator statistic exists. Storages alive before the call are not counted."""
+    with _PeakStorages() as peak:
+        result = fn()
+    return result, peak.peak

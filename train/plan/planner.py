@@ -8,7 +8,8 @@ Activations come from `train.plan.activations` (per micro-batch, every checkpoin
 
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
 is what lives only for a moment but alongside all of that, at the start of backward:
-  max(loss head: the logits the output holds + the fp32 gradients of log-probabilities and logits,
+  max(loss head: the logits the output holds + the fp32 gradients of log-probabilities and logits, or one
+      chunk's logits and their gradient with `model.loss_chunk_tokens` (`loss_head_transient`),
       what backward's recomputation saves again at one time (`full`: one block, all-to-alls included;
       `selective`: one checkpointed region) + one MoE layer's all-to-all send and receive buffers)
   + gradient-reduction bucket(s) (`parallel.bucket_mb`: one at stage 0, reduce + all-gather/prefetch for ZeRO)
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from train.plan.state import DS_PERSISTENCE_THRESHOLD, state_bytes
 from train.model.moe.experts import stacked_expert_tensors
 from train.config import ModelConfig, TrainConfig
-from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token
+from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token, loss_head_transient
 from train.precision.bf16 import compute_copy_numel
 
 
@@ -105,7 +106,7 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
         copies = sh.tokens * expected_devices_per_token(m, ep)
         a2a = int(2 * copies * m.d_model * 4)
         a2a_worst = 2 * sh.tokens * min(m.moe.num_active_routed, ep) * m.d_model * 4
-    loss_head = sh.tokens * m.vocab_size * (sh.act + 2 * 4)
+    loss_head = loss_head_transient(m, sh)
     bucket = int(par.bucket_mb * 2**20)
     transient = {
         "loss_head": loss_head,

@@ -6,8 +6,8 @@ The rule (the one place it is stated; the Trainer and `python -m train` follow i
   MoE shapes and scoring, `mtp_depth`, `family`. Whatever `model=NAME` composed is ignored (and logged).
 - Training-only knobs (the schema's fields marked `knob`, collected in `TRAINING_KNOBS`: balance and router loss
   coefficients, `bias_update_rate`, the capacity factors, `device_limit`, noisy top-k / Switch / BASE training
-  settings, `mtp_loss_weight`, `max_seq_len`, `init_std`, `name`) also come from the checkpoint, except those the
-  user set explicitly as `model.<field>=...` on the command line: those win.
+  settings, `mtp_loss_weight`, `loss_chunk_tokens`, `max_seq_len`, `init_std`, `name`) also come from the
+  checkpoint, except those the user set explicitly as `model.<field>=...` on the command line: those win.
 - An explicit command-line `model.<field>=...` for any other (architecture) field must agree with the
   checkpoint; a different value is a `ConfigError` naming the field.
 - `moe.routing_groups` is architecture (it decides which experts a device-limited token may use), except that a
