@@ -140,9 +140,14 @@ class OutputHead(nn.Linear):
     def __init__(self, d_model: int, vocab_size: int):
         super().__init__(d_model, vocab_size, bias=False)
 
+    def head_weight(self) -> torch.Tensor:
+        """The weight both paths multiply with: the Parameter itself (precision converters return their copy)."""
+        return self.weight
+
     def forward(self, h_BTD: torch.Tensor, labels_BT: Optional[torch.Tensor] = None, chunk_tokens: int = 0,
                 multiplier: float = 1.0) -> torch.Tensor:
         if labels_BT is None:
-            logits_BTV = super().forward(h_BTD)
+            logits_BTV = F.linear(h_BTD, self.head_weight())
             return logits_BTV * multiplier if multiplier != 1.0 else logits_BTV
-        return chunked_cross_entropy(h_BTD.flatten(0, -2), self.weight, labels_BT.flatten(), chunk_tokens, multiplier)
+        return chunked_cross_entropy(h_BTD.flatten(0, -2), self.head_weight(), labels_BT.flatten(), chunk_tokens,
+                                     multiplier)

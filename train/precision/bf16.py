@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.model.loss_head import OutputHead
 from train.model.moe.experts import GroupedExperts
 from train.model.moe.router import Router
 
@@ -109,7 +110,19 @@ class Bf16GroupedExperts(GroupedExperts):
         return super().forward(x_ND.to(COMPUTE_DTYPE), num_tokens_per_expert_E)
 
 
-SWAPS = ((nn.Linear, Bf16Linear), (nn.Embedding, Bf16Embedding), (GroupedExperts, Bf16GroupedExperts))
+class Bf16OutputHead(OutputHead):
+    """The output head (logits, or the chunked loss) on the bf16 copy of its weight (the embedding's when tied:
+    the same cached copy) and bf16 hidden states; the loss itself is still taken in fp32."""
+
+    def head_weight(self) -> torch.Tensor:
+        return compute_weight(self.weight)
+
+    def forward(self, h_BTD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return super().forward(h_BTD.to(COMPUTE_DTYPE), *args, **kwargs)
+
+
+SWAPS = ((nn.Linear, Bf16Linear), (nn.Embedding, Bf16Embedding), (GroupedExperts, Bf16GroupedExperts),
+         (OutputHead, Bf16OutputHead))
 
 
 class Bf16Converter:
@@ -136,7 +149,7 @@ def compute_copy_numel(model: nn.Module) -> int:
     what `precision=bf16` adds to the fp32 masters (`train/plan`). 0 for an unconverted model."""
     seen: dict[int, int] = {}
     for module in model.modules():
-        if isinstance(module, (Bf16Linear, Bf16Embedding, Bf16GroupedExperts)):
+        if isinstance(module, (Bf16Linear, Bf16Embedding, Bf16GroupedExperts, Bf16OutputHead)):
             for p in module.parameters(recurse=False):
                 seen[id(p)] = p.numel()
     return sum(seen.values())
