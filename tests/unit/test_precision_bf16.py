@@ -120,8 +120,8 @@ def test_bf16_resume_is_exact(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("model", ["tiny_mixtral", "tiny_deepseek_v3"])
 def test_planned_activations_bound_what_bf16_saves(model, one_thread):
-    """The planner plans bf16's activations with bf16_autocast's figures; what bf16 saves stays within them (its
-    residual stream and norm outputs are bf16 where autocast keeps them fp32)."""
+    """What bf16 saves stays within bf16_autocast's planned figures (its residual stream and norm outputs are bf16
+    where autocast keeps them fp32); tests/unit/test_plan.py checks bf16's own plan against it."""
     from train.plan.activations import Shapes, activation_bytes
     from train.plan.measure import saved_tensor_bytes
 

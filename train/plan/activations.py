@@ -6,12 +6,17 @@ rows (the expected count under balanced routing; one rank can receive more), F e
 V vocabulary.
 What the forward keeps, per precision:
   - the residual stream, norm statistics and outputs, the router, gate weights, losses and log-softmax (t·V) are
-    fp32 in every precision (norms compute in fp32 and their fp32 weight promotes the output);
+    fp32 in fp32 and bf16_autocast (norms compute in fp32 and their fp32 weight promotes the output);
   - matmul outputs are bf16 under `precision=bf16_autocast`, and every linear saves its own bf16 cast of an fp32 input
     (q, k and v each cast the same norm output) plus a bf16 copy of its weight (autocast's cache: one per weight);
-  - routed experts see the fp32 norm output: under bf16 their grouped GEMMs cast the rows and the stacked weights
-    as autocast casts a linear's (on every device); in fp32 they run `torch._grouped_mm` (CPU) or the per-expert
-    loop (CUDA) in fp32.
+  - routed experts see the fp32 norm output: under bf16_autocast their grouped GEMMs cast the rows and the stacked
+    weights as autocast casts a linear's (on every device); in fp32 they run `torch._grouped_mm` (CPU) or the
+    per-expert loop (CUDA) in fp32;
+  - `precision=bf16` (`Shapes.end_to_end`): the residual stream, norm outputs and dispatched expert rows are bf16
+    too, so linears and expert GEMMs save their bf16 inputs themselves, and the bf16 weight copies are state held
+    across the step (`train.plan.planner`), not activations; norms keep an fp32 copy of their bf16 input, the
+    router its own fp32 copy, the combine and the all-to-all's sum their fp32 copies of the rows (as autocast's
+    do); router, gate weights, balance terms and the loss stay fp32. fp8 keeps bf16_autocast's figures.
 Attention: fused SDPA (flash / memory-efficient: q, k, v, output and log-sum-exp) on CUDA, and on CPU when q and v
 have one head size; CPU MLA (q/k 192 ≠ v 128 wide) takes the math path, which keeps the T×T probabilities (in fp32:
 CPU upcasts reduced precision there).
@@ -51,9 +56,16 @@ class Shapes:
 
     batch: int
     seq_len: int
-    bf16: bool  # precision=bf16_autocast (also the planner's upper bound for bf16 and fp8); fp32 otherwise
+    bf16: bool  # matmuls in bf16: precision=bf16_autocast or bf16 (fp8 is planned as bf16_autocast); fp32 otherwise
     ep_size: int = 1
     device_type: str = "cuda"
+    end_to_end: bool = False  # with bf16: precision=bf16 (bf16 residual stream and norm outputs) rather than autocast
+
+    @classmethod
+    def of(cls, precision: str, batch: int, seq_len: int, ep_size: int = 1, device_type: str = "cuda") -> "Shapes":
+        """The shapes of `precision=<precision>` (fp8 keeps bf16_autocast's figures, an upper bound)."""
+        return cls(batch, seq_len, precision in ("bf16", "bf16_autocast", "fp8"), ep_size, device_type,
+                   end_to_end=precision == "bf16")
 
     @property
     def tokens(self) -> int:
@@ -63,6 +75,17 @@ class Shapes:
     def act(self) -> int:
         """Bytes per element of a matmul output."""
         return 2 if self.bf16 else 4
+
+    @property
+    def stream(self) -> int:
+        """Bytes per element of the residual stream, the norm outputs and the dispatched expert rows."""
+        return 2 if self.bf16 and self.end_to_end else 4
+
+    @property
+    def casts(self) -> bool:
+        """Autocast: every linear saves its own bf16 cast of an fp32 input and a bf16 copy of its weight. Under
+        precision=bf16 the weight copies are state (`train.plan.planner`), cached once per step, not activations."""
+        return self.bf16 and not self.end_to_end
 
     @property
     def expert_act(self) -> int:
@@ -115,14 +138,15 @@ class _Saved:
 
 def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: int, in_bytes: int, region: str,
             weight_key: str | None = None) -> str:
-    """A bias-free linear's saves: its input (fp32 runs), or its own bf16 cast of an fp32 input and a bf16 copy of
-    its weight (autocast; `weight_key` names a weight shared by several uses, cast once). Its output is a matmul
-    output, which selective keeps; returns the output's key."""
+    """A bias-free linear's saves: its input in the dtype it arrives in (fp32 runs; bf16 ones under precision=bf16,
+    whose residual stream and norm outputs are bf16), or its own bf16 cast of an fp32 input, and under autocast a
+    bf16 copy of its weight (`weight_key` names a weight shared by several uses, cast once). Its output is a
+    matmul output, which selective keeps; returns the output's key."""
     if sh.bf16 and in_bytes == 4:
         s.keep(f"{name}.in_bf16", rows * k * 2, region)
     else:
         s.keep(inp, rows * k * in_bytes, region)
-    if sh.bf16:
+    if sh.casts:
         s.keep(weight_key or f"{name}.weight_bf16", k * out * 2, region)
     s.keep(f"{name}.out", rows * out * sh.act, region, saved=False, cached=True)
     return f"{name}.out"
@@ -131,7 +155,8 @@ def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: 
 def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_bytes: int, region: str,
           in_storage: int | None = None) -> str:
     """RMSNorm keeps its input in fp32 (the input itself or an fp32 copy), 1/rms and the normalised input in the
-    input's dtype; LayerNorm keeps the fp32 input, mean and 1/std. The output is a new fp32 tensor (its key)."""
+    input's dtype; LayerNorm keeps the fp32 input, mean and 1/std. The output is a new tensor (its key), in fp32
+    under autocast and in the input's dtype under precision=bf16 (the callers pass on its width)."""
     if in_bytes == 4:
         s.keep(inp, in_storage if in_storage is not None else rows * dim * 4, region)
     else:
@@ -178,7 +203,7 @@ def _gqa(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     at, t, a, D = cfg.attention, sh.tokens, sh.act, cfg.d_model
     H, Hkv, hd = at.num_heads, at.num_kv_heads, cfg.head_dim
     for name, width in (("q_proj", H * hd), ("k_proj", Hkv * hd), ("v_proj", Hkv * hd)):
-        out = _linear(s, sh, name, inp, t, D, width, 4, _MIXING)
+        out = _linear(s, sh, name, inp, t, D, width, sh.stream, _MIXING)
         if at.clip_qkv is not None:  # clamp keeps its input
             s.keep(out, t * width * a, _MIXING)
         if at.qk_norm is not None and name != "v_proj":  # per head (rows t*heads) or over the projection
@@ -197,16 +222,16 @@ def _mla(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     H, C, R = at.num_heads, at.kv_lora_rank, at.qk_rope_head_dim
     qk, vd = at.qk_nope_head_dim + R, at.v_head_dim
     if at.q_lora_rank is None:
-        _linear(s, sh, "q_proj", inp, t, D, H * qk, 4, _MIXING)
+        _linear(s, sh, "q_proj", inp, t, D, H * qk, sh.stream, _MIXING)
     else:
         r = at.q_lora_rank
-        q_a = _linear(s, sh, "q_a_proj", inp, t, D, r, 4, _MIXING)
+        q_a = _linear(s, sh, "q_a_proj", inp, t, D, r, sh.stream, _MIXING)
         out = _norm(s, "rmsnorm", "q_a_norm", q_a, t, r, a, _MIXING)
-        _linear(s, sh, "q_b_proj", out, t, r, H * qk, 4, _MIXING)
-    kv_a = _linear(s, sh, "kv_a_proj", inp, t, D, C + R, 4, _MIXING)
+        _linear(s, sh, "q_b_proj", out, t, r, H * qk, sh.stream, _MIXING)
+    kv_a = _linear(s, sh, "kv_a_proj", inp, t, D, C + R, sh.stream, _MIXING)
     # the latent is a view of kv_a_proj's output: fp32 runs keep that whole storage, bf16 an fp32 copy of the view
     out = _norm(s, "rmsnorm", "kv_a_norm", kv_a, t, C, a, _MIXING, in_storage=t * (C + R) * 4)
-    kv_b = _linear(s, sh, "kv_b_proj", out, t, C, H * (qk - R + vd), 4, _MIXING)
+    kv_b = _linear(s, sh, "kv_b_proj", out, t, C, H * (qk - R + vd), sh.stream, _MIXING)
     s.keep("rope.cos_sin", sh.seq_len * R * 4, _MIXING)
     # q and k are new tensors (cat of nope and rotated rope parts); v is a view of kv_b_proj's output
     o = _sdpa(s, cfg, sh, "q", "k", kv_b, H, qk, vd, t * H * (qk - R + vd) * a)
@@ -214,12 +239,12 @@ def _mla(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
 
 
 def _swiglu(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, D: int, F: int) -> None:
-    """Dense SwiGLU (dense layers, fused shared experts), one selective region: its fp32 input, the gate output
-    (silu's input), silu and up outputs (the product's inputs), the product (the down projection's input)."""
-    a = sh.act
-    s.keep(inp, rows * D * 4, _FFN, saved=False, cached=True)  # the region's input
-    gate = _linear(s, sh, f"{name}.w_gate", inp, rows, D, F, 4, _FFN)
-    up = _linear(s, sh, f"{name}.w_up", inp, rows, D, F, 4, _FFN)
+    """Dense SwiGLU (dense layers, fused shared experts), one selective region: its input (a norm output), the gate
+    output (silu's input), silu and up outputs (the product's inputs), the product (the down projection's input)."""
+    a, x = sh.act, sh.stream
+    s.keep(inp, rows * D * x, _FFN, saved=False, cached=True)  # the region's input
+    gate = _linear(s, sh, f"{name}.w_gate", inp, rows, D, F, x, _FFN)
+    up = _linear(s, sh, f"{name}.w_up", inp, rows, D, F, x, _FFN)
     s.keep(gate, rows * F * a, _FFN)
     s.keep(f"{name}.silu", rows * F * a, _FFN)
     s.keep(up, rows * F * a, _FFN)
@@ -242,12 +267,15 @@ def expected_devices_per_token(cfg: ModelConfig, ep: int) -> float:
 
 def _experts(s: _Saved, sh: Shapes, E_loc: int, N: int, D: int, F: int) -> None:
     """The routed experts, one selective region: two GEMMs (gate+up fused, then down), whose outputs autograd saves.
-    bf16: the GEMMs save their bf16 casts of the rows and of the stacked weights. The offsets are saved where
-    `torch._grouped_mm` runs (bf16 anywhere, fp32 on CPU; fp32 on CUDA loops over views)."""
-    e = sh.expert_act
-    s.keep("experts.in", N * D * 4, _EXPERTS, saved=e == 4, cached=True)  # the dispatched fp32 rows
-    if e == 2:
+    The dispatched rows are gathered from the norm output, in its dtype. Autocast: the GEMMs save their bf16 casts
+    of the fp32 rows and of the stacked weights; precision=bf16: the bf16 rows themselves (the weight copies are
+    state). The offsets are saved where `torch._grouped_mm` runs (bf16 anywhere, fp32 on CPU; fp32 on CUDA loops
+    over views)."""
+    e, x = sh.expert_act, sh.stream
+    s.keep("experts.in", N * D * x, _EXPERTS, saved=e == x, cached=True)  # the dispatched rows
+    if e != x:
         s.keep("experts.in_bf16", N * D * 2, _EXPERTS)
+    if sh.casts:
         s.keep("experts.weight_bf16", 3 * E_loc * D * F * 2, _EXPERTS)
     if e == 2 or sh.device_type == "cpu":
         s.keep("experts.offsets", 2 * E_loc * 4, _EXPERTS)
@@ -260,7 +288,8 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     moe, t, D = cfg.moe, sh.tokens, cfg.d_model
     E, K, F, ep = moe.num_routed_experts, moe.num_active_routed, moe.routed_hidden, sh.ep_size
     N = t * K
-    s.keep(inp, t * D * 4, _ROUTING)  # the fp32 router gate (autocast off) keeps the norm output itself
+    # the fp32 router gate (autocast off) keeps the fp32 norm output itself, or its fp32 copy of a bf16 one
+    s.keep(inp if sh.stream == 4 else "router.in_fp32", t * D * 4, _ROUTING)
     s.keep("router.scores", t * E * 4, _ROUTING)
     s.keep("router.topk_ids", t * K * 8, _ROUTING)
     if moe.scoring == "topk_softmax" or moe.norm_topk_prob:
@@ -272,7 +301,7 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
         s.keep("balance.score_sums", t * 4, _ROUTING)
     if moe.seq_balance_coef:
         s.keep("balance.seq_f", sh.batch * E * 4, _ROUTING)
-    if ep > 1:  # send plan index, gate-weight mask, and the returned copies summed into tokens (fp32)
+    if ep > 1:  # send plan index, gate-weight mask, and the returned copies summed into tokens (an fp32 copy)
         C = round(t * expected_devices_per_token(cfg, ep))
         s.keep("a2a.copy_token", C * 8, _ROUTING)
         s.keep("a2a.weight_mask", C * K * 4, _ROUTING)
@@ -287,21 +316,23 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
     if moe.num_shared_experts:
         _swiglu(s, sh, "shared", inp, t, D, moe.shared_hidden)
         if moe.shared_expert_gate:  # sigmoid(gate) * shared: both factors
-            _linear(s, sh, "shared_gate", inp, t, D, 1, 4, _ROUTING)
-            s.keep("shared_gate.sigmoid", t * 4, _ROUTING)
+            _linear(s, sh, "shared_gate", inp, t, D, 1, sh.stream, _ROUTING)
+            s.keep("shared_gate.sigmoid", t * sh.stream, _ROUTING)
             s.keep("shared.out", t * D * sh.act, _ROUTING)
 
 
-def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4) -> tuple[_Saved, int]:
+def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int | None = None) -> tuple[_Saved, int]:
     """What one transformer block saves and caches, by region, and the byte width of its output (the residual
-    stream: fp32, except an MTP block fed by the bf16 `eh_proj` until an fp32 sublayer output promotes it)."""
+    stream: fp32 under fp32 and autocast, except an MTP block fed by the bf16 `eh_proj` until an fp32 sublayer
+    output promotes it; bf16 under precision=bf16)."""
     s, t, D, a = _Saved(f"L{layer_idx}."), sh.tokens, cfg.d_model, sh.act
+    in_bytes = sh.stream if in_bytes is None else in_bytes
     s.keep("in", t * D * in_bytes, _INPUT, saved=False)  # a checkpoint holds it; the fp32 attn_norm saves it too
     out = _norm(s, cfg.norm, "attn_norm", "in", t, D, in_bytes, _MIXING)
     (_mla if cfg.attention.kind == "mla" else _gqa)(s, cfg, sh, out)
     if cfg.post_sublayer_norm:  # Grok-1: the attention output normalised before the residual add (fp32 out)
         _norm(s, cfg.norm, "attn_post_norm", "o_proj.out", t, D, a, _MIXING)
-        a_out = 4
+        a_out = sh.stream
     else:
         a_out = a
     mid_bytes = max(in_bytes, a_out)  # x + attn(x)
@@ -309,12 +340,12 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int = 4)
     if cfg.is_moe_layer(layer_idx):
         _moe(s, cfg, sh, out)
         if cfg.post_sublayer_norm:
-            _norm(s, cfg.norm, "ffn_post_norm", "moe.out", t, D, 4, _ROUTING)
-        return s, 4
+            _norm(s, cfg.norm, "ffn_post_norm", "moe.out", t, D, sh.stream, _ROUTING)
+        return s, sh.stream
     _swiglu(s, sh, "mlp", out, t, D, cfg.dense_hidden)
     if cfg.post_sublayer_norm:
         _norm(s, cfg.norm, "ffn_post_norm", "mlp.out", t, D, a, _FFN)
-        return s, 4
+        return s, sh.stream
     return s, max(mid_bytes, a)
 
 
@@ -354,7 +385,7 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
     t, D = sh.tokens, cfg.d_model
     outside = _Saved("")
     outside.keep("input_ids", t * 8, "embedding")
-    blocks, in_bytes = [], 4
+    blocks, in_bytes = [], sh.stream
     for i in range(cfg.num_layers):
         s, in_bytes = block_saved(cfg, sh, i)
         blocks.append(s)
@@ -363,9 +394,9 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
     for k in range(1, cfg.mtp_depth + 1):  # MTP: embed(t_{i+k}), enorm, hnorm, [emb; h] -> eh_proj -> block -> head
         m = f"mtp{k}"
         outside.keep(f"{m}.ids", t * 8, "mtp")  # shifted input ids
-        _norm(outside, cfg.norm, f"{m}.enorm", f"{m}.emb", t, D, 4, "mtp")
-        _norm(outside, cfg.norm, f"{m}.hnorm", h, t, D, 4, "mtp")
-        _linear(outside, sh, f"{m}.eh_proj", f"{m}.cat", t, 2 * D, D, 4, "mtp")
+        _norm(outside, cfg.norm, f"{m}.enorm", f"{m}.emb", t, D, sh.stream, "mtp")
+        _norm(outside, cfg.norm, f"{m}.hnorm", h, t, D, sh.stream, "mtp")
+        _linear(outside, sh, f"{m}.eh_proj", f"{m}.cat", t, 2 * D, D, sh.stream, "mtp")
         s, out_bytes = block_saved(cfg, sh, cfg.num_layers + k - 1, in_bytes=sh.act)
         blocks.append(s)
         h = f"{m}.h"

@@ -94,18 +94,16 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
         held["params"] += 2 * rp.compute_copy_numel  # per use instead (the copies autograd saves are activations)
 
     # fp8 autocasts like bf16_autocast and its GEMMs save their bf16 inputs (re-quantised in backward): planned as
-    # bf16_autocast. bf16 (bf16 activations) is planned with bf16_autocast's figures too, an upper bound (measured
-    # within it by tests/unit/test_precision_bf16.py): its linears save the same bf16 inputs and weight copies,
-    # while its residual stream and norm outputs, which autocast keeps in fp32, are bf16.
-    sh = Shapes(t.micro_batch_size, t.seq_len, cfg.precision.name in ("bf16", "bf16_autocast", "fp8"), ep,
-                device_type)
+    # bf16_autocast, an upper bound. bf16 is counted as it runs: bf16 residual stream, norm outputs and expert rows.
+    sh = Shapes.of(cfg.precision.name, t.micro_batch_size, t.seq_len, ep, device_type)
     acts = activation_bytes(m, sh)
     a2a, a2a_worst = 0, 0
     if ep > 1 and any(m.is_moe_layer(i) for i in range(m.num_layers)):
-        # dispatch sends and receives fp32 copies of d_model (combine returns them in the expert dtype: fp32 bound)
+        # dispatch sends and receives copies of d_model in the residual stream's dtype (fp32 under autocast, bf16
+        # under bf16), and combine returns them in the experts' (no wider): the rows bound both
         copies = sh.tokens * expected_devices_per_token(m, ep)
-        a2a = int(2 * copies * m.d_model * 4)
-        a2a_worst = 2 * sh.tokens * min(m.moe.num_active_routed, ep) * m.d_model * 4
+        a2a = int(2 * copies * m.d_model * sh.stream)
+        a2a_worst = 2 * sh.tokens * min(m.moe.num_active_routed, ep) * m.d_model * sh.stream
     loss_head = loss_head_transient(m, sh)
     bucket = int(par.bucket_mb * 2**20)
     transient = {

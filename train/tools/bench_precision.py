@@ -34,7 +34,7 @@ def measure(model_name: str, precision: str, batch: int, seq: int) -> dict:
         model(ids[:1, :2])
     saved = saved_tensor_bytes(model, ids[:, :-1], ids[:, 1:], autocast)  # the copies left out, as parameters
     copy_bytes = 2 * compute_copy_numel(model)
-    planned = activation_bytes(cfg.model, Shapes(batch, seq, precision != "fp32", device_type="cpu"))
+    planned = activation_bytes(cfg.model, Shapes.of(precision, batch, seq, device_type="cpu"))
     tokens = batch * seq
     return {"model": model_name, "precision": precision, "saved_bytes_per_token": saved / tokens,
             "planned_bytes_per_token": planned["by_mode"]["none"] / tokens, "weight_copy_bytes": copy_bytes}
