@@ -2,7 +2,7 @@
 
 Search space (the README's fit table uses the defaults): world sizes in whole nodes of `gpus_per_node`, up to
 `max_world`; `ep_size` among the divisors of the routed-expert count that also divide the world; ZeRO stages
-1, 2 and 3; the micro-batch, sequence length, precision and checkpointing mode given (1 x 4096, bf16_autocast, full).
+1, 2 and 3; the micro-batch, sequence length, precision and checkpointing mode given (1 x 4096, bf16, full).
 Among the layouts that fit at the smallest world size, the lowest ZeRO stage wins (least communication), then
 the lowest peak.
 """
@@ -17,7 +17,7 @@ from train.plan.planner import plan_memory
 STAGES = (1, 2, 3)
 
 
-def layout_config(model: str, micro_batch: int = 1, seq_len: int = 4096, precision: str = "bf16_autocast",
+def layout_config(model: str, micro_batch: int = 1, seq_len: int = 4096, precision: str = "bf16",
                   checkpointing: str = "full") -> TrainConfig:
     return load_train_config([f"model={model}", f"trainer.micro_batch_size={micro_batch}",
                               f"trainer.seq_len={seq_len}", f"precision={precision}",

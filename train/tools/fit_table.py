@@ -3,7 +3,7 @@
     python scripts/fit_table.py [--device-memory 80GB] [--headroom 0.1] [--models mixtral_8x7b,...]
 
 Search space and tie-break: `train.plan.fit` (whole 8-GPU nodes, ep_size dividing the experts and the world,
-ZeRO 1/2/3; micro-batch 1 x 4096 tokens, bf16_autocast, activation checkpointing `full`). Prints a markdown table.
+ZeRO 1/2/3; micro-batch 1 x 4096 tokens, precision=bf16, activation checkpointing `full`). Prints a markdown table.
 """
 from __future__ import annotations
 
