@@ -11,8 +11,6 @@ setup:
 train: setup
 	$(PY) -m train model=tiny_mixtral trainer.run_dir=runs/tiny_mixtral $(TRAIN_ARGS)
 
-# Test suite: unit, distributed (gloo ranks on CPU) and integration tiers. Two workers: the tests that launch ranks
-# run one after another on one of them, the in-process tests on both (tests/conftest.py).
-TEST_WORKERS ?= 2
+# Test suite: unit, distributed (gloo ranks on CPU) and integration tiers.
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q tests
