@@ -11,6 +11,6 @@ setup:
 train: setup
 	$(PY) -m train model=tiny_mixtral trainer.run_dir=runs/tiny_mixtral $(TRAIN_ARGS)
 
-# Test suite: unit, distributed (gloo ranks on CPU) and integration tiers.
+# Test suite: unit, distributed (gloo ranks on CPU) and integration tiers; the 25 slowest tests are listed at the end.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
