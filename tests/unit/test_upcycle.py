@@ -131,7 +131,7 @@ def test_first_forward_equals_our_dense_model(shape, tmp_path):
 def test_a_trained_dense_run_of_ours_upcycles(tmp_path):
     """A run dir of a dense model (every layer before moe.first_k_dense) holds sharded `state/` checkpoints: the
     newest is upcycled, with the run's tokenizer."""
-    from tests.unit.test_trainer_run import run
+    from tests.small_runs import run
 
     run(tmp_path / "run", tmp_path / "cache", "model.moe.first_k_dense=2", "trainer.max_steps=2")
     upcycle(tmp_path / "run", tmp_path / "moe", SHAPES["m2_e4_k2"])
@@ -204,7 +204,7 @@ def test_bad_shapes_are_refused(overrides, match, tmp_path):
 def test_init_from_an_upcycled_checkpoint_trains(tmp_path):
     """`trainer.init_from=OUT` as `python -m train` applies it (architecture from the checkpoint), six steps."""
     from parallel import Mesh
-    from tests.unit.test_trainer_run import SMALL, records
+    from tests.small_runs import SMALL, records
     from train.trainer.init_from import apply_init_from
     from train.trainer.loop import Trainer
     from train.trainer.validate import validate_config
