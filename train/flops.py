@@ -105,3 +105,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     t_eff = min(seq_len, window) if window else seq_len
     num_attn_layers = cfg.num_layers + cfg.mtp_depth
     return 6.0 * matmul_active + 6.0 * num_attn_layers * heads * t_eff * (d_qk + d_v)
+
+
+def block_flops_per_token(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    """Training FLOPs per token of block `layer_idx` (an MTP module's block: num_layers + k - 1), by the module
+    docstring's convention: 6 × its active parameters + its attention scores and context. The per-stage pieces
+    of `flops_per_token` (the step-time planner, train/plan/time.py)."""
+    b = ParamBreakdown()
+    _add_block(b, cfg, layer_idx)
+    heads, d_qk, d_v = _attention_dims(cfg)
+    window = cfg.attention.sliding_window
+    t_eff = min(seq_len, window) if window else seq_len
+    return 6.0 * b.active + 6.0 * heads * t_eff * (d_qk + d_v)
+
+
+def attention_core_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one block's attention scores and context (what `selective` checkpointing
+    recomputes besides norms and activations): 2·H·T·(d_qk + d_v)."""
+    heads, d_qk, d_v = _attention_dims(cfg)
+    window = cfg.attention.sliding_window
+    return 2.0 * heads * (min(seq_len, window) if window else seq_len) * (d_qk + d_v)

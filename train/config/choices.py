@@ -105,6 +105,14 @@ class A2aDtype(Choice):
     fp8 = "fp8"
 
 
+# Pipeline schedules (`parallel.pp_schedule`; train/config/pipeline.py). Built with the functional API because a
+# member's name must equal its value (OmegaConf looks members up by name) and `1f1b` is no identifier:
+#   1f1b: Narayanan et al. 2021 (PipeDream-Flush, Megatron's 1F1B);
+#   interleaved_1f1b: Megatron's interleaved 1F1B, `parallel.pp_virtual_stages` model chunks per rank;
+#   zero_bubble: Qi et al. 2024 (ZB-H2), the bubble filled by deferred weight-gradient passes.
+PpSchedule = Choice("PpSchedule", [(v, v) for v in ("1f1b", "interleaved_1f1b", "zero_bubble")])
+
+
 class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"  # bf16 compute end to end, fp32 masters (train/precision/bf16.py)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from train.config.choices import (
-    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
+    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, PpSchedule, Precision, Schedule,
+    WandbMode,
 )
 from train.config.errors import check, one_of
 from train.config.model import ModelConfig
@@ -31,9 +32,19 @@ class ParallelConfig:
     # Compute the shared expert while the combine's all-to-all is in flight (expert parallelism only); the same
     # results either way.
     overlap: bool = True
+    # Pipeline parallelism (issue 20): pp_size stages of consecutive layers, the embedding on the first, the head
+    # and MTP modules on the last. Only the planner (`python -m train.plan`) takes pp_size > 1 so far; the rules
+    # that need the model or the world size are in train/config/pipeline.py.
+    pp_size: int = 1
+    pp_schedule: PpSchedule = PpSchedule["1f1b"]  # 1f1b | interleaved_1f1b | zero_bubble
+    pp_virtual_stages: int = 1  # model chunks per rank: >= 2 for interleaved_1f1b, 1 otherwise
+    # transformer layers per chunk, pp_size x pp_virtual_stages entries in pipeline order (chunk c on rank
+    # c % pp_size) summing to model.num_layers; null: an even split (the layer count must divide)
+    pp_layout: Optional[List[int]] = None
 
     def validate(self) -> None:
         """The layout's own rules; those that need the world size live with the mesh (`parallel.mesh`)."""
+        self._validate_pipeline()
         one_of("parallel.backend", self.backend, Backend)
         one_of("parallel.a2a_dtype", self.a2a_dtype, A2aDtype)
         check(self.a2a_dtype == A2aDtype.auto or self.ep_size > 1,
@@ -46,6 +57,29 @@ class ParallelConfig:
         check(self.zero_stage != 0 or not self.deepspeed,
               f"parallel.deepspeed={self.deepspeed} is set but parallel.zero_stage=0 does not use DeepSpeed: set "
               f"parallel.zero_stage")
+
+    def _validate_pipeline(self) -> None:
+        one_of("parallel.pp_schedule", self.pp_schedule, PpSchedule)
+        check(self.pp_size >= 1, f"parallel.pp_size={self.pp_size} must be >= 1")
+        v = self.pp_virtual_stages
+        if self.pp_schedule == "interleaved_1f1b":
+            check(v >= 2, f"parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2 model "
+                          f"chunks per rank (it is {v}), or use parallel.pp_schedule=1f1b")
+        else:
+            check(v == 1, f"parallel.pp_virtual_stages={v} only applies to parallel.pp_schedule=interleaved_1f1b "
+                          f"(parallel.pp_schedule={self.pp_schedule}): set it to 1 or switch the schedule")
+        check(self.pp_size > 1 or (self.pp_schedule == "1f1b" and self.pp_layout is None),
+              f"parallel.pp_schedule={self.pp_schedule} / parallel.pp_layout={self.pp_layout} describe a pipeline, "
+              f"but parallel.pp_size=1 has none: drop them or set parallel.pp_size > 1")
+        if self.pp_layout is not None:
+            n = self.pp_size * v
+            check(len(self.pp_layout) == n and all(c >= 0 for c in self.pp_layout),
+                  f"parallel.pp_layout={list(self.pp_layout)} must have parallel.pp_size x parallel.pp_virtual_stages"
+                  f" = {self.pp_size} x {v} = {n} entries, each a layer count >= 0")
+        check(self.pp_size == 1 or self.zero_stage in (0, 1),
+              f"parallel.zero_stage={self.zero_stage} with parallel.pp_size={self.pp_size}: ZeRO 2 and 3 partition "
+              f"gradients / parameters that every micro-batch of a pipeline would reduce or gather again; use "
+              f"parallel.zero_stage=1 (DeepSeek-V3's layout) or 0")
 
 
 @dataclass

@@ -381,7 +381,8 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
 
     Returns {mode: bytes kept from the forward until backward} under `by_mode`; the most that backward's
     recomputation saves again at one time (`recompute_by_mode`: one block for `full`, one wrapped region for
-    `selective`); and the `none` total by part (`parts`: blocks, blocks/<region>, embedding, head, logits, mtp)."""
+    `selective`); the `none` total by part (`parts`: blocks, blocks/<region>, embedding, head, logits, mtp); and
+    each block's kept and recomputed bytes by mode (`per_block`) beside what lives outside blocks (`outside`)."""
     t, D = sh.tokens, cfg.d_model
     outside = _Saved("")
     outside.keep("input_ids", t * 8, "embedding")
@@ -408,4 +409,8 @@ def activation_bytes(cfg: ModelConfig, sh: Shapes) -> dict:
         parts[region] = outside.saved((region,))
     for region in REGIONS:
         parts[f"blocks/{region}"] = sum(b.saved((region,)) for b in blocks)
-    return {"by_mode": by_mode, "recompute_by_mode": recompute, "parts": parts}
+    # per block (main layers, then MTP blocks) and outside them, for the pipeline's stages (`train.plan.pipeline`)
+    per_block = [{"kept": {mode: b.kept(mode) for mode in MODES},
+                  "recompute": {mode: b.recomputed(mode) for mode in MODES}} for b in blocks]
+    return {"by_mode": by_mode, "recompute_by_mode": recompute, "parts": parts, "per_block": per_block,
+            "outside": outside.saved()}

@@ -17,6 +17,7 @@ from parallel.mesh import validate_parallel_config
 from parallel.zero.config import check_deepspeed_config
 from train.config import TrainConfig
 from train.config.errors import ConfigError, check
+from train.config.pipeline import check_pipeline, dp_size, refuse_pipeline
 from train.config.model import MIN_CAPACITY_FACTOR  # noqa: F401 (re-exported)
 from train.data import check_batch_sizes
 from train.trainer.run_record import RunRecord
@@ -57,15 +58,19 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     return found
 
 
-def validate_config(cfg: TrainConfig, world_size: int | None = None) -> None:
+def validate_config(cfg: TrainConfig, world_size: int | None = None, *, planning: bool = False) -> None:
     """Raise `ConfigError` for the first problem found in `cfg` for a run on `world_size` ranks: each group's own
-    `validate()`, then the rules across groups."""
+    `validate()`, then the rules across groups. `planning`: the memory/time planner's layout, which may be a
+    pipeline (parallel.pp_size > 1), which training refuses until pipeline execution exists."""
     world = world_size_from_env() if world_size is None else world_size
     for group in (cfg.model, cfg.parallel, cfg.precision, cfg.trainer, cfg.data, cfg.optim, cfg.logging):
         group.validate()
+    check_pipeline(cfg, world)
     _validate_parallel(cfg, world)
     _validate_trainer(cfg, world)
     _validate_data(cfg)
+    if not planning:
+        refuse_pipeline(cfg)
 
 
 def _validate_parallel(cfg: TrainConfig, world: int) -> None:
@@ -76,7 +81,7 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     if not _may_resume(cfg.trainer):
         # The routing groups a new run's first start resolves (the run record resolves them again, with the
         # checkpoint's value when it resumes one: then the stored groups, not this ep_size, bound the limit).
-        RunRecord.resolve(cfg, world)
+        RunRecord.resolve(cfg, dp_size(cfg, world))  # a pipeline stage's ranks: its EP x data-parallel layout
     stage = cfg.parallel.zero_stage
     if stage == 0:
         return
@@ -85,7 +90,7 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     check(not cfg.trainer.compile, f"trainer.compile=true is not supported with parallel.zero_stage={stage} "
                                    f"yet: use trainer.compile=false, or parallel.zero_stage=0")
     try:  # batch sizes first: the DeepSpeed config is derived from them
-        accum_steps = check_batch_sizes(cfg.trainer, world)
+        accum_steps = check_batch_sizes(cfg.trainer, dp_size(cfg, world))
         check_deepspeed_config(cfg, accum_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -104,7 +109,7 @@ def _may_resume(t) -> bool:
 def _validate_trainer(cfg: TrainConfig, world: int) -> None:
     t = cfg.trainer
     try:  # the data module owns the accumulation arithmetic; its message suggests sizes that would divide
-        check_batch_sizes(t, world)
+        check_batch_sizes(t, dp_size(cfg, world))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check(1 <= t.seq_len <= cfg.model.max_seq_len,
