@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from train.config.choices import (
-    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, PpSchedule, Precision, Schedule,
-    WandbMode,
+    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
 )
+from train.config.choices import PpSchedule
 from train.config.errors import check, one_of
 from train.config.model import ModelConfig
 

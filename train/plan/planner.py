@@ -119,7 +119,6 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     ranks (`train.plan.cli` validates). With `parallel.pp_size` > 1 every stage is planned (`pipeline.stages`
     in the result) and the figures reported are the worst stage's."""
     par, t, m = cfg.parallel, cfg.trainer, cfg.model
-    mode = t.activation_checkpointing
     P = par.pp_size
     device_type = "cpu" if t.device == "cpu" else "cuda"
     rp = rank_params(cfg, world_size // P)

@@ -165,16 +165,18 @@ def balanced_layout(cfg: TrainConfig, chunks: int) -> list[int]:
     for i in range(n):
         prefix.append(prefix[-1] + block_flops_per_token(m, i, T))
     tail = stage_flops_per_token(cfg, list(range(n, n + m.mtp_depth)), last=True)
-    # best[k][j]: the smallest max over the first k chunks holding layers [0, j)
-    inf = float("inf")
+    # best[k][j]: (largest chunk, sum of squares) over the first k chunks holding layers [0, j): the second key
+    # breaks ties towards even chunks
+    inf = (float("inf"), float("inf"))
     best = [[inf] * (n + 1) for _ in range(chunks + 1)]
     cut = [[0] * (n + 1) for _ in range(chunks + 1)]
-    best[0][0] = 0.0
+    best[0][0] = (0.0, 0.0)
     for k in range(1, chunks + 1):
+        extra = tail if k == chunks else 0.0
         for j in range(n + 1):
-            extra = tail if k == chunks else 0.0
             for i in range(j + 1):
-                cost = max(best[k - 1][i], prefix[j] - prefix[i] + extra)
+                c = prefix[j] - prefix[i] + extra
+                cost = (max(best[k - 1][i][0], c), best[k - 1][i][1] + c * c)
                 if cost < best[k][j]:
                     best[k][j], cut[k][j] = cost, i
     out, j = [], n
