@@ -16,6 +16,7 @@ from train.plan import plan_memory
 from train.plan.cli import main
 from train.plan.pipeline import bubble_fraction, in_flight, stages
 from train.plan.time import Hardware, _a2a_seconds, _ring, balanced_layout, estimate_step_time, stage_flops_per_token
+from train.trainer.dry_run import dry_run
 from train.trainer.validate import validate_config
 
 
@@ -78,6 +79,8 @@ def test_training_refuses_a_pipeline_the_planner_accepts(capsys):
     with pytest.raises(ConfigError) as e:
         validate_config(cfg, 2)
     assert str(e.value) == PIPELINE_NOT_BUILT.format(pp=2)
+    with pytest.raises(ConfigError, match="pipeline execution is not built yet"):
+        dry_run(cfg, 2)
     assert main(["model=tiny_mixtral", "parallel.world_size=2", "parallel.pp_size=2"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["pipeline"]["micro_batches"] == 2 and plan["bubble_fraction"] == pytest.approx(1 / 3)
