@@ -164,3 +164,10 @@ def test_balanced_layout_beats_the_even_split():
         return max(out)
 
     assert worst(layout) <= worst(even_layout(n, 16))
+
+
+@pytest.mark.parametrize("flag,value", [("--compute-efficiency", "1.5"), ("--peak-tflops", "0"),
+                                        ("--comm-overlap", "-0.1")])
+def test_bad_hardware_flag_is_a_clear_error(flag, value, capsys):
+    assert main(["model=tiny_mixtral", flag, value]) == 2
+    assert f"{flag} " in capsys.readouterr().err

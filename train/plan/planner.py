@@ -5,6 +5,10 @@ it up to expert parallelism, on the meta device, as rank 0 of the layout (dense 
 local), grouped by the trainer's own `param_groups` (`named_param_groups`: experts are told apart by name),
 through `train.plan.state` (stage 0 and DeepSpeed ZeRO 1-3).
 Activations come from `train.plan.activations` (per micro-batch, every checkpointing mode).
+Pipeline (`parallel.pp_size` > 1): each stage rank is planned alone (`train.plan.pipeline`: its layers, the
+embedding on the first, head and MTP on the last), its state partitioned over the stage's world / pp_size ranks,
+its activations times the schedule's micro-batches in flight, its transient plus one received activation and
+gradient; the result is the worst stage's, every stage under `pipeline.stages`.
 
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
 is what lives only for a moment but alongside all of that, at the start of backward:
