@@ -156,8 +156,8 @@ def main(argv: list[str]) -> int:
         if bad:
             raise ValueError(f"unknown option(s) {bad}: the planner takes --device-memory, --headroom, the "
                              f"hardware flags (--help) and Hydra overrides key=value")
-        cfg, world = load_layout(overrides)
         hw = hardware(args)
+        cfg, world = load_layout(overrides)
         plan = plan_memory(cfg, world, device, args.headroom)
         plan.update(estimate_step_time(cfg, world, plan, hw))
     except (ValueError, HydraException, OmegaConfBaseException) as e:  # ConfigError is a ValueError
