@@ -85,7 +85,15 @@ def resolve_checkpoint(path) -> Path:
 
 def save_run_files(ckpt_dir, cfg: TrainConfig, tokenizer_dir=None) -> None:
     """The config and tokenizer that every checkpoint carries next to its weights."""
+    save_config(ckpt_dir, cfg)
+    copy_tokenizer(ckpt_dir, tokenizer_dir)
+
+
+def save_config(ckpt_dir, cfg: TrainConfig) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), Path(ckpt_dir) / CONFIG_FILE)
+
+
+def copy_tokenizer(ckpt_dir, tokenizer_dir) -> None:
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         shutil.copytree(tokenizer_dir, Path(ckpt_dir) / TOKENIZER_DIR, dirs_exist_ok=True)
 
@@ -111,6 +119,11 @@ def mark_complete(ckpt_dir, known_checksums: Optional[dict] = None) -> None:
     """Record the checksums of every file (those in `known_checksums` were hashed by the ranks that wrote
     them), then write the COMPLETE marker (last, synced)."""
     write_checksums(ckpt_dir, skip=(COMPLETE_MARKER,), known=known_checksums)
+    write_marker(ckpt_dir)
+
+
+def write_marker(ckpt_dir) -> None:
+    """The COMPLETE marker, synced: the last file of a checkpoint."""
     marker = Path(ckpt_dir) / COMPLETE_MARKER
     with open(marker, "w") as f:
         f.write("ok\n")
