@@ -70,7 +70,7 @@ class SaveAttempt:
 
     def __init__(self, mesh):
         self.mesh = mesh
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None  # "" once DCP reported another rank's failure to this one
 
     def write(self, what: Path, fn: Callable[..., T], *args, **kwargs) -> Optional[T]:
         """`fn(*args, **kwargs)`, which writes `what`; a failure is recorded (naming `what`), not raised. Skipped
@@ -83,17 +83,20 @@ class SaveAttempt:
         except WRITE_ERRORS as e:
             label = str(what)
             if isinstance(e, CheckpointException) and getattr(e, "failures", None):
-                rank = min(e.failures)  # DCP raises on every rank; name the file of the rank that failed
-                label = str(Path(what) / f"__{rank}_0.distcp") + (f" (rank {rank}'s share)" if self.mesh.world_size
-                                                                  > 1 else "")
+                if self.mesh.rank not in e.failures:  # DCP raises on every rank; the failing rank describes it
+                    self.error = ""
+                    return None
+                label = str(Path(what) / f"__{self.mesh.rank}_0.distcp")
             self.error = f"writing {label} failed: {reason(e)} ({_limits(Path(what))})"
             return None
 
     def agree(self) -> Optional[str]:
         """Collective: every rank returns the first failure of the lowest failing rank (None: all went well)."""
         errors = parallel.gather_objects(self.error, self.mesh)
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        failed = [(r, e) for r, e in enumerate(errors) if e]  # "": this rank saw another rank's failure
         if failed:
             r, e = failed[0]
             self.error = e if self.mesh.world_size == 1 else f"rank {r}: {e}"
+        elif any(e is not None for e in errors):  # only DCP's word that some rank failed
+            self.error = "writing the sharded state failed on another rank"
         return self.error
