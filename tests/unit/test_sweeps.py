@@ -93,3 +93,31 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+
+
+def test_status_write_on_a_full_disk_falls_back_then_gives_up_quietly(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from train import runs
+
+    runs.write_status(tmp_path, runs.RUNNING)
+    real = Path.write_text
+
+    def enospc(self, *a, **k):
+        if self.name.startswith(".status.json.tmp"):
+            real(self, "{")  # a partial temporary file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", enospc)
+    assert runs.write_status(tmp_path, runs.FAILED, "disk full") is True  # in place: no new block needed
+    assert runs.read_status(tmp_path)["state"] == "failed"
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # the partial temporary file is gone
+
+    import builtins
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+                        if str(f).endswith("status.json") else real_open(f, *a, **k))
+    assert runs.write_status(tmp_path, runs.FINISHED) is False  # no exception over the failure being recorded
+    assert "could not record state 'finished'" in capsys.readouterr().err
