@@ -125,7 +125,22 @@ def _train(cfg) -> bool:
 DRY_RUN_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout",
                  "hydra.run.dir=${oc.env:TMPDIR,/tmp}/moeforge-dry-run")
 
+def _check_run_dir(argv) -> None:
+    """A run dir given on the command line that cannot be written ends the job in one line, before Hydra creates it
+    and opens its log file there (a traceback from deep inside Hydra otherwise)."""
+    from train.runs import run_dir_problem
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("trainer.run_dir", "hydra.run.dir") and value and "${" not in value:
+            problem = run_dir_problem(value)
+            if problem:
+                sys.exit(f"moeforge: {key.lstrip('+')}={value} cannot be written: {problem}; choose a writable "
+                         f"trainer.run_dir")
+
+
 if __name__ == "__main__":
+    _check_run_dir(sys.argv[1:])
     if any(a.lower() in ("trainer.dry_run=true", "++trainer.dry_run=true") for a in sys.argv[1:]):
         sys.argv += [o for o in DRY_RUN_HYDRA if o.split("=")[0] not in {a.split("=")[0] for a in sys.argv}]
     main()

@@ -76,6 +76,23 @@ def write_status(run_dir: Path, state: str, error: Optional[str] = None) -> bool
             return False
 
 
+def run_dir_problem(run_dir) -> Optional[str]:
+    """Why `run_dir` cannot be created or written (a read-only file system, no permission, a file in the way), or
+    None. Checked before Hydra creates the directory and opens its log file there, which would otherwise end in a
+    logging traceback."""
+    path = Path(os.path.expanduser(str(run_dir))).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{existing} is on a read-only file system" if read_only else f"{existing} is not writable by this user"
+
+
 def read_status(run_dir: Path) -> Optional[dict]:
     path = Path(run_dir) / STATUS_FILE
     try:

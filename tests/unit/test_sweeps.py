@@ -121,3 +121,16 @@ def test_status_write_on_a_full_disk_falls_back_then_gives_up_quietly(tmp_path, 
                         if str(f).endswith("status.json") else real_open(f, *a, **k))
     assert runs.write_status(tmp_path, runs.FINISHED) is False  # no exception over the failure being recorded
     assert "could not record state 'finished'" in capsys.readouterr().err
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_before_hydra_starts(tmp_path, monkeypatch):
+    import os
+
+    from train import runs
+
+    assert runs.run_dir_problem(tmp_path / "new" / "run") is None
+    (tmp_path / "afile").write_text("x")
+    assert runs.run_dir_problem(tmp_path / "afile" / "run") == f"{tmp_path / 'afile'} is a file, not a directory"
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a read-only mount (tests may run as root)
+    assert "read-only file system" in runs.run_dir_problem(tmp_path / "run") or \
+        "not writable" in runs.run_dir_problem(tmp_path / "run")

@@ -48,6 +48,8 @@ def reason(e: BaseException) -> str:
         text = f"[{errno.errorcode.get(e.errno, e.errno)}] {os.strerror(e.errno)}"
         return f"{e.filename}: {text}" if e.filename else text
     lines = str(e).strip().splitlines()
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
+        return "torch's file writer stopped part-way (it reports no errno: a full disk, a quota or a file-size limit)"
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
