@@ -97,6 +97,10 @@ class DataConfig:
     # Packed rows hold several documents: keep attention within each document and restart positions at each
     # one (the model's `document_ids`); the data pipeline then adds `document_ids` to each micro-batch.
     document_mask: bool = False
+    # Token files with a manifest are checked at every start by size (free), and by SHA-256 when their modification
+    # time differs from the manifest's (once per new time). true: hash every file at every start, a full read of
+    # the corpus (for file systems whose times cannot be trusted).
+    verify_tokens: bool = False
 
     def validate(self) -> None:
         """The data config's own rules; whether its files exist is checked by `validate_config` (and read by
