@@ -90,6 +90,20 @@ def _dry_run(cfg, multirun: bool) -> None:
     print(json.dumps(result))
 
 
+def _note_cpu_threads(cfg) -> None:
+    """One process on CPU uses a thread per core (torchrun sets OMP_NUM_THREADS=1 per rank, one process does not):
+    on a machine shared with other jobs those threads contend and a step can take several times longer. Say so
+    once, with the fix, unless the user chose a thread count."""
+    if "OMP_NUM_THREADS" in os.environ or "RANK" in os.environ or str(cfg.trainer.device) == "cuda":
+        return
+    import torch
+
+    if str(cfg.trainer.device) == "auto" and torch.cuda.is_available():
+        return
+    print(f"moeforge: note: training on CPU with {torch.get_num_threads()} threads (one per core); on a machine "
+          f"shared with other jobs set OMP_NUM_THREADS to this job's share of the cores", file=sys.stderr)
+
+
 def _train(cfg) -> bool:
     """Validate, build and train; True when the run reached `trainer.max_steps`."""
     try:
@@ -101,6 +115,7 @@ def _train(cfg) -> bool:
     except (ConfigError, CheckpointError) as e:  # the message names the field and the fix; a traceback adds nothing
         raise _Stop(f"moeforge: {e}") from None
 
+    _note_cpu_threads(cfg)
     import parallel
     from train.trainer.health import TrainingStopped
     from train.trainer.loop import Trainer

@@ -134,3 +134,17 @@ def test_a_run_dir_that_cannot_be_written_is_named_before_hydra_starts(tmp_path,
     monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a read-only mount (tests may run as root)
     assert "read-only file system" in runs.run_dir_problem(tmp_path / "run") or \
         "not writable" in runs.run_dir_problem(tmp_path / "run")
+
+
+def test_one_cpu_process_without_a_thread_count_is_told_how_to_share(monkeypatch, capsys):
+    from train.__main__ import _note_cpu_threads
+    from train.config import load_train_config
+
+    cfg = load_train_config(["trainer.device=cpu"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    _note_cpu_threads(cfg)
+    assert "set OMP_NUM_THREADS to this job's share" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _note_cpu_threads(cfg)
+    assert capsys.readouterr().err == ""
