@@ -90,6 +90,20 @@ def _dry_run(cfg, multirun: bool) -> None:
     print(json.dumps(result))
 
 
+def _note_cpu_threads(cfg) -> None:
+    """One process on CPU uses a thread per core (torchrun sets OMP_NUM_THREADS=1 per rank, one process does not):
+    on a machine shared with other jobs those threads contend and a step can take several times longer. Say so
+    once, with the fix, unless the user chose a thread count."""
+    if "OMP_NUM_THREADS" in os.environ or "RANK" in os.environ or str(cfg.trainer.device) == "cuda":
+        return
+    import torch
+
+    if str(cfg.trainer.device) == "auto" and torch.cuda.is_available():
+        return
+    print(f"moeforge: note: training on CPU with {torch.get_num_threads()} threads (one per core); on a machine "
+          f"shared with other jobs set OMP_NUM_THREADS to this job's share of the cores", file=sys.stderr)
+
+
 def _train(cfg) -> bool:
     """Validate, build and train; True when the run reached `trainer.max_steps`."""
     try:
@@ -101,6 +115,7 @@ def _train(cfg) -> bool:
     except (ConfigError, CheckpointError) as e:  # the message names the field and the fix; a traceback adds nothing
         raise _Stop(f"moeforge: {e}") from None
 
+    _note_cpu_threads(cfg)
     import parallel
     from train.trainer.health import TrainingStopped
     from train.trainer.loop import Trainer
@@ -125,7 +140,22 @@ def _train(cfg) -> bool:
 DRY_RUN_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout",
                  "hydra.run.dir=${oc.env:TMPDIR,/tmp}/moeforge-dry-run")
 
+def _check_run_dir(argv) -> None:
+    """A run dir given on the command line that cannot be written ends the job in one line, before Hydra creates it
+    and opens its log file there (a traceback from deep inside Hydra otherwise)."""
+    from train.runs import run_dir_problem
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("trainer.run_dir", "hydra.run.dir") and value and "${" not in value:
+            problem = run_dir_problem(value)
+            if problem:
+                sys.exit(f"moeforge: {key.lstrip('+')}={value} cannot be written: {problem}; choose a writable "
+                         f"trainer.run_dir")
+
+
 if __name__ == "__main__":
+    _check_run_dir(sys.argv[1:])
     if any(a.lower() in ("trainer.dry_run=true", "++trainer.dry_run=true") for a in sys.argv[1:]):
         sys.argv += [o for o in DRY_RUN_HYDRA if o.split("=")[0] not in {a.split("=")[0] for a in sys.argv}]
     main()

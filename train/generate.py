@@ -84,6 +84,9 @@ def load_for_inference(checkpoint: str, device: str = "cpu"):
     # init_seed 0 sets the RoPE tables and buffers; every weight is overwritten by the load step
     built = build_model(cfg, mesh, init_seed=0, stop_after="load",
                         weights=lambda model: _stream_weights(model, ckpt, cfg.model))
+    from train.hf.folders import refuse_remote_code
+
+    refuse_remote_code(tok_dir, "tokenizer", error=ckpt_io.CheckpointError)
     return built.model, AutoTokenizer.from_pretrained(str(tok_dir))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -47,16 +48,49 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def write_status(run_dir: Path, state: str, error: Optional[str] = None) -> None:
-    """Record the run's state in RUN_DIR/status.json (atomically: a reader never sees half a file)."""
+def write_status(run_dir: Path, state: str, error: Optional[str] = None) -> bool:
+    """Record the run's state in RUN_DIR/status.json (atomically: a reader never sees half a file). On a full disk
+    (the failure being recorded may be that very disk) the old file is overwritten in place instead, which needs no
+    new block; when even that fails, one line goes to stderr and False is returned: recording a failure must not
+    raise another one over it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     status = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     if error is not None:
         status["error"] = error
+    text = json.dumps(status) + "\n"
     tmp = run_dir / f".{STATUS_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, run_dir / STATUS_FILE)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / STATUS_FILE)
+        return True
+    except OSError as first:
+        tmp.unlink(missing_ok=True)
+        try:
+            with open(run_dir / STATUS_FILE, "r+" if (run_dir / STATUS_FILE).is_file() else "w") as f:
+                f.write(text)
+                f.truncate()
+            return True
+        except OSError:
+            print(f"moeforge: could not record state {state!r} in {run_dir / STATUS_FILE} ({first})", file=sys.stderr)
+            return False
+
+
+def run_dir_problem(run_dir) -> Optional[str]:
+    """Why `run_dir` cannot be created or written (a read-only file system, no permission, a file in the way), or
+    None. Checked before Hydra creates the directory and opens its log file there, which would otherwise end in a
+    logging traceback."""
+    path = Path(os.path.expanduser(str(run_dir))).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{existing} is on a read-only file system" if read_only else f"{existing} is not writable by this user"
 
 
 def read_status(run_dir: Path) -> Optional[dict]:

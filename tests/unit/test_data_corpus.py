@@ -75,3 +75,23 @@ def test_hf_source_with_a_local_dataset_folder(tmp_path, monkeypatch):
     assert load_corpus(cfg).documents["text"] == [f"doc {i}" for i in range(4)]
     streamed = load_corpus(DataConfig(**{**cfg.__dict__, "streaming": True}))
     assert [row["text"] for row in streamed.documents] == [f"doc {i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_jsonl_files_with_different_extra_fields_read_and_a_bad_line_is_named(tmp_path, streaming):
+    from train.data.sources import DataError
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one", "id": 1}\n{"text": "two"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "three", "meta": {"x": [1]}}\n\n{"text": "four", "id": "s"}\n')
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.jsonl")], cache_dir=str(tmp_path / "c"),
+                     streaming=streaming)
+    assert [d["text"] for d in load_corpus(cfg).documents] == ["one", "two", "three", "four"]
+    for name, line, match in [("c.jsonl", '{"text": "cut', "not a JSON object"),
+                              ("d.jsonl", '{"body": "x"}', "has no field 'text'"),
+                              ("e.jsonl", '{"text": 5}', "has a int in 'text'")]:
+        (tmp_path / name).write_text('{"text": "fine"}\n' + line + "\n")
+        cfg = DataConfig(source="files", paths=[str(tmp_path / name)], cache_dir=str(tmp_path / "c"),
+                         streaming=streaming)
+        with pytest.raises(DataError, match=f"{tmp_path / name}:2: .*{match}") as e:
+            list(load_corpus(cfg).documents)
+        assert "\n" not in str(e.value)

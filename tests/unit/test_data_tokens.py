@@ -201,3 +201,41 @@ def test_small_corpus_with_a_long_last_document_still_holds_one_out(tmp_path):
     one_doc = tmp_path / "one"
     write_indexed(one_doc, [[5] * 100 + [0]], np.uint16)
     assert TokenSource("one", [IndexedTokens(one_doc)], 16, 0.01).num_val_windows == 0  # nothing to hold out
+
+
+def test_a_token_file_changed_after_its_manifest_is_named(tmp_path, tokdir, monkeypatch):
+    """Truncated: caught by size. Rewritten with the same size: its modification time differs from the manifest's,
+    so it is hashed and caught. Only touched (a copy): hashed once, then remembered. A rewrite that also restored
+    the time is caught only by data.verify_tokens=true (a full read at every start)."""
+    import os
+
+    from train.data import manifest as manifest_mod
+    from train.data.manifest import write_manifest
+
+    prefix = write_indexed(tmp_path / "web", docs(np.random.default_rng(5), 60), np.uint16)
+    write_manifest(prefix)
+    binf = tmp_path / "web.bin"
+    original, stamp = binf.read_bytes(), os.stat(binf)
+    build_data(make_cfg(tmp_path, tokdir, [prefix]))
+
+    hashed = []
+    real_sha = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p, *a: hashed.append(p) or real_sha(p, *a))
+    os.utime(binf, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # copied: same bytes, new time
+    build_data(make_cfg(tmp_path, tokdir, [prefix]))
+    build_data(make_cfg(tmp_path, tokdir, [prefix]))
+    assert hashed == [binf]  # hashed on the first start after the copy only
+
+    changed = bytearray(original)
+    changed[10] ^= 0x01  # one token id differs, same size
+    binf.write_bytes(bytes(changed))
+    with pytest.raises(TokenFileError, match=f"{binf}: changed after it was written \\(SHA-256 differs"):
+        build_data(make_cfg(tmp_path, tokdir, [prefix]))
+    os.utime(binf, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # ... and the time put back
+    build_data(make_cfg(tmp_path, tokdir, [prefix]))  # the default start cannot see it
+    with pytest.raises(TokenFileError, match=f"{binf}: changed after it was written"):
+        build_data(make_cfg(tmp_path, tokdir, [prefix], verify_tokens=True))
+
+    binf.write_bytes(original[:-8])  # truncated
+    with pytest.raises(TokenFileError, match=f"{binf}: changed after it was written \\({len(original) - 8} bytes"):
+        build_data(make_cfg(tmp_path, tokdir, [prefix]))

@@ -93,3 +93,58 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+
+
+def test_status_write_on_a_full_disk_falls_back_then_gives_up_quietly(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from train import runs
+
+    runs.write_status(tmp_path, runs.RUNNING)
+    real = Path.write_text
+
+    def enospc(self, *a, **k):
+        if self.name.startswith(".status.json.tmp"):
+            real(self, "{")  # a partial temporary file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", enospc)
+    assert runs.write_status(tmp_path, runs.FAILED, "disk full") is True  # in place: no new block needed
+    assert runs.read_status(tmp_path)["state"] == "failed"
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # the partial temporary file is gone
+
+    import builtins
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+                        if str(f).endswith("status.json") else real_open(f, *a, **k))
+    assert runs.write_status(tmp_path, runs.FINISHED) is False  # no exception over the failure being recorded
+    assert "could not record state 'finished'" in capsys.readouterr().err
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_before_hydra_starts(tmp_path, monkeypatch):
+    import os
+
+    from train import runs
+
+    assert runs.run_dir_problem(tmp_path / "new" / "run") is None
+    (tmp_path / "afile").write_text("x")
+    assert runs.run_dir_problem(tmp_path / "afile" / "run") == f"{tmp_path / 'afile'} is a file, not a directory"
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a read-only mount (tests may run as root)
+    assert "read-only file system" in runs.run_dir_problem(tmp_path / "run") or \
+        "not writable" in runs.run_dir_problem(tmp_path / "run")
+
+
+def test_one_cpu_process_without_a_thread_count_is_told_how_to_share(monkeypatch, capsys):
+    from train.__main__ import _note_cpu_threads
+    from train.config import load_train_config
+
+    cfg = load_train_config(["trainer.device=cpu"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    _note_cpu_threads(cfg)
+    assert "set OMP_NUM_THREADS to this job's share" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _note_cpu_threads(cfg)
+    assert capsys.readouterr().err == ""

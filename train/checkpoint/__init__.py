@@ -15,6 +15,7 @@ Who owns what:
 - `layout.py`: the directory layout, finding and verifying checkpoints, safe loading, and the model-weights API
   (either format); its public names are re-exported here (`from train import checkpoint as ckpt_io`).
 - `checksums.py`: `CHECKSUMS.json`.
+- `save_errors.py`: a save that fails part-way: one line naming the file, the same outcome on every rank.
 - `sharded.py`: the DCP files under `state/`, in logical coordinates. Collective over the world (it checks
   `dist.is_initialized`), it names no process group.
 - `save_resume.py`: the trainer's glue, saving and resuming a `TrainState`. Not imported here, so that this package

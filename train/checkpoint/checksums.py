@@ -16,6 +16,15 @@ CHECKSUM_FILE = "CHECKSUMS.json"
 _CHUNK = 8 * 2**20
 
 
+def inside(root: Path, rel: str) -> bool:
+    """Whether the relative path `rel` stays inside `root` as written (no absolute path, no `..`, no NUL), before
+    any symlink is followed: what a name recorded in a checkpoint's own files may be."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return False
+    p = Path(rel)
+    return not p.is_absolute() and ".." not in p.parts and not rel.startswith("~")
+
+
 class ChecksumMismatch(RuntimeError):
     """A file of a checkpoint is missing or differs from what was saved; the message names it."""
 
@@ -60,6 +69,12 @@ def verify_checksums(ckpt_dir, only: Optional[Iterable[str]] = None) -> bool:
         entries = json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise ChecksumMismatch(f"{index} is unreadable ({e})") from None
+    if not isinstance(entries, dict):
+        raise ChecksumMismatch(f"{index} is not a mapping of file names to sizes and hashes (altered)")
+    for rel in entries:  # every name first: a planted entry must not be read even when `only` skips it
+        if not inside(root, rel):
+            raise ChecksumMismatch(f"{index} names {rel!r}, a path outside the checkpoint: refused (altered; "
+                                   f"nothing outside {root} is read)")
     names = entries if only is None else [n for n in only if n in entries]
     for rel in names:
         expected, path = entries[rel], root / rel

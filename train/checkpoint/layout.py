@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from train.checkpoint import sharded
-from train.checkpoint.checksums import ChecksumMismatch, verify_checksums, write_checksums
+from train.checkpoint.checksums import CHECKSUM_FILE, ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
 from train.config.routing import stored_routing_groups
 
@@ -76,16 +76,26 @@ def resolve_checkpoint(path) -> Path:
         if not (p / COMPLETE_MARKER).is_file():
             raise CheckpointError(
                 f"{p} has no {COMPLETE_MARKER} marker: the save was interrupted; use an earlier checkpoint")
+        check_contained(p)
         return p
     newest = newest_complete(p)
     if newest is None:
         raise CheckpointError(f"no complete checkpoint under {p} (expected {p}/checkpoints/step_*/{COMPLETE_MARKER})")
+    check_contained(newest)
     return newest
 
 
 def save_run_files(ckpt_dir, cfg: TrainConfig, tokenizer_dir=None) -> None:
     """The config and tokenizer that every checkpoint carries next to its weights."""
+    save_config(ckpt_dir, cfg)
+    copy_tokenizer(ckpt_dir, tokenizer_dir)
+
+
+def save_config(ckpt_dir, cfg: TrainConfig) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), Path(ckpt_dir) / CONFIG_FILE)
+
+
+def copy_tokenizer(ckpt_dir, tokenizer_dir) -> None:
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         shutil.copytree(tokenizer_dir, Path(ckpt_dir) / TOKENIZER_DIR, dirs_exist_ok=True)
 
@@ -111,6 +121,11 @@ def mark_complete(ckpt_dir, known_checksums: Optional[dict] = None) -> None:
     """Record the checksums of every file (those in `known_checksums` were hashed by the ranks that wrote
     them), then write the COMPLETE marker (last, synced)."""
     write_checksums(ckpt_dir, skip=(COMPLETE_MARKER,), known=known_checksums)
+    write_marker(ckpt_dir)
+
+
+def write_marker(ckpt_dir) -> None:
+    """The COMPLETE marker, synced: the last file of a checkpoint."""
     marker = Path(ckpt_dir) / COMPLETE_MARKER
     with open(marker, "w") as f:
         f.write("ok\n")
@@ -139,11 +154,45 @@ def load_torch_file(path, allowed_globals=()) -> object:
 
 
 def verify_checkpoint(ckpt_dir, only=None) -> None:
-    """Raise `CheckpointError` when a file of `ckpt_dir` (or of `only`) differs from its saved checksum."""
+    """Raise `CheckpointError` when `ckpt_dir` reaches outside itself (a symlink) or a file of it (or of `only`)
+    differs from its saved checksum. A sharded checkpoint without `CHECKSUMS.json` is damaged (every one was
+    saved with it); an imported `model.safetensors` one from before checksums gets the checks its format allows."""
+    check_contained(ckpt_dir)
     try:
-        verify_checksums(ckpt_dir, only)
+        verified = verify_checksums(ckpt_dir, only)
     except ChecksumMismatch as e:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {e}") from None
+    if verified and sharded.has_state(ckpt_dir):
+        try:  # the index names only files of its own directory, each as long as the index says
+            sharded.check_file_sizes(ckpt_dir)
+        except sharded.ShardedCheckpointError as e:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {e}") from None
+    if verified:
+        return
+    if sharded.has_state(ckpt_dir):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: its {CHECKSUM_FILE} is missing, and every "
+                              f"checkpoint with sharded state was saved with one (deleted?); its files cannot be "
+                              f"trusted")
+    if (Path(ckpt_dir) / WEIGHTS_FILE).is_file():
+        try:
+            weight_names(ckpt_dir)  # the safetensors header, checked against the file's size
+        except Exception as e:  # safetensors raises its own error types on a truncated header
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {ckpt_dir / WEIGHTS_FILE} is unreadable "
+                                  f"({e})") from None
+
+
+def check_contained(ckpt_dir) -> None:
+    """Refuse a checkpoint holding a symbolic link that leads outside it: everything a checkpoint is read from
+    must be inside its directory (a planted link would otherwise be read, hashed or loaded)."""
+    root = Path(os.path.realpath(ckpt_dir))
+    for dirpath, dirnames, filenames in os.walk(root):  # links are listed, never followed
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))
+                if target != root and root not in target.parents:
+                    raise CheckpointError(f"{path} is a symbolic link to {target}, outside the checkpoint: refused "
+                                          f"(a checkpoint is read only from inside {root}); copy the file in instead")
 
 
 def load_config(ckpt_dir) -> TrainConfig:

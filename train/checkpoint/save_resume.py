@@ -10,9 +10,11 @@
       CHECKSUMS.json                               every file's SHA-256, each hashed by the rank that wrote it
       COMPLETE                                     written last
 
-A save writes into `checkpoints/.tmp_step_*`, renames it into place, then writes the checksums and COMPLETE; it
+A save writes into `checkpoints/.tmp_step_*`, the checksums and COMPLETE last, then renames it into place; it
 never overwrites an existing directory (a leftover temporary directory is moved aside, not removed), and deletes
-older complete checkpoints only with `trainer.keep_last=N`, once the new one is complete.
+older complete checkpoints only with `trainer.keep_last=N`, once the new one is complete. A write that fails on any
+rank fails the save on every rank (`SaveError`, save_errors.py): its temporary directory is removed, nothing older
+is touched, and the trainer continues or stops as `trainer.on_save_error` says.
 
 `trainer.resume=auto` takes the newest complete checkpoint whose files match their checksums: a damaged newer one
 (truncated, a flipped byte, a missing rank file) is reported and skipped, never deleted.
@@ -37,7 +39,8 @@ import torch
 import parallel
 from train.checkpoint import layout as ckpt_io
 from train.checkpoint import sharded
-from train.checkpoint.checksums import checksum_entries
+from train.checkpoint.checksums import CHECKSUM_FILE, checksum_entries, write_checksums
+from train.checkpoint.save_errors import SaveAttempt, SaveError
 from train.config import TrainConfig
 from train.trainer.state import TrainState
 
@@ -57,7 +60,12 @@ def layout_of(mesh, cfg: TrainConfig) -> dict:
 
 def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
                     tokenizer_dir: Optional[Path]) -> Optional[Path]:
-    """Collective: every rank calls it. Returns the checkpoint dir (None when that step is already saved)."""
+    """Collective: every rank calls it. Returns the checkpoint dir (None when that step is already saved).
+
+    A write that fails on any rank (a full disk, a file-size limit, an I/O error) raises `SaveError` on every
+    rank, with one line naming the file and the reason: the temporary directory is removed (freeing what it
+    held), no older checkpoint is touched, and no directory that looks complete is left (COMPLETE is written
+    inside the temporary directory, which is then renamed into place in one step)."""
     root = Path(run_dir) / "checkpoints"
     final = root / ckpt_io.step_dir_name(state.step)
     tmp = root / f".tmp_{final.name}"
@@ -65,29 +73,55 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,
         if mesh.rank == 0:
             log.warning("checkpoint %s already exists; not overwriting it", final)
         return None
+    attempt = SaveAttempt(mesh)
     if mesh.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in (tmp, final):  # an interrupted save: kept for inspection, moved out of the way
-            if leftover.exists():
-                leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
-        tmp.mkdir()
-        ckpt_io.save_run_files(tmp, cfg, tokenizer_dir)
-        torch.save(state.common_state_dict(layout_of(mesh, cfg)), tmp / COMMON_FILE)
-    parallel.barrier(mesh)
-    owned = sharded.collect_owned(state.model, state.engine.export_state(), mesh)  # collective under ZeRO
-    sharded.save(owned, tmp, mesh)  # collective: every rank writes its share
-    del owned
-    torch.save(state.rank_state_dict(), tmp / rank_file(mesh.rank))
-    mine = [rank_file(mesh.rank)] + [f"{sharded.STATE_DIR}/{p.name}" for p in (tmp / sharded.STATE_DIR).iterdir()
-                                     if p.name.startswith(f"__{mesh.rank}_")]
-    hashed = parallel.gather_objects(checksum_entries(tmp, mine), mesh)  # each rank hashes its files
+        attempt.write(root, _make_tmp, root, tmp, final)
+        attempt.write(tmp / ckpt_io.CONFIG_FILE, ckpt_io.save_config, tmp, cfg)
+        attempt.write(tmp / ckpt_io.TOKENIZER_DIR, ckpt_io.copy_tokenizer, tmp, tokenizer_dir)
+        attempt.write(tmp / COMMON_FILE, torch.save, state.common_state_dict(layout_of(mesh, cfg)), tmp / COMMON_FILE)
+    hashed = {}
+    if attempt.agree() is None:
+        owned = sharded.collect_owned(state.model, state.engine.export_state(), mesh)  # collective under ZeRO
+        attempt.write(tmp / sharded.STATE_DIR, sharded.save, owned, tmp, mesh)  # collective; fails on every rank
+        del owned
+        attempt.write(tmp / rank_file(mesh.rank), torch.save, state.rank_state_dict(), tmp / rank_file(mesh.rank))
+        hashed = attempt.write(tmp, _hash_own_files, tmp, mesh.rank) or {}  # each rank hashes its files
+    attempt.agree()
+    hashed = parallel.gather_objects(hashed, mesh)
+    if mesh.rank == 0 and attempt.error is None:
+        known = {k: v for part in hashed for k, v in part.items()}
+        attempt.write(tmp / CHECKSUM_FILE, write_checksums, tmp, skip=(ckpt_io.COMPLETE_MARKER,), known=known)
+        attempt.write(tmp / ckpt_io.COMPLETE_MARKER, ckpt_io.write_marker, tmp)
+        attempt.write(final, tmp.rename, final)  # one step: a step_* directory is complete or absent
+    outcome = None
     if mesh.rank == 0:
-        tmp.rename(final)
-        ckpt_io.mark_complete(final, {k: v for part in hashed for k, v in part.items()})
-        if cfg.trainer.keep_last is not None:
-            prune_checkpoints(root, cfg.trainer.keep_last)
-    parallel.barrier(mesh)
+        if attempt.error is None:
+            if cfg.trainer.keep_last is not None:
+                prune_checkpoints(root, cfg.trainer.keep_last)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save on a full disk: free what it took
+            outcome = (attempt.error, ckpt_io.newest_complete(root))
+    outcome = parallel.broadcast_object(outcome, mesh)
+    if outcome is not None:
+        message, previous = outcome
+        raise SaveError(f"checkpoint {final.name} not saved: {message}; "
+                        + (f"the newest complete checkpoint is {previous}" if previous else "there is no earlier "
+                           "complete checkpoint"), previous)
     return final
+
+
+def _make_tmp(root: Path, tmp: Path, final: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in (tmp, final):  # an interrupted save: kept for inspection, moved out of the way
+        if leftover.exists():
+            leftover.rename(root / f".stale_{leftover.name.lstrip('.')}_{time.time_ns()}")
+    tmp.mkdir()
+
+
+def _hash_own_files(tmp: Path, rank: int) -> dict:
+    mine = [rank_file(rank)] + [f"{sharded.STATE_DIR}/{p.name}" for p in (tmp / sharded.STATE_DIR).iterdir()
+                                if p.name.startswith(f"__{rank}_")]
+    return checksum_entries(tmp, mine)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
@@ -96,7 +130,11 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     touched. Returns the deleted directories."""
     doomed = [path for _, path in ckpt_io.list_complete(root)[:-keep_last]]
     for path in doomed:
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:  # an I/O error while deleting costs disk space, not the save that just succeeded
+            log.warning("could not delete checkpoint %s (trainer.keep_last=%d): %s", path, keep_last, e)
+            continue
         log.info("deleted checkpoint %s (trainer.keep_last=%d)", path, keep_last)
     return doomed
 

@@ -189,7 +189,33 @@ class SafeReader(dcp.FileSystemReader):
                 raise ShardedCheckpointError(f"{path} is unreadable or was altered ({e}); the checkpoint is damaged: "
                                              f"resume from an earlier one with trainer.resume=<path>") from None
             self._metadata.storage_meta = getattr(self._metadata, "storage_meta", None)
+            check_storage_names(self._metadata, path)
         return self._metadata
+
+
+def check_storage_names(metadata, where: Path) -> None:
+    """Every file a DCP index points to is a plain file name in its own directory (`__{rank}_{i}.distcp`), so
+    nothing outside the checkpoint can be read through a planted `../` or absolute path."""
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+            raise ShardedCheckpointError(f"{where} points to {name!r}, not a file of its own directory: refused "
+                                         f"(altered; nothing outside the checkpoint is read)")
+
+
+def check_file_sizes(ckpt_dir: Path) -> None:
+    """Each `.distcp` file the index names exists and is as long as the index says: the check a checkpoint without
+    `CHECKSUMS.json` can still get (a truncated or missing rank file), from the index alone."""
+    state = Path(ckpt_dir) / STATE_DIR
+    need: dict[str, int] = {}
+    for info in SafeReader(state).read_metadata().storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(need.items()):
+        path = state / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < end:
+            raise ShardedCheckpointError(f"{path}: {'missing' if size is None else f'{size} bytes'}, its index "
+                                         f"needs {end} (truncated); the checkpoint is damaged")
 
 
 def has_state(ckpt_dir: Path) -> bool:

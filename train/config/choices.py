@@ -158,6 +158,12 @@ class ActivationCheckpointing(Choice):
     selective = "selective"
 
 
+# What a run does after a checkpoint save fails (a full disk, a file-size limit, an I/O error): auto continues when
+# an earlier complete checkpoint exists and stops when there is none. Built with the functional API because
+# `continue` is a keyword and OmegaConf matches members by name (OnSaveError["continue"]).
+OnSaveError = Choice("OnSaveError", [("auto", "auto"), ("continue", "continue"), ("stop", "stop")])
+
+
 class WandbMode(Choice):
     disabled = "disabled"
     offline = "offline"

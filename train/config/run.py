@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from train.config.choices import (
-    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OptimName, Precision, Schedule, WandbMode,
+    A2aDtype, ActivationCheckpointing, Backend, DataSource, Device, Fp8Recipe, OnSaveError, OptimName, Precision,
+    Schedule, WandbMode,
 )
 from train.config.choices import PpSchedule
 from train.config.errors import check, one_of
@@ -130,6 +131,10 @@ class DataConfig:
     # Packed rows hold several documents: keep attention within each document and restart positions at each
     # one (the model's `document_ids`); the data pipeline then adds `document_ids` to each micro-batch.
     document_mask: bool = False
+    # Token files with a manifest are checked at every start by size (free), and by SHA-256 when their modification
+    # time differs from the manifest's (once per new time). true: hash every file at every start, a full read of
+    # the corpus (for file systems whose times cannot be trusted).
+    verify_tokens: bool = False
 
     def validate(self) -> None:
         """The data config's own rules; whether its files exist is checked by `validate_config` (and read by
@@ -208,6 +213,11 @@ class TrainerConfig:
     save_every: int = 100
     max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops with a checkpoint
     keep_last: Optional[int] = None  # keep the newest N complete checkpoints (null: all); older ones go after a save
+    # After a save fails part-way (full disk, file-size limit, I/O error; nothing older is touched): auto continues
+    # training when an earlier complete checkpoint exists and stops when there is none; continue always continues;
+    # stop stops at once. A failed final or preemption save always stops (no later save would retry it).
+    on_save_error: OnSaveError = OnSaveError.auto
+    max_save_failures: int = 3  # failed saves in a row after which a continuing run stops
     resume: str = "auto"  # auto | never | a checkpoint path
     init_from: Optional[str] = None
     eval_every: int = 50
@@ -234,6 +244,9 @@ class TrainerConfig:
         check(self.max_bad_steps >= 1, f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1")
         check(self.keep_last is None or self.keep_last >= 1,
               f"trainer.keep_last={self.keep_last} must be >= 1 (or null to keep every checkpoint)")
+        one_of("trainer.on_save_error", self.on_save_error, OnSaveError)
+        check(self.max_save_failures >= 1, f"trainer.max_save_failures={self.max_save_failures} must be >= 1 (1: "
+                                           f"stop at the first failed save, as trainer.on_save_error=stop does)")
         check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0 (0 disables validation)")
         check(self.eval_batches >= 1, f"trainer.eval_batches={self.eval_batches} must be >= 1")
         one_of("trainer.device", self.device, Device)

@@ -156,12 +156,61 @@ def _load_files(cfg: DataConfig) -> Corpus:
         else:
             groups.append((builder, [f]))
     for builder, group in groups:
+        if all(_is_jsonl(f) for f in group):  # read here: one line naming file and row for a bad record
+            parts.append(_load_jsonl(group, cfg, cache, [s for s in stamps if s[0] in group]))
+            continue
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=cfg.streaming,
                                    cache_dir=None if cfg.streaming else cache, **kwargs)
         parts.append(_only_text(ds, "text" if builder == "text" else cfg.text_field, f"{group}"))
     docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return Corpus(docs, fingerprint, cfg.streaming)
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".jsonl.gz"))
+
+
+def jsonl_texts(files: List[str], text_field: str, stamps=None) -> Iterator[dict]:
+    """{"text": ...} of every record of JSON-lines files, in order. Only `text_field` is read, so records may carry
+    any other fields, differing from file to file or row to row. A malformed line, a record that is not an object,
+    or one without a string `text_field` raises a `DataError` naming the file and the line. `stamps` (unused)
+    keeps the files' sizes and times in `datasets`' cache key."""
+    import gzip
+
+    from train.data.sources import DataError
+
+    for path in files:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for row, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{row}: not a JSON object ({e}); fix or drop that line") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    what = "is not a JSON object" if not isinstance(record, dict) else (
+                        f"has no field {text_field!r}" if text_field not in record else
+                        f"has a {type(text).__name__} in {text_field!r}, not a string")
+                    raise DataError(f"{path}:{row}: the record {what} (data.text_field={text_field}); fix or drop "
+                                    f"that line, or set data.text_field")
+                yield {"text": text}
+
+
+def _load_jsonl(files: List[str], cfg: DataConfig, cache: str, stamps) -> AnyDataset:
+    features = datasets.Features({"text": datasets.Value("string")})
+    kwargs = {"files": files, "text_field": cfg.text_field, "stamps": stamps}
+    if cfg.streaming:
+        return datasets.IterableDataset.from_generator(jsonl_texts, features=features, gen_kwargs=kwargs)
+    try:
+        return datasets.Dataset.from_generator(jsonl_texts, features=features, gen_kwargs=kwargs, cache_dir=cache)
+    except datasets.exceptions.DatasetGenerationError as e:  # our DataError, wrapped by the builder
+        cause = e.__cause__ or e.__context__
+        if cause is not None and type(cause).__name__ == "DataError":
+            raise cause from None
+        raise
 
 
 def _load_hf(cfg: DataConfig) -> Corpus:

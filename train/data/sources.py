@@ -139,7 +139,7 @@ def open_sources(specs: List[Tuple[str, List[Path]]], cfg: TrainConfig, tokenize
             if not str(p).endswith(".npy"):
                 m = read_manifest(p)
                 if m is not None:
-                    verify_manifest(p, m, full_hash=False)
+                    verify_manifest(p, m, full_hash=data.verify_tokens, verified_dir=cache_root(data) / "verified")
             tf = open_token_file(p, eos_id=tokenizer.eos_token_id, dtype=data.token_dtype,
                                  vocab_size=len(tokenizer))
             if tf.num_tokens:

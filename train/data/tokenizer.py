@@ -112,7 +112,12 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
 
 
 def open_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory offline and check it can separate documents."""
+    """Load a tokenizer directory offline and check it can separate documents; one that asks for remote code is
+    refused before transformers reads it."""
+    from train.config.errors import ConfigError
+    from train.hf.folders import refuse_remote_code
+
+    refuse_remote_code(Path(tokenizer_dir), "tokenizer", error=ConfigError)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {tokenizer_dir} has no eos_token; documents need a separator "

@@ -14,6 +14,7 @@ config builds, and does the file I/O.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -40,6 +41,26 @@ SUPPORTED = "mixtral (MixtralForCausalLM), dbrx (DbrxForCausalLM), deepseek_v2 (
             "(Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM), llama4_text (Llama4ForCausalLM)"
 _DEEPSEEK_MOE = ("DeepSeekMoE (family 'deepseek_moe', HF model_type 'deepseek') has no native transformers class "
                  "(its checkpoints need trust_remote_code)")
+
+
+# The transformers classes whose weights the converters read (config.json's `architectures`).
+ARCHITECTURES = {"MixtralForCausalLM", "DbrxForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                 "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Llama4ForCausalLM"}
+
+
+def check_hf_config(hf_dir: Path) -> None:
+    """One line, before transformers reads the folder: it asks for no remote code, its `model_type` is one we
+    import and its `architectures` (when given) name a class whose weights we convert (a classification or
+    vision head would not fit)."""
+    folders.refuse_remote_code(hf_dir, "model folder")
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise HFConversionError(f"{hf_dir}/config.json is not a JSON object: not a Hugging Face model folder")
+    module_for_model_type(str(config.get("model_type")))
+    archs = config.get("architectures") or []
+    if archs and not set(archs) & ARCHITECTURES:
+        raise HFConversionError(f"{hf_dir}/config.json names the class(es) {archs}, which moeforge does not convert "
+                                f"(supported: {SUPPORTED})")
 
 
 def module_for_family(family: str) -> ModuleType:
@@ -163,6 +184,7 @@ def _set_special_tokens(hf_config, tokenizer_dir: Path) -> None:
     """bos/eos/pad ids from the tokenizer, so generation stops where the tokenizer says."""
     from transformers import AutoTokenizer
 
+    folders.refuse_remote_code(tokenizer_dir, "tokenizer")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     hf_config.bos_token_id, hf_config.eos_token_id = tok.bos_token_id, tok.eos_token_id
     hf_config.pad_token_id = tok.pad_token_id
@@ -190,6 +212,7 @@ def import_checkpoint(hf_dir, out) -> Path:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise HFConversionError(f"{hf_dir} has no config.json: pass a Hugging Face model folder")
+    check_hf_config(hf_dir)  # before transformers reads it: no remote code, a model class we convert
     hf_config = AutoConfig.from_pretrained(str(hf_dir))
     model_type = hf_config.model_type
     module = module_for_model_type(model_type)

@@ -103,3 +103,26 @@ def copy_tokenizer_files(src: Optional[Path], dst: Path) -> bool:
             shutil.copy2(f, Path(dst) / name)
             copied = True
     return copied
+
+
+def refuse_remote_code(folder: Path, what: str, error: type = HFConversionError) -> None:
+    """Refuse, with one line, a folder whose `tokenizer_config.json` or `config.json` asks transformers to run code
+    shipped with it (`auto_map`, `trust_remote_code`): moeforge never runs such code. Only files inside `folder` are
+    read (a file that is a link leading elsewhere is refused unread)."""
+    root = Path(folder).resolve()
+    for name in ("tokenizer_config.json", "config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        if root not in path.resolve().parents:
+            raise error(f"{path} is a link to {path.resolve()}, outside {folder}: refused (a {what} is read only "
+                        f"from inside its folder)")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise error(f"{path} is unreadable ({e}): not a usable {what}") from None
+        if isinstance(config, dict) and (config.get("auto_map") or config.get("trust_remote_code")):
+            key = "auto_map" if config.get("auto_map") else "trust_remote_code"
+            raise error(f"{path} asks for code shipped with the {what} ({key}): refused, moeforge never runs code "
+                        f"from a model or tokenizer folder; use a {what} that the installed transformers loads "
+                        f"without it")

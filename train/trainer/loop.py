@@ -28,6 +28,7 @@ from train.data.sources import DataError
 from train.build import EngineArgs, build_model
 from train.flops import flops_per_token
 from train.model.transformer import draw_init_seed
+from train.checkpoint.save_errors import SaveError
 from train.checkpoint.save_resume import COMMON_FILE, find_resume_checkpoint, load_weights, resume_from, save_checkpoint
 from train.trainer.logger import RunLogger
 from train.trainer.peak_flops import MEASURE, resolve_peak_flops
@@ -35,6 +36,7 @@ from train.precision import build_precision
 from train.trainer.health import StepHealth, TrainingStopped
 from train.trainer.preemption import PreemptionGuard
 from train.trainer.run_record import RunRecord
+from train.trainer.save_policy import SavePolicy
 from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
 from train.trainer.step import StepContext, train_step
@@ -52,6 +54,7 @@ class Trainer:
         self.is_main = mesh.rank == 0
         self._warned_no_val = False
         t = cfg.trainer
+        self.save_policy = SavePolicy(t.on_save_error, t.max_save_failures)
         self.resumed_from = find_resume_checkpoint(cfg, self.run_dir, mesh)
         self.record = self._resolve_record()
         # what every config.yaml of this run holds: the config with the record's routing groups (where resume,
@@ -175,10 +178,10 @@ class Trainer:
                 self._stop_on_bad_steps(health, record)
             saved = step % t.save_every == 0 or step == t.max_steps
             if saved:
-                self.save()
+                self.save(last=step == t.max_steps)
             if preemption.requested(self.mesh):
                 if not saved:
-                    self.save()
+                    self.save(last=True)
                 self.logger.info(f"stopping after step {step} on SIGTERM (preemption or time limit) with a complete "
                                  f"checkpoint; re-run the same command to continue")
                 return
@@ -193,8 +196,17 @@ class Trainer:
             f"good weights saved in {path}. Lower optim.lr or raise optim.warmup_steps, check the data of those steps, "
             f"then re-run the same command to continue from that checkpoint")
 
-    def save(self) -> Optional[Path]:
-        path = save_checkpoint(self.state, self.saved_cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
+    def save(self, last: bool = False) -> Optional[Path]:
+        """Save a checkpoint; after a failed save, continue (None) or stop as `trainer.on_save_error` says."""
+        try:
+            path = save_checkpoint(self.state, self.saved_cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
+        except SaveError as e:
+            line = self.save_policy.failed(e, last)  # raises when the run stops
+            self.logger.event({"event": "save_failed", "step": self.state.step,
+                               "failures_in_a_row": self.save_policy.failures_in_a_row})
+            self.logger.info(line)
+            return None
+        self.save_policy.succeeded()
         if path is not None:
             self.logger.info(f"saved checkpoint {path}")
         return path
