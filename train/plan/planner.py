@@ -93,8 +93,8 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     if stage < 3:  # precision=bf16: one bf16 copy of the converted masters, cached across the step; ZeRO-3 casts
         held["params"] += 2 * rp.compute_copy_numel  # per use instead (the copies autograd saves are activations)
 
-    # fp8 autocasts like bf16_autocast and its GEMMs save their bf16 inputs (re-quantised in backward): planned as
-    # bf16_autocast, an upper bound. bf16 is counted as it runs: bf16 residual stream, norm outputs and expert rows.
+    # bf16 is counted as it runs: bf16 residual stream, norm outputs and expert rows. fp8 builds on it and its GEMMs
+    # save the same bf16 inputs (re-quantised in backward): planned as bf16.
     sh = Shapes.of(cfg.precision.name, t.micro_batch_size, t.seq_len, ep, device_type)
     acts = activation_bytes(m, sh)
     a2a, a2a_worst = 0, 0
