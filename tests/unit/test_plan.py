@@ -82,9 +82,9 @@ def _measured_model(name: str, precision: str, mode: str = "none", overrides: tu
     from parallel import Mesh
 
     cfg = load_train_config([f"model={name}", f"precision={precision}", *overrides])
-    if precision != "bf16":
+    if precision not in ("bf16", "fp8"):
         return cfg, _checkpointed(cfg.model, mode), torch.bfloat16 if precision == "bf16_autocast" else None
-    cfg = load_train_config([f"model={name}", "precision=bf16", f"trainer.activation_checkpointing={mode}",
+    cfg = load_train_config([f"model={name}", f"precision={precision}", f"trainer.activation_checkpointing={mode}",
                              *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, Mesh(), init_seed=0, stop_after="load").model.train()
@@ -200,6 +200,18 @@ def test_bf16_activations_match_and_undercut_autocast(name):
         assert planned == pytest.approx(total[precision], rel=0.10), precision
     assert blocks["bf16"] <= 0.6 * blocks["bf16_autocast"]
     assert total["bf16"] <= 0.6 * total["bf16_autocast"]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_fp8_is_planned_as_bf16(recipe):
+    """precision=fp8 builds on bf16 and its FP8 GEMMs (torchao's Float8Linear, the emulated blockwise linear and
+    expert GEMMs) save the bf16 inputs a bf16 GEMM saves: bf16's plan within 10% (measured 0.1%)."""
+    cfg, model, dtype = _measured_model("tiny_deepseek_v3", "fp8", overrides=(f"precision.recipe={recipe}",))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    measured = saved_tensor_bytes(model, ids[:, :-1], ids[:, 1:], dtype)
+    planned = activation_bytes(cfg.model, Shapes.of("fp8", 2, 64, device_type="cpu"))["by_mode"]["none"]
+    assert planned == activation_bytes(cfg.model, Shapes.of("bf16", 2, 64, device_type="cpu"))["by_mode"]["none"]
+    assert planned == pytest.approx(measured, rel=0.10)
 
 
 @pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_deepseek_v3"])

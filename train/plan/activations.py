@@ -16,7 +16,7 @@ What the forward keeps, per precision:
     too, so linears and expert GEMMs save their bf16 inputs themselves, and the bf16 weight copies are state held
     across the step (`train.plan.planner`), not activations; norms and the router gate keep their bf16 inputs, not
     the fp32 copies they compute on (`train/model/upcast.py`); router, gate weights, balance terms and the loss
-    stay fp32. fp8 keeps bf16_autocast's figures;
+    stay fp32. fp8 builds on bf16 and keeps its figures (its FP8 GEMMs save the same bf16 inputs);
   - in every precision the combine keeps the expert outputs in their own dtype, the gate weights and indices, and
     the sum of the returned all-to-all copies only its index (`combine_rows`, `sum_rows_into`).
 Attention: fused SDPA (flash / memory-efficient: q, k, v, output and log-sum-exp) on CUDA, and on CPU when q and v
@@ -58,16 +58,16 @@ class Shapes:
 
     batch: int
     seq_len: int
-    bf16: bool  # matmuls in bf16: precision=bf16_autocast or bf16 (fp8 is planned as bf16_autocast); fp32 otherwise
+    bf16: bool  # matmuls in bf16: precision=bf16_autocast, bf16 or fp8 (planned as bf16); fp32 otherwise
     ep_size: int = 1
     device_type: str = "cuda"
-    end_to_end: bool = False  # with bf16: precision=bf16 (bf16 residual stream and norm outputs) rather than autocast
+    end_to_end: bool = False  # with bf16: precision=bf16 or fp8 (bf16 residual stream, norm outputs), not autocast
 
     @classmethod
     def of(cls, precision: str, batch: int, seq_len: int, ep_size: int = 1, device_type: str = "cuda") -> "Shapes":
-        """The shapes of `precision=<precision>` (fp8 keeps bf16_autocast's figures, an upper bound)."""
+        """The shapes of `precision=<precision>` (fp8 builds on bf16 and keeps its figures)."""
         return cls(batch, seq_len, precision in ("bf16", "bf16_autocast", "fp8"), ep_size, device_type,
-                   end_to_end=precision == "bf16")
+                   end_to_end=precision in ("bf16", "fp8"))
 
     @property
     def tokens(self) -> int:
@@ -285,12 +285,13 @@ def _experts(s: _Saved, sh: Shapes, E_loc: int, N: int, D: int, F: int) -> None:
     s.keep("experts.out", N * D * e, _EXPERTS, saved=False, cached=True)  # the combine saves it
 
 
-def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
+def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str, in_bytes: int) -> None:
+    """`in_bytes`: the width of the norm output `inp` (bf16 in an MTP block under autocast, fed by `eh_proj`)."""
     moe, t, D = cfg.moe, sh.tokens, cfg.d_model
     E, K, F, ep = moe.num_routed_experts, moe.num_active_routed, moe.routed_hidden, sh.ep_size
     N = t * K
     # the fp32 router gate (autocast off) keeps the norm output as it is (`upcast_op` under precision=bf16)
-    s.keep(inp, t * D * sh.stream, _ROUTING)
+    s.keep(inp, t * D * in_bytes, _ROUTING)
     s.keep("router.scores", t * E * 4, _ROUTING)
     s.keep("router.topk_ids", t * K * 8, _ROUTING)
     if moe.scoring == "topk_softmax" or moe.norm_topk_prob:
@@ -337,7 +338,7 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int | No
     mid_bytes = max(in_bytes, a_out)  # x + attn(x)
     out = _norm(s, cfg.norm, "ffn_norm", "mid", t, D, mid_bytes, _MIXING)
     if cfg.is_moe_layer(layer_idx):
-        _moe(s, cfg, sh, out)
+        _moe(s, cfg, sh, out, mid_bytes)
         if cfg.post_sublayer_norm:
             _norm(s, cfg.norm, "ffn_post_norm", "moe.out", t, D, sh.stream, _ROUTING)
         return s, sh.stream
