@@ -36,9 +36,9 @@ class RowLayout:
     row_bytes: int  # padded to the largest element size, so every segment's view is aligned
 
 
-def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, RowLayout, list[int]]:
-    """(rows, uint8 bytes per row) buffer holding row i of every tensor side by side; its layout; and the order
-    the tensors were placed in (widest element first, so every offset is a multiple of its element size)."""
+def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, RowLayout]:
+    """(rows, uint8 bytes per row) buffer holding row i of every tensor side by side, widest element first (so every
+    offset is a multiple of its element size), and its layout."""
     order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
     rows = tensors[0].shape[0]
     parts, segments, offset = [], [None] * len(tensors), 0
@@ -55,7 +55,7 @@ def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, RowLayout,
     if pad:
         parts.append(parts[0].new_zeros(rows, pad))
     buf = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return buf, RowLayout(tuple(segments), offset + pad), order
+    return buf, RowLayout(tuple(segments), offset + pad)
 
 
 def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
@@ -63,13 +63,6 @@ def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
     rows = buf.shape[0]
     return [buf[:, off : off + width].view(dtype).view(rows, *shape)
             for dtype, shape, off, width in layout.segments]
-
-
-def _exchange(tensors, out_splits, in_splits, group):
-    buf, layout, _ = pack_rows(tensors)
-    out = buf.new_empty((sum(out_splits), layout.row_bytes))
-    dist.all_to_all_single(out, buf, out_splits, in_splits, group=group)
-    return unpack_rows(out, layout)
 
 
 def quantize_rows_fp8(x_CD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,14 +104,14 @@ class PendingAllToAll:
         if self.fp8_rows:
             q, scale = quantize_rows_fp8(tensors[0])
             wire = [q, scale, *tensors[1:]]
-        buf, layout, _ = pack_rows(wire)
+        buf, layout = pack_rows(wire)
         out = buf.new_empty((sum(self.out_splits), layout.row_bytes))
         work = dist.all_to_all_single(out, buf, self.out_splits, self.in_splits, group=self.group, async_op=True)
         # `buf` must live until the collective completes
-        self._launched = (work, buf, out, layout, dtype, [t.is_floating_point() for t in tensors])
+        self._launched = (work, buf, out, layout, dtype)
 
     def _finish(self) -> list[torch.Tensor]:
-        work, _buf, out, layout, dtype, _ = self._launched
+        work, _buf, out, layout, dtype = self._launched
         work.wait()
         outs = unpack_rows(out, layout)
         if self.fp8_rows:
@@ -167,7 +160,9 @@ class _Wait(torch.autograd.Function):
         need = [i for i, n in enumerate(p.needs_grad) if n]
         result = [None] * len(p.needs_grad)
         if need:
-            back = _exchange([grads[i] for i in need], p.in_splits, p.out_splits, p.group)
+            reverse = PendingAllToAll(p.in_splits, p.out_splits, p.group, fp8_rows=False)
+            reverse._launch([grads[i] for i in need])
+            back = reverse._finish()
             for i, g in zip(need, back):
                 result[i] = g
         p.input_grads = result

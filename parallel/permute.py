@@ -80,9 +80,25 @@ def copy_weights(topk_weights_TK: torch.Tensor, plan: SendPlan) -> torch.Tensor:
     return w_CK * (plan.local_ids_CK >= 0).to(w_CK.dtype)
 
 
+class _SumRowsInto(torch.autograd.Function):
+    """`zeros.index_add(0, index, rows.float()).to(rows.dtype)` with the same ops both ways, saving only the
+    index: autograd's `index_add` would save its fp32 source (the rows' fp32 copy) for the shape alone."""
+
+    @staticmethod
+    def forward(ctx, rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
+        out = torch.zeros((num_out,) + tuple(rows_MD.shape[1:]), dtype=torch.float32, device=rows_MD.device)
+        ctx.save_for_backward(index_M)
+        ctx.rows_dtype = rows_MD.dtype
+        return out.index_add(0, index_M, rows_MD.float()).to(rows_MD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (index_M,) = ctx.saved_tensors
+        return grad_out.float().index_select(0, index_M).to(ctx.rows_dtype), None, None
+
+
 def sum_rows_into(rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
     """out[i] = Σ rows[m] over m with index[m] == i, accumulated in fp32 and returned in the rows' dtype
-    (a token's copies from several ranks are summed, as `combine_rows` sums its K slots). Differentiable;
-    indices that no row names get zeros."""
-    out = torch.zeros((num_out,) + tuple(rows_MD.shape[1:]), dtype=torch.float32, device=rows_MD.device)
-    return out.index_add(0, index_M, rows_MD.float()).to(rows_MD.dtype)
+    (a token's copies from several ranks are summed, as `combine_rows` sums its K slots). Differentiable, keeping
+    only the index for backward; indices that no row names get zeros."""
+    return _SumRowsInto.apply(rows_MD, index_M, num_out)

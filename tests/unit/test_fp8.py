@@ -267,3 +267,41 @@ def test_activation_checkpointing_keeps_fp8_gradients(recipe, mode, one_thread):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fp8_builds_on_bf16(recipe, one_thread):
+    """precision=fp8 through the build pipeline: bf16's converter, then the FP8 swap, no autocast. The FP8 GEMMs take
+    bf16 inputs and give bf16 outputs (the residual stream stays bf16), the embedding, head and experts compute on
+    bf16 copies, routers stay fp32, and every gradient reaches its fp32 master; the loss stays within 2% of bf16's."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from parallel import Mesh
+    from train.build import EngineArgs, build_model
+    from train.precision import build_precision
+    from train.precision.bf16 import Bf16Embedding, Bf16GroupedExperts, Bf16OutputHead
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for precision in ("bf16", "fp8"):
+        extra = [f"precision.recipe={recipe.value}"] if precision == "fp8" else []
+        cfg = load_train_config(["model=tiny_deepseek_v3", "model.vocab_size=512", f"precision={precision}", *extra])
+        assert build_precision(cfg.precision, torch.device("cpu")).autocast_dtype is None
+        built = build_model(cfg, Mesh(), init_seed=3, engine_args=EngineArgs(accum_steps=1))
+        model = built.model
+        block_in = set()
+        for block in model.blocks():
+            block.register_forward_pre_hook(lambda m, args: block_in.add(args[0].dtype))
+        out = built.engine.forward(ids, ids)
+        built.engine.backward(out.loss)
+        losses[precision] = out.loss.item()
+        assert block_in == {torch.bfloat16} and out.logits.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in model.parameters())
+    fp8_type = EmulatedFp8Linear if recipe is Fp8Recipe.blockwise else Float8Linear
+    assert type(model.layers[1].attn.o_proj) is fp8_type
+    assert type(model.embed) is Bf16Embedding and type(model.lm_head) is Bf16OutputHead
+    experts = model.layers[1].ffn.experts
+    assert type(experts) is Bf16GroupedExperts and isinstance(experts.gemm, Fp8GroupedGemm)
+    assert type(model.layers[1].ffn.router.gate) is nn.Linear and model.layers[1].ffn.router.gate.weight.grad is not None
+    assert losses["fp8"] != losses["bf16"] and losses["fp8"] == pytest.approx(losses["bf16"], rel=2e-2)

@@ -20,7 +20,7 @@ def _rows(C, D=256, K=3):
 @pytest.mark.parametrize("C", [0, 1, 7])
 def test_pack_unpack_round_trip_as_aligned_views(C):
     x, w, ids = _rows(C)
-    buf, layout, _ = pack_rows([x, w, ids])
+    buf, layout = pack_rows([x, w, ids])
     assert buf.dtype == torch.uint8 and buf.shape == (C, layout.row_bytes)
     assert layout.row_bytes == 2 * 256 + 4 * 3 + 3 + 1  # padded to the widest element (4 bytes)
     back = unpack_rows(buf, layout)

@@ -88,8 +88,8 @@ class PrecisionConfig:
     # fp32 | bf16 | bf16_autocast | fp8: the recipe (train/precision/). Parameters, gradients and optimizer
     # state always stay fp32 (master weights); bf16 computes in bf16 end to end from bf16 copies of them
     # (router, norms' statistics and losses fp32; every ZeRO stage); bf16_autocast autocasts the forward pass
-    # over fp32 weights; fp8 autocasts like bf16_autocast and runs the dense attention/MLP linears and the
-    # routed-expert GEMMs in FP8.
+    # over fp32 weights; fp8 builds on bf16 and runs the dense attention/MLP linears and the routed-expert
+    # GEMMs in FP8.
     name: Precision = Precision.fp32
     # fp8 only (configs/precision/fp8.yaml sets tensorwise): tensorwise | rowwise | blockwise. Must stay null
     # with fp32 and bf16, where it would mean nothing (validation says so rather than ignoring it).

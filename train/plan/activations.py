@@ -14,9 +14,11 @@ What the forward keeps, per precision:
     per-expert loop (CUDA) in fp32;
   - `precision=bf16` (`Shapes.end_to_end`): the residual stream, norm outputs and dispatched expert rows are bf16
     too, so linears and expert GEMMs save their bf16 inputs themselves, and the bf16 weight copies are state held
-    across the step (`train.plan.planner`), not activations; norms keep an fp32 copy of their bf16 input, the
-    router its own fp32 copy, the combine and the all-to-all's sum their fp32 copies of the rows (as autocast's
-    do); router, gate weights, balance terms and the loss stay fp32. fp8 keeps bf16_autocast's figures.
+    across the step (`train.plan.planner`), not activations; norms and the router gate keep their bf16 inputs, not
+    the fp32 copies they compute on (`train/model/upcast.py`); router, gate weights, balance terms and the loss
+    stay fp32. fp8 builds on bf16 and keeps its figures (its FP8 GEMMs save the same bf16 inputs);
+  - in every precision the combine keeps the expert outputs in their own dtype, the gate weights and indices, and
+    the sum of the returned all-to-all copies only its index (`combine_rows`, `sum_rows_into`).
 Attention: fused SDPA (flash / memory-efficient: q, k, v, output and log-sum-exp) on CUDA, and on CPU when q and v
 have one head size; CPU MLA (q/k 192 ≠ v 128 wide) takes the math path, which keeps the T×T probabilities (in fp32:
 CPU upcasts reduced precision there).
@@ -56,16 +58,16 @@ class Shapes:
 
     batch: int
     seq_len: int
-    bf16: bool  # matmuls in bf16: precision=bf16_autocast or bf16 (fp8 is planned as bf16_autocast); fp32 otherwise
+    bf16: bool  # matmuls in bf16: precision=bf16_autocast, bf16 or fp8 (planned as bf16); fp32 otherwise
     ep_size: int = 1
     device_type: str = "cuda"
-    end_to_end: bool = False  # with bf16: precision=bf16 (bf16 residual stream and norm outputs) rather than autocast
+    end_to_end: bool = False  # with bf16: precision=bf16 or fp8 (bf16 residual stream, norm outputs), not autocast
 
     @classmethod
     def of(cls, precision: str, batch: int, seq_len: int, ep_size: int = 1, device_type: str = "cuda") -> "Shapes":
-        """The shapes of `precision=<precision>` (fp8 keeps bf16_autocast's figures, an upper bound)."""
+        """The shapes of `precision=<precision>` (fp8 builds on bf16 and keeps its figures)."""
         return cls(batch, seq_len, precision in ("bf16", "bf16_autocast", "fp8"), ep_size, device_type,
-                   end_to_end=precision == "bf16")
+                   end_to_end=precision in ("bf16", "fp8"))
 
     @property
     def tokens(self) -> int:
@@ -154,18 +156,17 @@ def _linear(s: _Saved, sh: Shapes, name: str, inp: str, rows: int, k: int, out: 
 
 def _norm(s: _Saved, kind: str, name: str, inp: str, rows: int, dim: int, in_bytes: int, region: str,
           in_storage: int | None = None) -> str:
-    """RMSNorm keeps its input in fp32 (the input itself or an fp32 copy), 1/rms and the normalised input in the
-    input's dtype; LayerNorm keeps the fp32 input, mean and 1/std. The output is a new tensor (its key), in fp32
-    under autocast and in the input's dtype under precision=bf16 (the callers pass on its width)."""
-    if in_bytes == 4:
-        s.keep(inp, in_storage if in_storage is not None else rows * dim * 4, region)
-    else:
-        s.keep(f"{name}.x32", rows * dim * 4, region)
+    """An fp32 input: RMSNorm keeps it, 1/rms and the normalised input; LayerNorm keeps it, mean and 1/std. A bf16
+    input is kept as it is with the statistics, and the rest recomputed in backward (`train/model/upcast.py`).
+    `in_storage`: the bytes of the input's storage when it is a view. The output is a new tensor (its key), in the
+    input's dtype (the callers pass on its width)."""
+    s.keep(inp, in_storage if in_storage is not None else rows * dim * in_bytes, region)
     if kind == "layernorm":
         s.keep(f"{name}.stats", rows * 8, region)
     else:
         s.keep(f"{name}.rstd", rows * 4, region)
-        s.keep(f"{name}.xn", rows * dim * in_bytes, region)
+        if in_bytes == 4:
+            s.keep(f"{name}.xn", rows * dim * 4, region)
     return f"{name}.out"
 
 
@@ -229,8 +230,8 @@ def _mla(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
         out = _norm(s, "rmsnorm", "q_a_norm", q_a, t, r, a, _MIXING)
         _linear(s, sh, "q_b_proj", out, t, r, H * qk, sh.stream, _MIXING)
     kv_a = _linear(s, sh, "kv_a_proj", inp, t, D, C + R, sh.stream, _MIXING)
-    # the latent is a view of kv_a_proj's output: fp32 runs keep that whole storage, bf16 an fp32 copy of the view
-    out = _norm(s, "rmsnorm", "kv_a_norm", kv_a, t, C, a, _MIXING, in_storage=t * (C + R) * 4)
+    # the latent is a view of kv_a_proj's output: the norm keeps that whole storage
+    out = _norm(s, "rmsnorm", "kv_a_norm", kv_a, t, C, a, _MIXING, in_storage=t * (C + R) * a)
     kv_b = _linear(s, sh, "kv_b_proj", out, t, C, H * (qk - R + vd), sh.stream, _MIXING)
     s.keep("rope.cos_sin", sh.seq_len * R * 4, _MIXING)
     # q and k are new tensors (cat of nope and rotated rope parts); v is a view of kv_b_proj's output
@@ -281,15 +282,16 @@ def _experts(s: _Saved, sh: Shapes, E_loc: int, N: int, D: int, F: int) -> None:
         s.keep("experts.offsets", 2 * E_loc * 4, _EXPERTS)
     s.keep("experts.gate_up", 2 * N * F * e, _EXPERTS, cached=True)  # silu's and the product's inputs
     s.keep("experts.silu_product", 2 * N * F * e, _EXPERTS)
-    s.keep("experts.out", N * D * e, _EXPERTS, saved=e == 4, cached=True)  # in fp32 the combine saves it
+    s.keep("experts.out", N * D * e, _EXPERTS, saved=False, cached=True)  # the combine saves it
 
 
-def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
+def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str, in_bytes: int) -> None:
+    """`in_bytes`: the width of the norm output `inp` (bf16 in an MTP block under autocast, fed by `eh_proj`)."""
     moe, t, D = cfg.moe, sh.tokens, cfg.d_model
     E, K, F, ep = moe.num_routed_experts, moe.num_active_routed, moe.routed_hidden, sh.ep_size
     N = t * K
-    # the fp32 router gate (autocast off) keeps the fp32 norm output itself, or its fp32 copy of a bf16 one
-    s.keep(inp if sh.stream == 4 else "router.in_fp32", t * D * 4, _ROUTING)
+    # the fp32 router gate (autocast off) keeps the norm output as it is (`upcast_op` under precision=bf16)
+    s.keep(inp, t * D * in_bytes, _ROUTING)
     s.keep("router.scores", t * E * 4, _ROUTING)
     s.keep("router.topk_ids", t * K * 8, _ROUTING)
     if moe.scoring == "topk_softmax" or moe.norm_topk_prob:
@@ -301,18 +303,16 @@ def _moe(s: _Saved, cfg: ModelConfig, sh: Shapes, inp: str) -> None:
         s.keep("balance.score_sums", t * 4, _ROUTING)
     if moe.seq_balance_coef:
         s.keep("balance.seq_f", sh.batch * E * 4, _ROUTING)
-    if ep > 1:  # send plan index, gate-weight mask, and the returned copies summed into tokens (an fp32 copy)
+    if ep > 1:  # send plan index (the returned copies' sum into tokens keeps only it), gate-weight mask
         C = round(t * expected_devices_per_token(cfg, ep))
         s.keep("a2a.copy_token", C * 8, _ROUTING)
         s.keep("a2a.weight_mask", C * K * 4, _ROUTING)
-        s.keep("a2a.returned", C * D * 4, _ROUTING)
     # row indices, gate weights per row (the rows themselves are the experts' input)
     s.keep("dispatch.indices", 3 * N * 8, _ROUTING)
     s.keep("dispatch.row_weights", N * 4, _ROUTING)
     _experts(s, sh, ExpertPlacement(E, ep).num_local_experts, N, D, F)
-    # combine: the expert output in fp32 (the output itself in fp32, a copy from bf16) and its weighted rows
-    s.keep("experts.out" if sh.expert_act == 4 else "combine.out_fp32", N * D * 4, _ROUTING)
-    s.keep("combine.weighted", N * D * 4, _ROUTING)
+    # combine (`_WeightedSum`): the expert output in its own dtype (with the row weights and indices above)
+    s.keep("experts.out", N * D * sh.expert_act, _ROUTING)
     if moe.num_shared_experts:
         _swiglu(s, sh, "shared", inp, t, D, moe.shared_hidden)
         if moe.shared_expert_gate:  # sigmoid(gate) * shared: both factors
@@ -338,7 +338,7 @@ def block_saved(cfg: ModelConfig, sh: Shapes, layer_idx: int, in_bytes: int | No
     mid_bytes = max(in_bytes, a_out)  # x + attn(x)
     out = _norm(s, cfg.norm, "ffn_norm", "mid", t, D, mid_bytes, _MIXING)
     if cfg.is_moe_layer(layer_idx):
-        _moe(s, cfg, sh, out)
+        _moe(s, cfg, sh, out, mid_bytes)
         if cfg.post_sublayer_norm:
             _norm(s, cfg.norm, "ffn_post_norm", "moe.out", t, D, sh.stream, _ROUTING)
         return s, sh.stream

@@ -126,8 +126,8 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
     P = par.pp_size
     device_type = "cpu" if t.device == "cpu" else "cuda"
     rp = rank_params(cfg, world_size // P)
-    # fp8 autocasts like bf16_autocast and its GEMMs save their bf16 inputs (re-quantised in backward): planned as
-    # bf16_autocast, an upper bound. bf16 is counted as it runs: bf16 residual stream, norm outputs and expert rows.
+    # bf16 is counted as it runs: bf16 residual stream, norm outputs and expert rows. fp8 builds on it and its GEMMs
+    # save the same bf16 inputs (re-quantised in backward): planned as bf16.
     sh = Shapes.of(cfg.precision.name, t.micro_batch_size, t.seq_len, par.ep_size, device_type)
     acts = activation_bytes(m, sh)
     micro_batches = num_micro_batches(cfg, world_size)

@@ -6,9 +6,11 @@ Parameters, gradients and optimizer state are always fp32 (master weights), and 
   are bf16; routers, the expert bias, norm statistics and losses stay fp32. No autocast. Every ZeRO stage.
 - `bf16_autocast`: the forward pass under autocast to bfloat16 over fp32 weights (matmuls in bf16, residual
   stream fp32); the model itself keeps the router, softmax, norms and losses in fp32. Every ZeRO stage.
-- `fp8` autocasts as `bf16_autocast` does (it does not build on `bf16` yet), and its model converter
-  (`Fp8Converter`, `fp8/`) puts the attention/MLP/shared-expert linears and routed-expert GEMMs in FP8 with
-  `precision.recipe`'s scaling; their Parameters stay the fp32 masters, so checkpoints do not change.
+- `fp8` builds on `bf16`: its converter runs first (bf16 residual stream, fp32 routers and norms, no autocast),
+  then `Fp8Converter` (`fp8/`) puts the attention/MLP/shared-expert linears and routed-expert GEMMs in FP8 with
+  `precision.recipe`'s scaling (they quantise the bf16 inputs and the fp32 masters, or the experts' cached bf16
+  copies, and return bf16); embedding, output head, routers, norms and MTP stay as `bf16` runs them. The
+  Parameters stay the fp32 masters, so checkpoints do not change.
 The build pipeline (`train/build.py`) runs `model_converters()` on the meta model, before expert parallelism.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Precision:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"fp32": None, "bf16": None, "bf16_autocast": torch.bfloat16, "fp8": torch.bfloat16}[self.name]
+        return {"fp32": None, "bf16": None, "bf16_autocast": torch.bfloat16, "fp8": None}[self.name]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -49,17 +51,17 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def model_converters(self) -> list["ModelConverter"]:
-        """The module conversions this recipe needs, in the order the build pipeline applies them (bf16, fp8:
-        one each)."""
-        if self.name == "bf16":
-            from train.precision.bf16 import Bf16Converter
-
-            return [Bf16Converter()]
-        if self.name != "fp8":
+        """The module conversions this recipe needs, in the order the build pipeline applies them (bf16: one;
+        fp8: bf16's, then the FP8 swap of the linears and expert GEMMs it leaves bf16)."""
+        if self.name not in ("bf16", "fp8"):
             return []
+        from train.precision.bf16 import Bf16Converter
+
+        if self.name == "bf16":
+            return [Bf16Converter()]
         from train.precision.fp8 import Fp8Converter
 
-        return [Fp8Converter(self.recipe, self.device)]
+        return [Bf16Converter(), Fp8Converter(self.recipe, self.device)]
 
 
 class ModelConverter(Protocol):

@@ -39,17 +39,40 @@ def gather_rows(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.T
     return x_TD[perm_N // top_k]
 
 
+class _WeightedSum(torch.autograd.Function):
+    """`y_TD[t] = Σ w_N[n] · y_ND[n]` over the rows n with `token_N[n] == t`, summed in fp32, returned in y's dtype.
+
+    The ops (and roundings) of `zeros.index_add_(0, token_N, y.float() * w[:, None]).to(y.dtype)` under autograd,
+    both ways, but it saves only y in its own dtype, w and the index. Autograd's graph of those ops keeps two fp32
+    N·D tensors (y's fp32 copy, which the product saves, and the product, which `index_add` saves though its
+    backward reads only its shape): 8 bytes per element against y's own 2 under bf16 (4 in fp32), the largest
+    activations of an MoE layer (`train/plan/activations.py`)."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        y_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
+        y_TD.index_add_(0, token_N, y_ND.float() * w_N.unsqueeze(-1))
+        ctx.save_for_backward(y_ND, w_N, token_N)
+        return y_TD.to(y_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_ND, w_N, token_N = ctx.saved_tensors
+        g_ND = grad_TD.float().index_select(0, token_N)
+        grad_y = (g_ND * w_N.unsqueeze(-1)).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g_ND * y_ND.float()).sum(-1) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w, None, None
+
+
 def combine_rows(y_ND: torch.Tensor, perm_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """Inverse of `gather_rows`: `y_TD[t] = sum_k w[t, k] * y_ND[row of (t, k)]`, in y's dtype.
 
     Dropped assignments have no row and so contribute zero. Accumulates in fp32 because the K copies of a
-    token are summed.
+    token are summed; keeps only y (in its dtype), the row weights and indices for backward (`_WeightedSum`).
     """
     T, K = topk_weights_TK.shape
     w_N = topk_weights_TK.reshape(-1)[perm_N]
-    y_TD = torch.zeros(T, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
-    y_TD.index_add_(0, perm_N // K, y_ND.float() * w_N.unsqueeze(-1))
-    return y_TD.to(y_ND.dtype)
+    return _WeightedSum.apply(y_ND, w_N, perm_N // K, T)
 
 
 class TokenDispatcher(Protocol):

@@ -29,6 +29,7 @@ from train.config.choices import GroupScore, Scoring
 from train.config.model import MoEConfig
 from train.config.routing import check_group_limit
 from train.model.moe import losses
+from train.model.upcast import upcast_op
 
 SCORINGS = Scoring.values()
 GROUP_SCORES = GroupScore.values()
@@ -64,6 +65,10 @@ class BalanceInputs(NamedTuple):
     batch_size: int
     num_devices: int
     extras: Optional[torch.Tensor] = None  # the router's `count_extras`, summed over the data-parallel ranks
+
+
+def _fp32_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    return F.linear(x_TD.float(), w_ED.float())
 
 
 def group_limited_mask(
@@ -188,15 +193,14 @@ class Router(nn.Module):
         return None
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """fp32 `x W_g^T`, `_TE`."""
+        """fp32 `x W_g^T`, `_TE`. fp32 gate: small logit differences decide the top-k and must not be rounded away
+        in bf16. Autocast would cast the matmul back to bf16 whatever its inputs, so it is switched off for the
+        gate. A bf16 x (precision=bf16) is kept for backward as it is, not as its fp32 copy (`upcast_op`)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.gate.weight.float())
+            return upcast_op(_fp32_linear, x_TD, self.gate.weight)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
-        # fp32 gate: small logit differences decide the top-k and must not be rounded away in bf16. Autocast
-        # would cast the matmul back to bf16 whatever its inputs, so it is switched off for the gate.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = self.gate_logits(x_TD)
         if self.scoring == "sigmoid":
             scores_TE = logits_TE.sigmoid()
         else:
