@@ -174,7 +174,7 @@ class TrainerConfig:
     save_every: int = 100
     max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops with a checkpoint
     # A rank whose step stops advancing for this many seconds dumps every thread's stack and exits non-zero, so the
-    # elastic launcher restarts the job (first step, saves and evaluations get 4x; collectives time out at 4x);
+    # elastic launcher restarts the job (first step, saves and evaluations get 4x; collectives time out at 5x);
     # 0 disables it (train/trainer/watchdog.py).
     watchdog_s: int = 900
     keep_last: Optional[int] = None  # keep the newest N complete checkpoints (null: all); older ones go after a save

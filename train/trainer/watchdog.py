@@ -6,14 +6,15 @@ they wait for it in a collective, stop making progress, and their watchdogs fire
 
 Progress is a finished optimizer step (`beat`). Phases that may legitimately take much longer than a step (the
 first step of a start, which compiles and warms up; a checkpoint save; an evaluation) run under `slow(phase)` and
-get `SLOW_PHASE_FACTOR` x N instead of N; collectives time out after the same longer allowance
-(`collective_timeout_s`, used by parallel.init_distributed), so the watchdog, which dumps stacks, fires first.
+get `SLOW_PHASE_FACTOR` x N instead of N; collectives time out one N later still (`collective_timeout_s`, used by
+parallel.init_distributed), so the watchdog, which dumps stacks, fires first even in a slow phase.
 
 Three layers, each for what the one before cannot do:
 - a Python thread checks the clock every `poll_s` (it runs while the main thread waits in a collective or in I/O,
-  which release the GIL) and does the dump, the request to the peers and `os._exit`;
-- a second thread waits on a key of the run's TCPStore (one blocking request, no polling load on the store): when
-  another rank reports a hang it dumps this rank's stacks and exits too, so the log holds every rank's view;
+  which release the GIL) and does the dump, the request to the peers and `os._exit`; every `PEER_POLL_S` it also
+  checks a key of the job's TCPStore, and when another rank has reported a hang it dumps this rank's stacks and
+  exits too, so the log holds every rank's view (a non-blocking check from this thread, which `__exit__` joins:
+  a request still waiting when the store's host exits at the end of a job would abort the process);
 - `faulthandler.dump_traceback_later` is re-armed at each beat with `BACKSTOP_GRACE_S` more: a C thread that dumps
   and exits even when the main thread holds the GIL and the Python thread cannot run.
 """
@@ -33,12 +34,14 @@ SLOW_PHASE_FACTOR = 4  # first step (compile), save, evaluation: this many times
 BACKSTOP_GRACE_S = 30  # the C-level backstop fires this long after the Python watchdog should have
 HANG_EXIT_CODE = 124  # as coreutils `timeout`: the rank was stopped for taking too long
 STORE_TIMEOUT_S = 5  # a request to the store (its host may be the hung rank) waits at most this long
+PEER_POLL_S = 5  # how often each rank asks the store whether another rank reported a hang
 
 
 def collective_timeout_s(watchdog_s: float) -> Optional[float]:
-    """The collective timeout for `trainer.watchdog_s` (None: torch's default, when the watchdog is off): the
-    longest allowance any watched phase gets, so a slow save or evaluation is never cut by a collective timeout."""
-    return SLOW_PHASE_FACTOR * watchdog_s if watchdog_s > 0 else None
+    """The collective timeout for `trainer.watchdog_s` (None: torch's default, when the watchdog is off): one
+    `watchdog_s` beyond the longest allowance any watched phase gets, so a slow save or evaluation is never cut by
+    a collective timeout, and a hang in one is reported by the watchdog (with stacks) first."""
+    return (SLOW_PHASE_FACTOR + 1) * watchdog_s if watchdog_s > 0 else None
 
 
 class Watchdog:
@@ -59,8 +62,8 @@ class Watchdog:
         self._phase = "the first step"
         self._step: Optional[int] = None
         self._log = None
-        self._store = None  # for set(): the listener's client is blocked in wait() (one request at a time each)
-        self._listener = None
+        self._store = None
+        self._thread: Optional[threading.Thread] = None
         self._key: Optional[str] = None
         self._fired = False
         self._running = False
@@ -79,9 +82,8 @@ class Watchdog:
         self._running = True
         self._set("the first step", SLOW_PHASE_FACTOR * self.timeout_s)
         self._connect_store()
-        threading.Thread(target=self._watch, name="moeforge-watchdog", daemon=True).start()
-        if self._listener is not None:
-            threading.Thread(target=self._listen, name="moeforge-watchdog-peers", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="moeforge-watchdog", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,6 +91,8 @@ class Watchdog:
             return
         self._running = False
         self._stop.set()
+        self._thread.join()  # no store request may be in flight once training is over
+        self._store = None
         faulthandler.cancel_dump_traceback_later()
         if self._log is not None:
             self._log.close()
@@ -114,9 +118,13 @@ class Watchdog:
             return
         with self._lock:
             self._phase, self._allowance, self._last = phase, allowance, time.monotonic()
-        faulthandler.dump_traceback_later(allowance + BACKSTOP_GRACE_S, exit=True)
+        try:
+            faulthandler.dump_traceback_later(allowance + BACKSTOP_GRACE_S, exit=True, file=sys.__stderr__)
+        except (AttributeError, ValueError, OSError):  # no real stderr (an embedding host): the thread still watches
+            pass
 
     def _watch(self) -> None:
+        next_peer_check = time.monotonic() + PEER_POLL_S
         while not self._stop.wait(self.poll_s):
             with self._lock:
                 idle, allowance, phase = time.monotonic() - self._last, self._allowance, self._phase
@@ -124,15 +132,21 @@ class Watchdog:
                 where = "" if self._step is None else f" after step {self._step}"
                 self._fire(f"rank {self.rank} made no progress for {idle:.0f} s (in {phase}{where}; allowed "
                            f"{allowance:.0f} s, trainer.watchdog_s={self.timeout_s:g})", notify=True)
+            if self._store is not None and time.monotonic() >= next_peer_check:
+                next_peer_check = time.monotonic() + PEER_POLL_S
+                reporter = self._peer_report()
+                if reporter:
+                    self._fire(f"rank {self.rank}: {reporter} reported a hang", notify=False)
 
-    def _listen(self) -> None:
-        """Block on the store until another rank reports a hang (or the store goes away at the end of the job)."""
+    def _peer_report(self) -> Optional[str]:
+        """Who reported a hang this round, if anyone (None also when the store does not answer: the hung rank
+        may be its host)."""
         try:
-            self._listener.wait([self._key], timedelta(days=365))
-        except Exception:  # the store's host exited (a normal end) or is gone: nothing to report
-            return
-        # (the value names the reporter, but its host may exit the moment it reads it: not asked for again)
-        self._fire(f"rank {self.rank}: another rank reported a hang (its own report names it)", notify=False)
+            if self._store.check([self._key]):
+                return self._store.get(self._key).decode()
+        except Exception:
+            return None
+        return None
 
     def _fire(self, reason: str, notify: bool) -> None:
         """Dump every thread's stack (stderr, then this rank's log file), tell the peers, exit."""
@@ -160,18 +174,16 @@ class Watchdog:
         os._exit(HANG_EXIT_CODE)
 
     def _connect_store(self) -> None:
-        """Two clients of the job's TCPStore (torchrun's MASTER_ADDR:MASTER_PORT) of our own: a client serves one
-        request at a time, so the listener's blocking wait must hold up neither the process group's requests nor
-        this rank's own report. The key is per restart round. No store (one process): no peers."""
+        """A client of the job's TCPStore (torchrun's MASTER_ADDR:MASTER_PORT) of our own, so our requests never
+        queue behind the process group's. The key is per restart round. No store (one process): no peers."""
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not addr or not port or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return
         import torch.distributed as dist
 
         try:
-            self._store, self._listener = (
-                dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S),
-                              wait_for_workers=False) for _ in range(2))
+            self._store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S),
+                                        wait_for_workers=False)
         except Exception as e:  # hang detection still works on this rank; only the peers' dumps are lost
             print(f"moeforge: watchdog: rank {self.rank} cannot reach the store at {addr}:{port} ({e}); a hang will "
                   f"dump this rank's stacks only", file=sys.stderr)
