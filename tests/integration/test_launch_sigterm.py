@@ -27,6 +27,16 @@ SLURM_NODEID=0 exec "$@"
 FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\n"
 
 
+def torchrun_started(pid: int) -> bool:
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "--rdzv-backend=c10d" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:  # a short-lived helper already gone
+            continue
+    return False
+
+
 def start_job(run_dir, tmp_path, cache):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -57,8 +67,8 @@ def test_sigterm_to_the_whole_job_exits_0_after_a_complete_save(tmp_path, cache)
 
     job = start_job(run_dir, tmp_path, cache)  # the same command again, signalled before it can save
     deadline = time.time() + 60
-    while not any("--rdzv-backend=c10d" in " ".join(p.cmdline()) for p in psutil.Process(job.pid).children(True)):
-        assert job.poll() is None and time.time() < deadline  # wait for torchrun; its ranks then start importing
+    while not torchrun_started(job.pid):  # its ranks then take seconds to import before writing status.json
+        assert job.poll() is None and time.time() < deadline
         time.sleep(0.05)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"  # the earlier launch's
     os.killpg(job.pid, signal.SIGTERM)
