@@ -1,5 +1,5 @@
 """Hang detection: `trainer.watchdog_s=N`. A rank whose training makes no progress for N seconds writes every
-thread's stack to stderr (the job log) and to RUN_DIR/watchdog/rank_<r>.log, asks the other ranks to do the same,
+thread's stack to stderr (the job log), then to RUN_DIR/watchdog/rank_<r>.log, asks the other ranks to do the same,
 and exits with `HANG_EXIT_CODE`, so the elastic launcher (launch/torchrun.sh) restarts every rank from the newest
 complete checkpoint. A rank that cannot run its own watchdog (SIGSTOPped, a frozen node) is found by its peers:
 they wait for it in a collective, stop making progress, and their watchdogs fire.
@@ -9,7 +9,7 @@ first step of a start, which compiles and warms up; a checkpoint save; an evalua
 get `SLOW_PHASE_FACTOR` x N instead of N; collectives time out one N later still (`collective_timeout_s`, used by
 parallel.init_distributed), so the watchdog, which dumps stacks, fires first even in a slow phase.
 
-Three layers, each for what the one before cannot do:
+Two layers, the second for what the first cannot do:
 - a Python thread checks the clock every `poll_s` (it runs while the main thread waits in a collective or in I/O,
   which release the GIL) and does the dump, the request to the peers and `os._exit`; every `PEER_POLL_S` it also
   checks a key of the job's TCPStore, and when another rank has reported a hang it dumps this rank's stacks and
@@ -48,7 +48,8 @@ class Watchdog:
     """Context manager around training on one rank. `timeout_s` <= 0 makes every method a no-op.
 
     Before `__enter__` nothing runs; inside, the first step has the slow allowance, each `beat(step)` restarts the
-    clock with `timeout_s`, and `slow(phase)` gives a block the slow allowance. `__exit__` stops both threads."""
+    clock with `timeout_s`, and `slow(phase)` gives a block the slow allowance. `__exit__` stops the thread and the
+    backstop."""
 
     def __init__(self, timeout_s: float, rank: int = 0, run_dir: Optional[Path] = None):
         self.timeout_s = float(timeout_s)
@@ -61,7 +62,6 @@ class Watchdog:
         self._allowance = self.timeout_s
         self._phase = "the first step"
         self._step: Optional[int] = None
-        self._log = None
         self._store = None
         self._thread: Optional[threading.Thread] = None
         self._key: Optional[str] = None
@@ -75,11 +75,8 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         if not self.enabled:
             return self
-        if self.run_dir is not None:  # opened now: at hang time the file system may be what hangs
-            path = self.run_dir / "watchdog" / f"rank_{self.rank}.log"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(path, "a", encoding="utf-8")
         self._running = True
+        self._stop.clear()  # fit() may be entered again on the same trainer
         self._set("the first step", SLOW_PHASE_FACTOR * self.timeout_s)
         self._connect_store()
         self._thread = threading.Thread(target=self._watch, name="moeforge-watchdog", daemon=True)
@@ -94,9 +91,6 @@ class Watchdog:
         self._thread.join()  # no store request may be in flight once training is over
         self._store = None
         faulthandler.cancel_dump_traceback_later()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def beat(self, step: int) -> None:
         """Step `step` finished: the next one has `timeout_s`."""
@@ -156,15 +150,15 @@ class Watchdog:
             self._fired = True
         message = (f"moeforge: watchdog: {reason}: every thread's stack follows; exiting with code {HANG_EXIT_CODE} "
                    f"so the elastic launcher restarts the job from the newest complete checkpoint\n")
-        for out in (sys.stderr, self._log):
-            if out is None:
-                continue
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        self._dump(stamped, sys.stderr)  # first: the file system may be what hangs (the backstop ends that)
+        if self.run_dir is not None:
             try:
-                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
-                out.flush()
-                faulthandler.dump_traceback(file=out, all_threads=True)
-                out.flush()
-            except (OSError, ValueError):  # a full or read-only disk must not stop the exit
+                path = self.run_dir / "watchdog" / f"rank_{self.rank}.log"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as log:
+                    self._dump(stamped, log)
+            except OSError:  # a full or read-only disk must not stop the exit
                 pass
         if notify and self._store is not None:
             try:
@@ -172,6 +166,16 @@ class Watchdog:
             except Exception:  # the store's host may be the hung rank
                 pass
         os._exit(HANG_EXIT_CODE)
+
+    @staticmethod
+    def _dump(message: str, out) -> None:
+        try:
+            out.write(message)
+            out.flush()
+            faulthandler.dump_traceback(file=out, all_threads=True)
+            out.flush()
+        except (OSError, ValueError):
+            pass
 
     def _connect_store(self) -> None:
         """A client of the job's TCPStore (torchrun's MASTER_ADDR:MASTER_PORT) of our own, so our requests never
