@@ -1,11 +1,13 @@
-"""`scripts/chaos.py`. Chaos run: train a small multi-rank job through `launch/torchrun.sh` (elastic) under a seeded random schedule of
-faults, run the same job uninterrupted, and compare. Last line JSON: `faults` (what was injected, when, what the
-run did), `recovered`, `final_loss`, `reference_final_loss`, `weights_equal`, `tokens_equal`, `losses_equal`,
-`lost_steps` (steps computed more than once), `resumes`.
+"""`scripts/chaos.py`: train a small multi-rank job through `launch/torchrun.sh` (elastic) under a seeded random
+schedule of faults, run the same job uninterrupted, and compare. Last line JSON: `faults` (what was injected,
+when, what the run did), `recovered`, `final_loss`, `reference_final_loss`, `weights_equal`, `tokens_equal`,
+`losses_equal`, `skipped_steps_equal`, `lost_steps` (steps computed more than once), `resumes`, `launches`,
+`watchdog_dumps`, `incomplete_saves`.
 
     python scripts/chaos.py --faults 6 --seed 1 [--nproc 4] [--steps 32] [overrides ...]
 
-Faults (each at a step the schedule draws; the schedule always starts with a hang and a failed save):
+Faults (each at a step the schedule draws; the schedule always starts with a hang, a kill during its recovery and a
+failed save):
 - `hang`: SIGSTOP of one rank. Its peers wait in a collective; their watchdogs (`trainer.watchdog_s`) dump their
   stacks and exit; torchrun kills the stopped rank (30 s after SIGTERM) and restarts the group.
 - `kill`: SIGKILL of one rank; at least one kill lands while the job restarts from the fault before it.
