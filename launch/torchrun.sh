@@ -26,6 +26,9 @@ if [ "${NODE_RANK:-0}" = 0 ]; then IS_HOST=true; else IS_HOST=false; fi
 # keys outlive a round: restarted ranks would otherwise read their dead predecessors' addresses when they
 # create the expert-parallel groups (seen with torch 2.13 and gloo: "connectFullMesh ... Connection refused").
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# How long torchrun's agent, on SIGTERM, waits for the ranks to save before it kills them (an environment variable
+# rather than --shutdown-timeout, which older torchrun versions reject; they ignore the variable and wait 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-100}"
 cmd=(torchrun
     --nnodes="${NNODES:-1}"
     --nproc-per-node="${NPROC_PER_NODE}"
@@ -34,7 +37,6 @@ cmd=(torchrun
     --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-moeforge}}"
     --rdzv-conf="is_host=${IS_HOST}"
     --max-restarts="${MAX_RESTARTS:-3}"
-    --shutdown-timeout="${SHUTDOWN_TIMEOUT:-100}"
     -m train "$@")
 if [ -n "${DRY_RUN:-}" ]; then
     printf '%q ' "${cmd[@]}"; echo
