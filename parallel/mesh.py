@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -127,33 +128,36 @@ def _resolve_device(cfg, local_rank: int) -> torch.device:
     return torch.device(want)
 
 
-def build_mesh(rank: int, world_size: int, ep_size: int, device: torch.device) -> Mesh:
+def build_mesh(rank: int, world_size: int, ep_size: int, device: torch.device,
+               timeout: Optional[timedelta] = None) -> Mesh:
     """Create the EP and EDP groups (collective: every rank calls it with the same `world_size`/`ep_size`).
 
     `dist.new_group` must be entered by all ranks for every group in the same order, so each rank creates all
-    groups and keeps its own.
+    groups and keeps its own. `timeout` bounds their collectives (None: torch's default; new groups do not
+    inherit the default group's).
     """
     edp_size = world_size // ep_size
     mesh = Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=rank % ep_size, device=device)
     for g in range(edp_size):
-        grp = dist.new_group(ep_group_ranks(g, world_size, ep_size))
+        grp = dist.new_group(ep_group_ranks(g, world_size, ep_size), timeout=timeout)
         if mesh.edp_rank == g:
             mesh.ep_group = grp
     for j in range(ep_size):
-        grp = dist.new_group(edp_group_ranks(j, world_size, ep_size))
+        grp = dist.new_group(edp_group_ranks(j, world_size, ep_size), timeout=timeout)
         if mesh.ep_rank == j:
             mesh.edp_group = grp
     return mesh
 
 
-def init_distributed(cfg) -> Mesh:
+def init_distributed(cfg, timeout_s: Optional[float] = None) -> Mesh:
     """Start the default process group when launched by torchrun and build the EP × EDP mesh.
 
     Before: torchrun has set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or nothing, for a
     single process). After: the default group spans all ranks (backend `parallel.backend`; auto = nccl on
     CUDA, gloo on CPU), this rank's device is selected, and the returned `Mesh` holds its EP and EDP groups.
     A single process gets the trivial mesh and no process group. An already-initialised default group (tests,
-    notebooks) is reused.
+    notebooks) is reused. `timeout_s` bounds every collective's wait (None: torch's default); the trainer passes
+    the hang watchdog's longest allowance (train/trainer/watchdog.py), so a rank that never arrives ends the wait.
     """
     if not (_launched_by_torchrun() or dist.is_initialized()):
         validate_parallel_config(cfg, 1)
@@ -161,15 +165,16 @@ def init_distributed(cfg) -> Mesh:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(cfg, local_rank)
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=_pick_backend(cfg.parallel.backend, device))
+        dist.init_process_group(backend=_pick_backend(cfg.parallel.backend, device), timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     validate_parallel_config(cfg, world_size)
     if world_size == 1:
         return Mesh(device=device)
-    return build_mesh(rank, world_size, cfg.parallel.ep_size, device)
+    return build_mesh(rank, world_size, cfg.parallel.ep_size, device, timeout)
 
 
 def barrier(mesh: Mesh) -> None:

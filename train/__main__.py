@@ -119,8 +119,9 @@ def _train(cfg) -> bool:
     import parallel
     from train.trainer.health import TrainingStopped
     from train.trainer.loop import Trainer
+    from train.trainer.watchdog import collective_timeout_s
 
-    mesh = parallel.init_distributed(cfg)
+    mesh = parallel.init_distributed(cfg, timeout_s=collective_timeout_s(cfg.trainer.watchdog_s))
     # Without trainer.run_dir each rank's Hydra picks a timestamped dir; rank 0's is the run's.
     cfg.trainer.run_dir = parallel.broadcast_object(job_run_dir(cfg), mesh)
     trainer = None

@@ -81,6 +81,7 @@ def test_unknown_key_fails_at_composition():
     (["trainer.resume=/definitely/not/here"], r"trainer.resume='/definitely/not/here'"),
     (["data.tokenizer_vocab_size=9000"], r"data.tokenizer_vocab_size=9000 exceeds model.vocab_size=8192"),
     (["parallel.a2a_dtype=fp8"], r"parallel.a2a_dtype=fp8 .* parallel.ep_size=1 has none"),
+    (["trainer.watchdog_s=-1"], r"trainer.watchdog_s=-1 must be >= 0 .*0 disables the watchdog"),
 ])
 def test_invalid_values(overrides, match):
     _check(overrides, match)

@@ -212,6 +212,10 @@ class TrainerConfig:
     seed: int = 1234
     save_every: int = 100
     max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops with a checkpoint
+    # A rank whose step stops advancing for this many seconds dumps every thread's stack and exits non-zero, so the
+    # elastic launcher restarts the job (first step, saves and evaluations get 4x; collectives time out at 5x);
+    # 0 disables it (train/trainer/watchdog.py).
+    watchdog_s: int = 900
     keep_last: Optional[int] = None  # keep the newest N complete checkpoints (null: all); older ones go after a save
     # After a save fails part-way (full disk, file-size limit, I/O error; nothing older is touched): auto continues
     # training when an earlier complete checkpoint exists and stops when there is none; continue always continues;
@@ -242,6 +246,8 @@ class TrainerConfig:
         check(self.micro_batch_size >= 1, f"trainer.micro_batch_size={self.micro_batch_size} must be >= 1")
         check(self.save_every >= 1, f"trainer.save_every={self.save_every} must be >= 1")
         check(self.max_bad_steps >= 1, f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1")
+        check(self.watchdog_s >= 0, f"trainer.watchdog_s={self.watchdog_s} must be >= 0 (seconds without a finished "
+                                    f"step before a rank counts as hung; 0 disables the watchdog)")
         check(self.keep_last is None or self.keep_last >= 1,
               f"trainer.keep_last={self.keep_last} must be >= 1 (or null to keep every checkpoint)")
         one_of("trainer.on_save_error", self.on_save_error, OnSaveError)

@@ -34,6 +34,7 @@ from train.trainer.logger import RunLogger
 from train.trainer.peak_flops import MEASURE, resolve_peak_flops
 from train.precision import build_precision
 from train.trainer.health import StepHealth, TrainingStopped
+from train.trainer.faults import nan_steps_from_env
 from train.trainer.preemption import PreemptionGuard
 from train.trainer.run_record import RunRecord
 from train.trainer.save_policy import SavePolicy
@@ -41,6 +42,8 @@ from train.trainer.schedule import LRSchedule
 from train.trainer.state import TrainState, seed_everything
 from train.trainer.step import StepContext, train_step
 from train.trainer.validate import ConfigError
+from train.trainer.watchdog import Watchdog
+from train.runs import STOPPED, write_status
 
 log = logging.getLogger("train")
 
@@ -77,7 +80,8 @@ class Trainer:
             resume_from(self.state, self.resumed_from, cfg, mesh)
 
         self.ctx = StepContext(precision=self.precision, schedule=self.schedule, mesh=mesh,
-                               tokens_per_step=t.global_batch_size * t.seq_len)
+                               tokens_per_step=t.global_batch_size * t.seq_len, nan_steps=nan_steps_from_env())
+        self.watchdog = Watchdog(t.watchdog_s, mesh.rank, self.run_dir)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         if t.peak_flops == MEASURE:  # rank 0 measures (ranks sharing a CPU would contend), every rank uses it
             peak = resolve_peak_flops(t.peak_flops, mesh.device, cfg.precision.name) if self.is_main else None
@@ -151,8 +155,10 @@ class Trainer:
     def fit(self, stop_at: Optional[int] = None) -> None:
         """Train until `trainer.max_steps`, validating every `eval_every` steps and saving every `save_every`.
         `stop_at` ends the process early (as a time limit or preemption would) without changing the schedule.
-        SIGTERM on any rank ends the run after the current step with a checkpoint (`preemption.py`)."""
-        with PreemptionGuard() as preemption:
+        SIGTERM on any rank ends the run after the current step with a checkpoint (`preemption.py`). A rank whose
+        steps stop for `trainer.watchdog_s` dumps its stacks and exits (`watchdog.py`): the first step (compiling),
+        saves and evaluations run under its longer allowance."""
+        with PreemptionGuard() as preemption, self.watchdog:
             self._train_until(stop_at, preemption)
 
     def _train_until(self, stop_at: Optional[int], preemption: PreemptionGuard) -> None:
@@ -163,6 +169,7 @@ class Trainer:
             start = time.perf_counter()
             micro_batches = self.data.next_global_batch_for_rank()
             record = train_step(self.state, micro_batches, self.ctx)
+            self.watchdog.beat(self.state.step)
             record["data_wait_s"] = self.data.last_wait_s
             record.update({f"data/samples/{name}": n for name, n in self.data.samples_per_source().items()})
             elapsed = time.perf_counter() - start  # finalize() read values back, so the device is synced
@@ -170,7 +177,8 @@ class Trainer:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak_flops * self.mesh.world_size)
             step = self.state.step
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
-                record.update(self.evaluate())
+                with self.watchdog.slow("an evaluation"):
+                    record.update(self.evaluate())
             self.logger.log(record)
             for event in health.observe(record):
                 self.logger.event(event)
@@ -182,6 +190,9 @@ class Trainer:
             if preemption.requested(self.mesh):
                 if not saved:
                     self.save(last=True)
+                if self.is_main:  # before any rank exits: a launcher on another node reads it (launch/torchrun.sh)
+                    write_status(self.run_dir, STOPPED)
+                parallel.barrier(self.mesh)
                 self.logger.info(f"stopping after step {step} on SIGTERM (preemption or time limit) with a complete "
                                  f"checkpoint; re-run the same command to continue")
                 return
@@ -199,7 +210,8 @@ class Trainer:
     def save(self, last: bool = False) -> Optional[Path]:
         """Save a checkpoint; after a failed save, continue (None) or stop as `trainer.on_save_error` says."""
         try:
-            path = save_checkpoint(self.state, self.saved_cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
+            with self.watchdog.slow("a checkpoint save"):
+                path = save_checkpoint(self.state, self.saved_cfg, self.mesh, self.run_dir, self.data.tokenizer_dir)
         except SaveError as e:
             line = self.save_policy.failed(e, last)  # raises when the run stops
             self.logger.event({"event": "save_failed", "step": self.state.step,

@@ -35,6 +35,7 @@ class StepContext:
     schedule: LRSchedule
     mesh: object
     tokens_per_step: int  # global: global_batch_size × seq_len
+    nan_steps: frozenset = frozenset()  # steps whose loss is poisoned on purpose (train/trainer/faults.py)
 
 
 def bias_stats(model: torch.nn.Module) -> list:
@@ -57,6 +58,8 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
             extra["document_ids"] = mb["document_ids"].to(device, non_blocking=True)
         with ctx.precision.autocast():
             out = engine.forward(input_ids, labels, **extra)
+        if state.step + 1 in ctx.nan_steps:
+            out.loss = out.loss * float("nan")
         engine.backward(out.loss)
         metrics.add(out)
     outcome = engine.step()
