@@ -4,6 +4,8 @@ Rank 0 records the job's state in RUN_DIR/status.json (running, finished, stoppe
 failed with the error: `train/runs.py`)."""
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 
@@ -126,6 +128,11 @@ DRY_RUN_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout",
                  "hydra.run.dir=${oc.env:TMPDIR,/tmp}/moeforge-dry-run")
 
 if __name__ == "__main__":
+    # At exit CPython's last garbage collections walk every object the imports made (torch, sympy, ...): about a
+    # second per process, in every rank. Frozen objects are not walked (reference counting still frees what it
+    # can; the rest goes with the process, as Python allows at exit); handlers registered before this one, such as
+    # logging's flush, still run after it.
+    atexit.register(gc.freeze)
     if any(a.lower() in ("trainer.dry_run=true", "++trainer.dry_run=true") for a in sys.argv[1:]):
         sys.argv += [o for o in DRY_RUN_HYDRA if o.split("=")[0] not in {a.split("=")[0] for a in sys.argv}]
     main()
