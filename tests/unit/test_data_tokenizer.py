@@ -88,7 +88,7 @@ def test_builtin_tokenizer_on_an_hf_stream_reads_only_the_budget(tmp_path, monke
 
 
 def _variant(src: Path, dest: Path, edit) -> Path:
-    """A copy of the tokenizer folder `src` whose tokenizer_config.json and special_tokens_map.json go through `edit`."""
+    """A copy of tokenizer folder `src` whose tokenizer_config.json and special_tokens_map.json go through `edit`."""
     import json
     import shutil
 
