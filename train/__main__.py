@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from train.checkpoint import CheckpointError
 from train.config import CONFIG_DIR, register_configs
+from train.quick_exit import skip_final_collection
 from train.runs import FAILED, FINISHED, RUNNING, STOPPED, write_status
 from train.trainer import typed_config, validate_config
 from train.trainer.validate import ConfigError, config_warnings
@@ -157,6 +158,7 @@ def _check_run_dir(argv) -> None:
 
 if __name__ == "__main__":
     _check_run_dir(sys.argv[1:])
+    skip_final_collection()  # about a second less per rank at exit
     if any(a.lower() in ("trainer.dry_run=true", "++trainer.dry_run=true") for a in sys.argv[1:]):
         sys.argv += [o for o in DRY_RUN_HYDRA if o.split("=")[0] not in {a.split("=")[0] for a in sys.argv}]
     main()

@@ -132,4 +132,7 @@ def main(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
+    from train.quick_exit import skip_final_collection
+
+    skip_final_collection()
     main(sys.argv[1:])

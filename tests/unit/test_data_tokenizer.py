@@ -85,3 +85,35 @@ def test_builtin_tokenizer_on_an_hf_stream_reads_only_the_budget(tmp_path, monke
     assert read == docs[: len(read)] and 1 < len(read) < len(docs)  # a prefix of the stream, in order
     tok = tokmod.open_tokenizer(tokmod.ensure_tokenizer(cfg, corpus))
     assert tok.decode(tok("zebra quokka")["input_ids"]) == "zebra quokka"
+
+
+def _variant(src: Path, dest: Path, edit) -> Path:
+    """A copy of tokenizer folder `src` whose tokenizer_config.json and special_tokens_map.json go through `edit`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dest)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = dest / name
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return dest
+
+
+def test_tokenizer_info_matches_the_hf_tokenizer(built, tmp_path):
+    """What training reads of a tokenizer (`tokenizer_info`, no transformers import for a plain folder) equals what
+    the Hugging Face tokenizer says: for the builtin one, one without padding, one whose config names a special
+    token outside the vocabulary (added on load: the HF path), and one without EOS (the same error)."""
+    _, tok_dir = built
+    without_pad = _variant(tok_dir, tmp_path / "no_pad", lambda c: {k: v for k, v in c.items() if k != "pad_token"})
+    extra = _variant(tok_dir, tmp_path / "extra", lambda c: {**c, "mask_token": "<|mask|>"})
+    assert tokmod._plain_info(tok_dir) is not None and tokmod._plain_info(without_pad) is not None
+    assert tokmod._plain_info(extra) is None
+    for folder in (tok_dir, without_pad, extra):
+        hf = tokmod.open_tokenizer(folder)
+        info = tokmod.tokenizer_info(folder)
+        assert (len(info), info.eos_token_id, info.pad_token_id) == (len(hf), hf.eos_token_id, hf.pad_token_id)
+    assert tokmod.tokenizer_info(without_pad).pad_token_id is None and len(tokmod.tokenizer_info(extra)) == 513
+    no_eos = _variant(tok_dir, tmp_path / "no_eos",
+                      lambda c: {k: v for k, v in c.items() if k not in ("eos_token", "bos_token")})
+    with pytest.raises(ValueError, match="has no eos_token"):
+        tokmod.tokenizer_info(no_eos)

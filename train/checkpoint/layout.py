@@ -17,10 +17,12 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from train.checkpoint import sharded
 from train.checkpoint.checksums import CHECKSUM_FILE, ChecksumMismatch, verify_checksums, write_checksums
 from train.config import TrainConfig
 from train.config.routing import stored_routing_groups
+
+# `train.checkpoint.sharded` (torch.distributed.checkpoint: ~1 s of imports) is imported by the functions that read
+# the sharded format, so a start, a dry run or a tool that never reads one does not pay for it.
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -41,6 +43,8 @@ def step_dir_name(step: int) -> str:
 
 def has_weights(ckpt_dir: Path) -> bool:
     """Whether `ckpt_dir` holds model weights in either format (sharded state/ or model.safetensors)."""
+    from train.checkpoint import sharded
+
     return (Path(ckpt_dir) / WEIGHTS_FILE).is_file() or sharded.has_state(ckpt_dir)
 
 
@@ -157,6 +161,8 @@ def verify_checkpoint(ckpt_dir, only=None) -> None:
     """Raise `CheckpointError` when `ckpt_dir` reaches outside itself (a symlink) or a file of it (or of `only`)
     differs from its saved checksum. A sharded checkpoint without `CHECKSUMS.json` is damaged (every one was
     saved with it); an imported `model.safetensors` one from before checksums gets the checks its format allows."""
+    from train.checkpoint import sharded
+
     check_contained(ckpt_dir)
     try:
         verified = verify_checksums(ckpt_dir, only)
@@ -210,6 +216,8 @@ def load_config(ckpt_dir) -> TrainConfig:
 
 def weight_names(ckpt_dir) -> list[str]:
     """The logical weight names a checkpoint holds (either format), without reading any tensor."""
+    from train.checkpoint import sharded
+
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
@@ -227,6 +235,8 @@ def weight_dtypes(ckpt_dir) -> list:
 
 
 def _weight_index(ckpt_dir) -> dict[str, tuple]:
+    from train.checkpoint import sharded
+
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         out = {}
@@ -255,6 +265,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 def iter_weights(ckpt_dir, names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, logical CPU tensor) of a checkpoint's weights, one at a time (either format), so a consumer that
     converts or copies each tensor never holds two copies of the model."""
+    from train.checkpoint import sharded
+
     ckpt_dir = Path(ckpt_dir)
     try:
         if (ckpt_dir / WEIGHTS_FILE).is_file():
@@ -286,6 +298,8 @@ def load_model(path, verify: bool = True) -> Tuple[TrainConfig, Dict[str, torch.
 
 def weight_files(ckpt_dir) -> list[str]:
     """The files (relative paths) that hold a checkpoint's weights: what to verify before reading them."""
+    from train.checkpoint import sharded
+
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         return [WEIGHTS_FILE]

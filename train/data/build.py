@@ -10,7 +10,7 @@ from train.data.blend import BlendIndex, build_blend_index, index_key
 from train.data.corpus import cache_root
 from train.data.loader import DataModule
 from train.data.sources import data_key, file_stamps, open_sources, resolve_weights, source_specs
-from train.data.tokenizer import open_tokenizer
+from train.data.tokenizer import tokenizer_info
 
 log = logging.getLogger("train")
 
@@ -35,7 +35,7 @@ def check_batch_sizes(trainer: TrainerConfig, dp_size: int) -> int:
 def _build(cfg: TrainConfig, dp_rank: int, dp_size: int, is_main: bool) -> DataModule:
     data, trainer = cfg.data, cfg.trainer
     specs, tokenizer_dir = source_specs(data)
-    tokenizer = open_tokenizer(tokenizer_dir)
+    tokenizer = tokenizer_info(tokenizer_dir)  # all training reads of it; no transformers import per rank
     sources = open_sources(specs, cfg, tokenizer, tokenizer_dir)
     weights = resolve_weights(data, [s.num_train_windows for s in sources])
     num_samples = trainer.max_steps * trainer.global_batch_size
@@ -63,11 +63,11 @@ def _build(cfg: TrainConfig, dp_rank: int, dp_size: int, is_main: bool) -> DataM
 
 def build_data(cfg: TrainConfig, dp_rank: int = 0, dp_size: int = 1, is_main: bool = True,
                barrier: Optional[Callable[[], None]] = None) -> DataModule:
-    """The `DataModule` of data-parallel rank `dp_rank` of `dp_size` (also carries `tokenizer`,
-    `tokenizer_dir`, `vocab_size`). Distributed: pass `is_main` true on exactly one rank (per shared
-    filesystem) and a `barrier` callable that every rank calls once; the main rank tokenizes (non-token sources),
-    checks the files and writes the sample index before the barrier, the others memory-map them after it. Without
-    a barrier every process builds what is missing itself (cache writes are atomic, so this is safe, only
+    """The `DataModule` of data-parallel rank `dp_rank` of `dp_size` (also carries `tokenizer`, a
+    `TokenizerInfo`, `tokenizer_dir` and `vocab_size`). Distributed: pass `is_main` true on exactly one rank (per
+    shared filesystem) and a `barrier` callable that every rank calls once; the main rank tokenizes (non-token
+    sources), checks the files and writes the sample index before the barrier, the others memory-map them after it.
+    Without a barrier every process builds what is missing itself (cache writes are atomic, so this is safe, only
     redundant)."""
     check_batch_sizes(cfg.trainer, dp_size)
     if not 0 <= dp_rank < dp_size:

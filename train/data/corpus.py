@@ -19,14 +19,16 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Sequence, Tuple, Union
 
-import datasets
 import numpy as np
 
 from train.config.run import DataConfig
 
-AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+if TYPE_CHECKING:  # imported where documents are loaded: a run on token files never imports `datasets` (~1 s)
+    import datasets
+
+AnyDataset = Union["datasets.Dataset", "datasets.IterableDataset"]
 
 # File extension -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
@@ -80,6 +82,8 @@ def stdlib_files(max_mb: float) -> List[Tuple[str, int]]:
 
 
 def _load_stdlib(cfg: DataConfig) -> Corpus:
+    import datasets
+
     root, texts, digest = stdlib_root(), [], hashlib.sha256()
     digest.update(f"stdlib|{sys.version}|{cfg.max_corpus_mb}".encode())
     for rel, _ in stdlib_files(cfg.max_corpus_mb):
@@ -142,6 +146,8 @@ def _only_text(ds: AnyDataset, text_field: str, where: str) -> AnyDataset:
 
 
 def _load_files(cfg: DataConfig) -> Corpus:
+    import datasets
+
     files = expand_paths(cfg.paths)
     stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     fingerprint = _sha({"source": "files", "files": stamps, "text_field": cfg.text_field})
@@ -214,6 +220,8 @@ def _load_jsonl(files: List[str], cfg: DataConfig, cache: str, stamps) -> AnyDat
 
 
 def _load_hf(cfg: DataConfig) -> Corpus:
+    import datasets
+
     if not cfg.name:
         raise ValueError("data.source=hf needs data.name (a Hugging Face dataset name)")
     ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)

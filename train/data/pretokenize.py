@@ -45,7 +45,7 @@ from train.config.run import DataConfig
 from train.data.corpus import AnyDataset, Corpus, cache_root, load_corpus
 from train.data.indexed import IndexedWriter, TokenFileError, dtype_for_vocab
 from train.data.manifest import manifest_path, read_manifest, verify_manifest, write_manifest
-from train.data.tokenizer import ensure_tokenizer, open_tokenizer, tokenizer_fingerprint
+from train.data.tokenizer import ensure_tokenizer, open_tokenizer, tokenizer_fingerprint, tokenizer_info
 
 CHUNK_DOCS = 1024  # a chunk (the unit of work of one worker) ends at this many documents ...
 CHUNK_CHARS = 1 << 19  # ... or once it holds this many characters of text
@@ -61,16 +61,27 @@ class Encoder:
     dtype is Megatron's for the vocabulary (`dtype_for_vocab`)."""
 
     def __init__(self, tokenizer_dir: Path):
-        self.tokenizer_dir, self.tokenizer = Path(tokenizer_dir), open_tokenizer(tokenizer_dir)
-        self.vocab_size = len(self.tokenizer)
-        self.eod_id, self.dtype = int(self.tokenizer.eos_token_id), dtype_for_vocab(self.vocab_size)
-        # The Rust tokenizer directly: what `tokenizer(texts, add_special_tokens=False)` computes, without offsets.
-        self.backend = self.tokenizer.backend_tokenizer if getattr(self.tokenizer, "is_fast", False) else None
-        if self.backend is not None:
-            self.backend.no_truncation()
-            self.backend.no_padding()
+        self.tokenizer_dir = Path(tokenizer_dir)
+        info = tokenizer_info(self.tokenizer_dir)
+        self.vocab_size = len(info)
+        self.eod_id, self.dtype = int(info.eos_token_id), dtype_for_vocab(self.vocab_size)
+        # Opened before the first text (`open`): a run whose shards are all cached never imports `transformers`.
+        self.tokenizer = self.backend = None
+
+    def open(self) -> "Encoder":
+        """Load the tokenizer itself (once)."""
+        if self.tokenizer is None:
+            self.tokenizer = open_tokenizer(self.tokenizer_dir)
+            # The Rust tokenizer directly: what `tokenizer(texts, add_special_tokens=False)` computes, without
+            # offsets.
+            self.backend = self.tokenizer.backend_tokenizer if getattr(self.tokenizer, "is_fast", False) else None
+            if self.backend is not None:
+                self.backend.no_truncation()
+                self.backend.no_padding()
+        return self
 
     def ids(self, texts: List[str]) -> List[List[int]]:
+        self.open()
         if self.backend is not None:
             return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -151,7 +162,7 @@ def _encoded(encoder: Encoder, chunks, workers: int):
             yield first, len(texts), encoder(texts)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    _WORKER_ENCODER = encoder  # inherited by forked workers: no tokenizer load per worker
+    _WORKER_ENCODER = encoder.open()  # inherited by forked workers: no tokenizer load per worker
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(encoder.tokenizer_dir,)) as pool:
             pending: collections.deque = collections.deque()

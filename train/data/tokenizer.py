@@ -3,6 +3,11 @@ tokenizer by name or path. Either way the result is a `PreTrainedTokenizerFast` 
 Face format (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that checkpoints copy and
 `transformers.AutoTokenizer.from_pretrained(dir)` loads offline.
 
+Training reads only three numbers of the tokenizer (EOS id, padding id, vocabulary size): `tokenizer_info` gives
+them from the directory's files with the `tokenizers` library where that provably matches what
+`AutoTokenizer` would say, so a rank's start imports no `transformers` (about a second per process);
+`transformers` is imported where its API is used (training, saving or loading a `PreTrainedTokenizerFast`).
+
 The builtin tokenizer is cached under `cache_dir/tokenizers/<key>/`, key = hash of the corpus fingerprint,
 vocabulary size and training budget. It is written to a temporary directory and renamed into place, so
 concurrent builders cannot leave a half-written cache: the first rename wins, the others discard theirs.
@@ -13,14 +18,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from train.config.run import DataConfig
 from train.data.atomic import publish_dir
 from train.data.corpus import Corpus, cache_root, iter_texts, load_corpus
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"  # separates documents (EOS of one = BOS of the next)
 PAD_TOKEN = "<|pad|>"
@@ -56,6 +64,8 @@ def train_byte_bpe(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizer
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                    pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
 
@@ -92,6 +102,8 @@ def ensure_tokenizer(cfg: DataConfig, corpus: Optional[Corpus] = None) -> Path:
     # exported once so checkpoints have a local copy.
     out = cache_root(cfg) / "tokenizers" / ("hf--" + cfg.tokenizer.replace("/", "--"))
     if not (out / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
         save_atomic(AutoTokenizer.from_pretrained(cfg.tokenizer), out)
     return out
 
@@ -118,11 +130,71 @@ def open_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
     from train.hf.folders import refuse_remote_code
 
     refuse_remote_code(Path(tokenizer_dir), "tokenizer", error=ConfigError)
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {tokenizer_dir} has no eos_token; documents need a separator "
                          "(set data.tokenizer to one with an EOS token, or builtin)")
     return tok
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What training reads of a tokenizer: `len()` (vocabulary with added tokens), `eos_token_id`, `pad_token_id`
+    (None without a padding token), each equal to that of `open_tokenizer` on the same directory."""
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: Optional[int]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+# Tokenizer classes that add nothing to what tokenizer.json and the config files say.
+_PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _plain_info(tokenizer_dir: Path) -> Optional[TokenizerInfo]:
+    """The `TokenizerInfo` read from the files, for a directory whose loading is plain: a tokenizer.json, a generic
+    tokenizer class, special tokens given as strings that agree between tokenizer_config.json and
+    special_tokens_map.json and are all special added tokens of tokenizer.json (so `from_pretrained` adds none).
+    None for anything else (model-specific classes, added_tokens files, extra special tokens, ...)."""
+    files = {name: tokenizer_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    if not all(p.is_file() for p in files.values()) or (tokenizer_dir / "added_tokens.json").exists():
+        return None
+    config = json.loads(files["tokenizer_config.json"].read_text())
+    special_map_file = tokenizer_dir / "special_tokens_map.json"
+    special_map = json.loads(special_map_file.read_text()) if special_map_file.is_file() else {}
+    if (config.get("tokenizer_class") not in _PLAIN_CLASSES or "auto_map" in config
+            or "added_tokens_decoder" in config or set(special_map) - set(_SPECIAL_KEYS)
+            or any(config.get(k) for k in ("extra_special_tokens", "additional_special_tokens"))):
+        return None
+    named = {k: config[k] for k in _SPECIAL_KEYS if config.get(k) is not None}
+    if any(not isinstance(v, str) for v in named.values()) or any(named.get(k) != v for k, v in special_map.items()):
+        return None
+    tok = Tokenizer.from_file(str(files["tokenizer.json"]))
+    added = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    if "eos_token" not in named or any(v not in added for v in named.values()):
+        return None
+    return TokenizerInfo(vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_token_id=added[named["eos_token"]],
+                         pad_token_id=added.get(named.get("pad_token")))
+
+
+def tokenizer_info(tokenizer_dir: Path) -> TokenizerInfo:
+    """Vocabulary size, EOS and padding ids of a tokenizer directory (as `open_tokenizer` gives them): read from
+    the files for a plain tokenizer (the builtin one, most exported ones), through `open_tokenizer` otherwise.
+    Fails like `open_tokenizer` does on a tokenizer without an EOS token, or one that asks for remote code."""
+    from train.config.errors import ConfigError
+    from train.hf.folders import refuse_remote_code
+
+    refuse_remote_code(Path(tokenizer_dir), "tokenizer", error=ConfigError)
+    info = _plain_info(Path(tokenizer_dir))
+    if info is not None:
+        return info
+    tok = open_tokenizer(tokenizer_dir)
+    return TokenizerInfo(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def load_tokenizer(cfg: DataConfig, is_main: bool = True, barrier: Optional[Callable[[], None]] = None,

@@ -2,5 +2,7 @@
 import sys
 
 from train.plan.cli import main
+from train.quick_exit import skip_final_collection
 
+skip_final_collection()
 sys.exit(main(sys.argv[1:]))
