@@ -206,6 +206,8 @@ def jsonl_texts(files: List[str], text_field: str, stamps=None) -> Iterator[dict
 
 
 def _load_jsonl(files: List[str], cfg: DataConfig, cache: str, stamps) -> AnyDataset:
+    import datasets
+
     features = datasets.Features({"text": datasets.Value("string")})
     kwargs = {"files": files, "text_field": cfg.text_field, "stamps": stamps}
     if cfg.streaming:
