@@ -43,6 +43,7 @@ class TrainEngine:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     forward: Callable  # what a training forward pass calls (the model, compiled or wrapped)
+    runner = None  # a pipeline stage's schedule (`parallel.pipeline.PipelineRunner`), which runs the micro-batches
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's mean loss, scaled by 1/accum_steps."""

@@ -2,7 +2,9 @@
 
 Scaling (derived in `parallel/parallelize.py`): dense gradients are averaged over the world; expert gradients
 are summed over the expert-data-parallel group and divided by the world size, because a local expert's
-gradient already sums the contributions of all tokens of its EP group.
+gradient already sums the contributions of all tokens of its EP group. With pipeline parallelism "the world"
+is the stage's data-parallel ranks (`mesh.dp_group`, `mesh.dp_size`): each stage reduces its own parameters,
+and the clipping norm sums the stages' squares over the pipeline group.
 """
 from __future__ import annotations
 
@@ -63,11 +65,11 @@ def reduce_gradients(model: nn.Module, mesh: Mesh, bucket_bytes: int = BUCKET_BY
     """Before: each rank holds the gradients of its own loss (dense: its tokens; experts: its EP group's tokens
     routed to its experts). After: every rank holds the gradient of the reference loss on the global batch —
     dense gradients identical on all ranks, each expert's gradient identical across its EDP group."""
-    if mesh.world_size == 1:
+    if mesh.dp_size == 1:
         return
     dense, expert = _split_params(model)
-    _all_reduce_grads(dense, None, 1.0 / mesh.world_size, bucket_bytes)
-    _all_reduce_grads(expert, mesh.edp_group, 1.0 / mesh.world_size, bucket_bytes)
+    _all_reduce_grads(dense, mesh.dp_group, 1.0 / mesh.dp_size, bucket_bytes)
+    _all_reduce_grads(expert, mesh.edp_group, 1.0 / mesh.dp_size, bucket_bytes)
 
 
 def _sum_sq(params: list[nn.Parameter]) -> torch.Tensor:
@@ -79,22 +81,29 @@ def _sum_sq(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh, copies: frozenset[str] = frozenset()
+                    ) -> torch.Tensor:
     """Clip by the norm of the FULL (logical) gradient; call after `reduce_gradients`.
 
-    Before: dense gradients replicated, expert gradients sharded over the EP group. The global norm is
-    sqrt(‖dense‖² + Σ over the EP group of ‖local experts‖²), the same on every rank, and equals
-    `torch.nn.utils.clip_grad_norm_` on the unsharded reference. After: every gradient scaled by
+    Before: dense gradients replicated, expert gradients sharded over the EP group (and, with pipelining, each
+    stage's parameters on its own stage). The global norm is sqrt(‖dense‖² + Σ over the EP group of ‖local
+    experts‖², summed over the stages), the same on every rank, and equals `torch.nn.utils.clip_grad_norm_` on
+    the unsharded reference. `copies`: names of parameters that an earlier stage also holds (the embedding that
+    the last stage's MTP modules or tied head use), counted there only. After: every gradient scaled by
     min(1, max_norm / (norm + 1e-6)). Returns the norm (before clipping).
     """
     dense, expert = _split_params(model) if mesh.world_size > 1 else (list(model.parameters()), [])
+    counted = {id(p) for n, p in model.named_parameters() if n not in copies} if copies else None
     dense = [p for p in dense if p.grad is not None]
     device = dense[0].grad.device if dense else mesh.device
-    dense_sq = _sum_sq(dense).to(device)
+    dense_sq = _sum_sq([p for p in dense if counted is None or id(p) in counted]).to(device)
     expert_sq = _sum_sq(expert).to(device)
     if mesh.ep_size > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=mesh.ep_group)
-    total = (dense_sq + expert_sq).sqrt()
+    total_sq = dense_sq + expert_sq
+    if mesh.pp_size > 1:
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=mesh.pp_group)
+    total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     grads = [p.grad for p in (*dense, *expert)]
     if grads and math.isfinite(max_norm):

@@ -1,4 +1,4 @@
-"""Process groups for expert parallelism (EP) × expert-data parallelism (EDP).
+"""Process groups for pipeline parallelism (PP) × expert parallelism (EP) × expert-data parallelism (EDP).
 
 Rank layout. The world of W = ep_size × edp_size ranks is a 2-D grid whose expert-parallel axis is the
 fast one, so the ranks that exchange tokens every MoE layer are adjacent (on one node when ep_size ≤ GPUs
@@ -14,6 +14,14 @@ Every rank reads its own slice of the global batch (`dp_size == world_size`): ex
 experts, never the data. Dense parameters are replicated on all W ranks. The rank lists of both kinds of group
 are computed here only (`ep_group_ranks`, `edp_group_ranks`): `build_mesh` creates the groups from them and the
 ZeRO glue hands the same lists to DeepSpeed.
+
+With pipeline parallelism (`parallel.pp_size` = P > 1) the stage is the slowest axis, as in Megatron and
+torchtitan: stage s holds ranks [s·S, (s+1)·S) with S = W/P, and inside a stage the grid above applies to the
+stage's S ranks (its EP and EDP groups, offset by s·S). `dp_group` is the stage's S ranks (they hold the same
+dense parameters and read different data: dp_size = S, dp_rank = r mod S); `pp_group` is the P ranks
+{r mod S + s·S} that pass activations along one pipeline (they read the same data).
+
+    W=4, P=2, ep=1:  stages {0,1} {2,3}   pipelines {0,2} {1,3}
 """
 from __future__ import annotations
 
@@ -39,19 +47,35 @@ class Mesh:
     ep_group: Optional[dist.ProcessGroup] = None  # the ep_size ranks this rank exchanges tokens with
     edp_group: Optional[dist.ProcessGroup] = None  # the edp_size ranks that hold the same experts
     device: torch.device = torch.device("cpu")
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Optional[dist.ProcessGroup] = None  # the pp_size ranks of this rank's pipeline (one per stage)
+    dp_group: Optional[dist.ProcessGroup] = None  # this stage's dp_size ranks; None = the world (pp_size 1)
+    embed_group: Optional[dist.ProcessGroup] = None  # first and last stage of this pipeline (their embeddings)
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel degree for data loading: every rank reads its own slice of the global batch."""
-        return self.world_size
+        """Data-parallel degree: the ranks of a stage, each reading its own slice of the global batch (the whole
+        world without pipelining)."""
+        return self.world_size // self.pp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of the global batch this rank reads (the ranks of one pipeline read the same)."""
+        return self.rank % self.dp_size
 
     @property
     def edp_size(self) -> int:
-        return self.world_size // self.ep_size
+        return self.dp_size // self.ep_size
 
     @property
     def edp_rank(self) -> int:
-        return self.rank // self.ep_size
+        return self.dp_rank // self.ep_size
+
+    @property
+    def stage_offset(self) -> int:
+        """World rank of this stage's first rank (0 without pipelining)."""
+        return self.pp_rank * self.dp_size
 
     @property
     def is_distributed(self) -> bool:
@@ -59,25 +83,36 @@ class Mesh:
 
     def ep_group_ranks(self) -> list[int]:
         """World ranks of this rank's EP group, in EP-rank order."""
-        return ep_group_ranks(self.edp_rank, self.world_size, self.ep_size)
+        return ep_group_ranks(self.edp_rank, self.dp_size, self.ep_size, self.stage_offset)
 
     def edp_group_ranks(self) -> list[int]:
         """World ranks of this rank's EDP group (the replicas of its experts), in EDP-rank order."""
-        return edp_group_ranks(self.ep_rank, self.world_size, self.ep_size)
+        return edp_group_ranks(self.ep_rank, self.dp_size, self.ep_size, self.stage_offset)
+
+    def pp_group_ranks(self) -> list[int]:
+        """World ranks of this rank's pipeline, in stage order."""
+        return pp_group_ranks(self.dp_rank, self.world_size, self.pp_size)
 
     def expert_placement(self, num_experts: int) -> ExpertPlacement:
         """Where a layer's `num_experts` routed experts live in this layout, seen from this rank."""
         return ExpertPlacement(num_experts, self.ep_size, self.ep_rank)
 
 
-def ep_group_ranks(g: int, world_size: int, ep_size: int) -> list[int]:
-    """World ranks of EP group g (they exchange tokens): [g·ep, (g+1)·ep)."""
-    return list(range(g * ep_size, (g + 1) * ep_size))
+def ep_group_ranks(g: int, world_size: int, ep_size: int, offset: int = 0) -> list[int]:
+    """World ranks of EP group g (they exchange tokens) of `world_size` ranks starting at `offset` (a stage's):
+    offset + [g·ep, (g+1)·ep)."""
+    return list(range(offset + g * ep_size, offset + (g + 1) * ep_size))
 
 
-def edp_group_ranks(j: int, world_size: int, ep_size: int) -> list[int]:
-    """World ranks of EDP group j (they hold the experts of EP rank j): {j, j+ep, j+2·ep, ...}."""
-    return list(range(j, world_size, ep_size))
+def edp_group_ranks(j: int, world_size: int, ep_size: int, offset: int = 0) -> list[int]:
+    """World ranks of EDP group j (they hold the experts of EP rank j) of `world_size` ranks starting at
+    `offset`: offset + {j, j+ep, j+2·ep, ...}."""
+    return list(range(offset + j, offset + world_size, ep_size))
+
+
+def pp_group_ranks(j: int, world_size: int, pp_size: int) -> list[int]:
+    """World ranks of pipeline j (data-parallel rank j of every stage): {j, j+S, j+2·S, ...}, S = W/P."""
+    return list(range(j, world_size, world_size // pp_size))
 
 
 def _launched_by_torchrun() -> bool:
@@ -129,23 +164,39 @@ def _resolve_device(cfg, local_rank: int) -> torch.device:
 
 
 def build_mesh(rank: int, world_size: int, ep_size: int, device: torch.device,
-               timeout: Optional[timedelta] = None) -> Mesh:
-    """Create the EP and EDP groups (collective: every rank calls it with the same `world_size`/`ep_size`).
+               timeout: Optional[timedelta] = None, pp_size: int = 1) -> Mesh:
+    """Create the EP and EDP groups, and with `pp_size` > 1 the stage (data-parallel) and pipeline groups
+    (collective: every rank calls it with the same sizes).
 
     `dist.new_group` must be entered by all ranks for every group in the same order, so each rank creates all
     groups and keeps its own. `timeout` bounds their collectives (None: torch's default; new groups do not
     inherit the default group's).
     """
-    edp_size = world_size // ep_size
-    mesh = Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=rank % ep_size, device=device)
-    for g in range(edp_size):
-        grp = dist.new_group(ep_group_ranks(g, world_size, ep_size), timeout=timeout)
-        if mesh.edp_rank == g:
-            mesh.ep_group = grp
-    for j in range(ep_size):
-        grp = dist.new_group(edp_group_ranks(j, world_size, ep_size), timeout=timeout)
-        if mesh.ep_rank == j:
-            mesh.edp_group = grp
+    S = world_size // pp_size
+    mesh = Mesh(rank=rank, world_size=world_size, ep_size=ep_size, ep_rank=(rank % S) % ep_size, device=device,
+                pp_size=pp_size, pp_rank=rank // S)
+    for s in range(pp_size):
+        for g in range(S // ep_size):
+            grp = dist.new_group(ep_group_ranks(g, S, ep_size, s * S), timeout=timeout)
+            if (mesh.pp_rank, mesh.edp_rank) == (s, g):
+                mesh.ep_group = grp
+        for j in range(ep_size):
+            grp = dist.new_group(edp_group_ranks(j, S, ep_size, s * S), timeout=timeout)
+            if (mesh.pp_rank, mesh.ep_rank) == (s, j):
+                mesh.edp_group = grp
+    if pp_size > 1:
+        for s in range(pp_size):
+            grp = dist.new_group(list(range(s * S, (s + 1) * S)), timeout=timeout)
+            if mesh.pp_rank == s:
+                mesh.dp_group = grp
+        for j in range(S):
+            ranks = pp_group_ranks(j, world_size, pp_size)
+            grp = dist.new_group(ranks, timeout=timeout)
+            ends = dist.new_group([ranks[0], ranks[-1]], timeout=timeout)
+            if mesh.dp_rank == j:
+                mesh.pp_group = grp
+                if mesh.pp_rank in (0, pp_size - 1):
+                    mesh.embed_group = ends
     return mesh
 
 
@@ -174,7 +225,7 @@ def init_distributed(cfg, timeout_s: Optional[float] = None) -> Mesh:
     validate_parallel_config(cfg, world_size)
     if world_size == 1:
         return Mesh(device=device)
-    return build_mesh(rank, world_size, cfg.parallel.ep_size, device, timeout)
+    return build_mesh(rank, world_size, cfg.parallel.ep_size, device, timeout, pp_size=cfg.parallel.pp_size)
 
 
 def barrier(mesh: Mesh) -> None:

@@ -65,7 +65,8 @@ def apply_expert_parallel(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
     model. After: each rank holds its dense tensors and its own experts. No communication here; a mesh without
     process groups (the planner's) is enough as long as nothing runs a forward pass."""
     _check_supported(model, cfg, mesh)
-    reducer = AllReduceSum() if mesh.world_size > 1 else None
+    # counts sum over the ranks that run this layer: the world, or this stage's data-parallel ranks in a pipeline
+    reducer = AllReduceSum(mesh.dp_group) if mesh.dp_size > 1 else None
     for _, layer in model.moe_layers():
         placement = mesh.expert_placement(layer.experts.placement.num_global_experts)
         layer.experts.shard(placement)

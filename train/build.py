@@ -3,6 +3,7 @@
     1. meta build        `MoETransformer(cfg.model)` on the meta device: nothing allocated
     2. model converters  the precision recipe's module swaps (bf16 compute copies, FP8: `train.precision`), on the
                          meta model
+       pipeline split    with parallel.pp_size > 1, this rank keeps its stage's layers (`parallel.pipeline`)
     3. expert parallel   this rank keeps its E/ep experts, the all-to-all dispatcher and count reducer
                          (`parallel.apply_expert_parallel`)
     4. checkpointing     `trainer.activation_checkpointing` wraps block methods (`parallel.activation_checkpointing`)
@@ -12,7 +13,8 @@
        -- stop_after="load" ends here (`train.generate`: a model, no optimizer)
     7. compile           `trainer.compile`: `torch.compile` of the model, the training forward (stage 0 only)
     8. engine            `parallel.build_engine`: stage 0 or DeepSpeed ZeRO, with the trainer's optimizer groups;
-                         ZeRO copies the final weights into its partitions
+                         ZeRO copies the final weights into its partitions; with a pipeline, the schedule
+                         (`parallel.pipeline.PipelineEngine`)
 
 Why this order: converters swap module classes but keep every Parameter (the same names, so materialising
 afterwards initialises them exactly as without FP8), and torchao's `Float8Linear.from_float` and our emulated and
@@ -63,6 +65,8 @@ class BuiltModel:
     engine: Optional[TrainEngine] = None
     reports: list[str] = field(default_factory=list)
     loaded: Any = None
+    pipeline: Any = None  # `parallel.pipeline.PipelineSplit` with parallel.pp_size > 1: this rank's chunks
+    hidden_dtype: torch.dtype = torch.float32  # what flows between pipeline stages
 
 
 def meta_model(model_cfg: ModelConfig) -> nn.Module:
@@ -89,12 +93,25 @@ def compile_step(model: nn.Module, cfg: TrainConfig) -> Optional[Callable]:
     return torch.compile(model) if cfg.trainer.compile else None
 
 
+def hidden_dtype(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The residual stream's dtype under the precision recipe (what pipeline stages pass on): the embedding's
+    output dtype, found on the meta model after the converters."""
+    with build_precision(cfg.precision, device).autocast():
+        return model.embed(torch.zeros(1, 1, dtype=torch.long, device="meta")).dtype
+
+
 def engine_step(model: nn.Module, cfg: TrainConfig, mesh: Mesh, args: EngineArgs,
-                forward: Optional[Callable] = None) -> TrainEngine:
+                forward: Optional[Callable] = None, built: Optional[BuiltModel] = None) -> TrainEngine:
     """Step 8: the engine (`parallel.zero_stage`) over the trainer's optimizer groups, training through
-    `forward` (step 7's compiled model) where given."""
+    `forward` (step 7's compiled model) where given; a pipeline's (`built.pipeline`) runs its schedule."""
     from train.trainer.optim import optimizer_factory, param_groups
 
+    if built is not None and built.pipeline is not None:
+        from parallel.pipeline import build_pipeline_engine
+
+        return build_pipeline_engine(model, param_groups(model, cfg.optim.weight_decay),
+                                     optimizer_factory(cfg.optim), cfg, mesh, built.pipeline, args.accum_steps,
+                                     built.hidden_dtype)
     return build_engine(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim), cfg, mesh,
                         args.accum_steps, run_dir=args.run_dir, forward=forward)
 
@@ -115,6 +132,11 @@ def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None
     if model is None:
         model = meta_model(cfg.model)
     built = BuiltModel(model, reports=convert(model, cfg, mesh.device))
+    if cfg.parallel.pp_size > 1:
+        from parallel.pipeline import split_pipeline
+
+        built.hidden_dtype = hidden_dtype(model, cfg, mesh.device)
+        built.pipeline = split_pipeline(model, cfg, mesh.pp_rank)
     apply_expert_parallel(model, cfg, mesh)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if stop_after == "parallelize":
@@ -124,7 +146,7 @@ def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None
     if stop_after == "load":
         return built
     model.train()
-    built.engine = engine_step(model, cfg, mesh, engine_args, forward=compile_step(model, cfg))
+    built.engine = engine_step(model, cfg, mesh, engine_args, forward=compile_step(model, cfg), built=built)
     return built
 
 

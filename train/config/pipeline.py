@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from train.config.errors import check
 
-PIPELINE_NOT_BUILT = ("parallel.pp_size={pp}: pipeline execution is not built yet (issue 20), so training and "
-                      "trainer.dry_run refuse it; plan the layout with `python -m train.plan` (which accepts it), "
-                      "or train with parallel.pp_size=1")
+PIPELINE_COMPILE = ("trainer.compile=true with parallel.pp_size={pp}: the pipeline's stages run uncompiled; use "
+                    "trainer.compile=false or parallel.pp_size=1")
 
 
 def num_chunks(par) -> int:
@@ -92,5 +91,7 @@ def num_micro_batches(cfg, world_size: int) -> int:
 
 
 def refuse_pipeline(cfg) -> None:
-    """A training start (and `trainer.dry_run`) cannot run a pipeline yet: one line saying so."""
-    check(cfg.parallel.pp_size == 1, PIPELINE_NOT_BUILT.format(pp=cfg.parallel.pp_size))
+    """What a pipeline training start (and `trainer.dry_run`) cannot run yet: one line saying so."""
+    if cfg.parallel.pp_size == 1:
+        return
+    check(not cfg.trainer.compile, PIPELINE_COMPILE.format(pp=cfg.parallel.pp_size))

@@ -80,7 +80,7 @@ class MoETransformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when configured (again after `to_empty()`, which unties)."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.lm_head is not None and self.embed is not None:
             self.lm_head.weight = self.embed.weight
 
     def blocks(self) -> list[Block]:

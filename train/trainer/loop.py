@@ -118,7 +118,7 @@ class Trainer:
         """The data module, its file checks and, when resuming, the check that the checkpoint's data position
         still fits these files: all before the model is built, each failure one line (`ConfigError`)."""
         try:
-            data = build_data(self.cfg, self.mesh.rank, self.mesh.dp_size, self.is_main,
+            data = build_data(self.cfg, self.mesh.dp_rank, self.mesh.dp_size, self.is_main,
                               barrier=lambda: parallel.barrier(self.mesh))
             if self.resumed_from is not None:
                 common = ckpt_io.load_torch_file(self.resumed_from / COMMON_FILE)
@@ -238,8 +238,14 @@ class Trainer:
         model = self.state.model
         model.eval()
         total = torch.zeros(len(evaluated), 2, dtype=torch.float64)
+        runner = self.state.engine.runner
         for row, i in enumerate(evaluated):
             for mb in data.val_batches(i, self.cfg.trainer.eval_batches):
+                if runner is not None:  # a pipeline: the loss comes out of the last stage (zeros elsewhere)
+                    lm_loss = runner.evaluate(mb, self.precision.autocast)
+                    if lm_loss is not None:
+                        total[row] += torch.tensor([float(lm_loss), 1.0], dtype=torch.float64)
+                    continue
                 extra = {}
                 if "document_ids" in mb:
                     extra["document_ids"] = mb["document_ids"].to(self.mesh.device)

@@ -84,6 +84,20 @@ def _reduce_over_ranks(values: "OrderedDict[str, torch.Tensor]", mesh, op: str) 
     return reduced
 
 
+def _align_keys(values: "OrderedDict[str, torch.Tensor]", mesh, fill: float) -> None:
+    """Give `values` every key any rank holds, in one order on all ranks (missing ones filled with `fill`), so the
+    ranks of different pipeline stages can reduce them in one collective."""
+    shapes = {k: v.numel() for k, v in values.items()}
+    union: dict = {}
+    for part in parallel.gather_objects(shapes, mesh):
+        for k, n in part.items():
+            union.setdefault(k, n)
+    own = dict(values)
+    values.clear()
+    for k in sorted(union):
+        values[k] = own[k] if k in own else torch.full((union[k],), fill, dtype=torch.float64, device=mesh.device)
+
+
 class StepMetrics:
     """Accumulates the `ModelOutput`s of one step's micro-batches on this rank (on `device`)."""
 
@@ -94,7 +108,10 @@ class StepMetrics:
         self.maxes: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
     def _add(self, key: str, value) -> None:
-        """Fold `value` into `key` over micro-batches and layers: a running max or a running sum, as declared."""
+        """Fold `value` into `key` over micro-batches and layers: a running max or a running sum, as declared.
+        None (a loss this pipeline stage does not compute) adds nothing."""
+        if value is None:
+            return
         v = _as_vector(value, self.device)
         if reduction(key) == "max":
             self.maxes[key] = torch.maximum(self.maxes[key], v) if key in self.maxes else v
@@ -128,9 +145,13 @@ class StepMetrics:
     def finalize(self, mesh, bias_by_layer: Optional[Iterable] = None) -> dict:
         """Reduce over ranks (collective: every rank calls it with the same keys) and return a flat JSON-ready
         dict."""
+        if mesh.pp_size > 1:  # the stages hold different layers and losses: reduce the union of their keys
+            _align_keys(self.sums, mesh, 0.0)
+            _align_keys(self.maxes, mesh, float("-inf"))
         reduced = _reduce_over_ranks(self.sums, mesh, "sum")
         record: dict = {}
-        world, micro = mesh.world_size, max(1, self.num_micro)
+        # each value is counted by the ranks of one stage (the world without pipelining): dp_size of them
+        world, micro = mesh.dp_size, max(1, self.num_micro)
         for k, v in reduced.items():
             how = reduction(k)
             if k.endswith("/tokens_per_expert"):  # rank_mean, then the load ratios of the step's counts
@@ -158,9 +179,15 @@ class StepMetrics:
                 raise AssertionError(f"{k}: no rule for reduction {how!r}")
         maxes = _reduce_over_ranks(self.maxes, mesh, "max")
         record.update({k: float(v.item()) for k, v in maxes.items()})
+        biases = {}
         for layer_id, bias_E in bias_by_layer or ():
             b = bias_E.detach().float().cpu()
-            record[f"moe/layer{layer_id}/bias_min"] = float(b.min())
-            record[f"moe/layer{layer_id}/bias_max"] = float(b.max())
-            record[f"moe/layer{layer_id}/bias_absmean"] = float(b.abs().mean())
+            biases[f"moe/layer{layer_id}/bias_min"] = float(b.min())
+            biases[f"moe/layer{layer_id}/bias_max"] = float(b.max())
+            biases[f"moe/layer{layer_id}/bias_absmean"] = float(b.abs().mean())
+        if mesh.pp_size > 1:  # every stage's biases (equal on the ranks of a stage)
+            for part in parallel.gather_objects(biases, mesh):
+                record.update(part)
+        else:
+            record.update(biases)
         return record

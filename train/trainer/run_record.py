@@ -35,6 +35,7 @@ class RunRecord:
     edp_size: int
     grad_accum_steps: int
     routing_groups: Optional[int]
+    pp_size: int = 1
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, world_size: int, stored: Optional[ModelConfig] = None,
@@ -43,14 +44,16 @@ class RunRecord:
         resumes (None for a new run). Raises `ConfigError` naming the field when a value cannot be resolved."""
         ep = cfg.parallel.ep_size
         groups = resolve_routing_groups(cfg.model.moe, ep, stored.moe if stored is not None else None, stored_where)
-        dp = world_size  # every rank holds a different slice of the batch (experts are split, tokens are not)
+        # every rank of a pipeline stage holds a different slice of the batch (experts are split, tokens are not);
+        # the stages of one pipeline read the same slice
+        dp = world_size // cfg.parallel.pp_size
         try:
             accum = check_batch_sizes(cfg.trainer, dp)
         except ValueError as e:
             from train.config.errors import ConfigError
             raise ConfigError(str(e)) from None
-        return cls(world_size=world_size, dp_size=dp, ep_size=ep, edp_size=world_size // ep,
-                   grad_accum_steps=accum, routing_groups=groups)
+        return cls(world_size=world_size, dp_size=dp, ep_size=ep, edp_size=dp // ep,
+                   grad_accum_steps=accum, routing_groups=groups, pp_size=cfg.parallel.pp_size)
 
     def model_config(self, model: ModelConfig) -> ModelConfig:
         """A copy of `model` with the resolved routing groups: what the run builds."""

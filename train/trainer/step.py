@@ -48,6 +48,11 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
     model, engine, mesh, device = state.model, state.engine, ctx.mesh, ctx.mesh.device
     lr = ctx.schedule.apply(engine.optimizer, state.step)
     metrics = StepMetrics(device)
+    runner = engine.runner
+    if runner is not None:  # a pipeline stage: the schedule runs every micro-batch's forward and backward
+        for out in runner.train(micro_batches, ctx.precision.autocast):
+            metrics.add(out)
+        micro_batches = []
     for mb in micro_batches:
         input_ids = mb["input_ids"].to(device, non_blocking=True)
         labels = mb["labels"].to(device, non_blocking=True)
@@ -63,7 +68,8 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
         engine.backward(out.loss)
         metrics.add(out)
     outcome = engine.step()
-    update_expert_biases(model, reduce=lambda t: parallel.all_reduce_stats(t, mesh))
+    # loads of the layers this rank runs, summed over the ranks that run them (its pipeline stage)
+    update_expert_biases(model, reduce=lambda t: parallel.all_reduce_stats(t, mesh, over="stage"))
     state.step += 1
     state.tokens += ctx.tokens_per_step
     record = {"step": state.step}

@@ -81,7 +81,7 @@ def _validate_parallel(cfg: TrainConfig, world: int) -> None:
     if not _may_resume(cfg.trainer):
         # The routing groups a new run's first start resolves (the run record resolves them again, with the
         # checkpoint's value when it resumes one: then the stored groups, not this ep_size, bound the limit).
-        RunRecord.resolve(cfg, dp_size(cfg, world))  # a pipeline stage's ranks: its EP x data-parallel layout
+        RunRecord.resolve(cfg, world)
     stage = cfg.parallel.zero_stage
     if stage == 0:
         return
