@@ -32,6 +32,7 @@ from torch import nn
 from parallel.engine import LocalEngine, StepOutcome
 from parallel.grads import clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
+from parallel.zero1 import PartitionedOptimizer
 from train.config.pipeline import num_chunks, stage_layout
 from train.model.stage import ModelChunk, keep_share, merge_outputs, needs_embedding_copy
 
@@ -184,10 +185,11 @@ class PipelineEngine(LocalEngine):
     """Stage 0 (plain data parallelism) within each pipeline stage; see the module docstring. `runner` runs the
     schedule; `backward` is not used (the schedule runs backward itself)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, runner: PipelineRunner,
-                 grad_clip: float, bucket_mb: float):
+    def __init__(self, model: nn.Module, optimizer, mesh: Mesh, runner: PipelineRunner, grad_clip: float,
+                 bucket_mb: float):
         super().__init__(model, optimizer, mesh, runner.micro_batches, grad_clip, bucket_mb=bucket_mb)
         self.runner = runner
+        self.partitioned = isinstance(optimizer, PartitionedOptimizer)
         self.copies = runner.split.copies
         self.embedding_group = mesh.embed_group if runner.split.shares_embedding else None
 
@@ -214,17 +216,30 @@ class PipelineEngine(LocalEngine):
             outcome.skipped = True
             outcome.nonfinite_params = [name for name, p in self.model.named_parameters()
                                         if p.grad is not None and not torch.isfinite(p.grad).all()][:8]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return outcome
+
+    def export_state(self):
+        if self.partitioned:
+            return self.optimizer.export_state()
+        return super().export_state()
+
+    def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.partitioned:
+            self.optimizer.import_state(states)
+        else:
+            super().import_state(states)
 
 
 def build_pipeline_engine(model: nn.Module, param_groups: list[dict], optimizer_cls, cfg, mesh: Mesh,
                           split: PipelineSplit, accum_steps: int, hidden_dtype: torch.dtype) -> PipelineEngine:
     """The engine of a pipeline stage: its schedule over `accum_steps` micro-batches per step, and its optimizer
-    over this rank's share (`parallel.zero_stage` 0)."""
-    if cfg.parallel.zero_stage != 0:
+    over this rank's share: whole at `parallel.zero_stage=0`, partitioned over the stage's data-parallel ranks at
+    1 (`parallel.zero1`); 2 and 3 are refused by the config's own rules."""
+    if cfg.parallel.zero_stage not in (0, 1):
         raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pp_size={cfg.parallel.pp_size}"
-                         f" is not built yet: use parallel.zero_stage=0")
+                         f": pipelines run ZeRO 0 or 1")
     runner = PipelineRunner(split, cfg, mesh, accum_steps, hidden_dtype)
-    return PipelineEngine(model, optimizer_cls(param_groups), mesh, runner, cfg.optim.grad_clip,
-                          bucket_mb=cfg.parallel.bucket_mb)
+    optimizer = (PartitionedOptimizer(model, param_groups, optimizer_cls, mesh) if cfg.parallel.zero_stage == 1
+                 else optimizer_cls(param_groups))
+    return PipelineEngine(model, optimizer, mesh, runner, cfg.optim.grad_clip, bucket_mb=cfg.parallel.bucket_mb)

@@ -55,7 +55,8 @@ def rank_file(rank: int) -> str:
 
 def layout_of(mesh, cfg: TrainConfig) -> dict:
     """What the per-rank files depend on: the rank grid and how ZeRO partitions the optimizer state."""
-    return {"world_size": mesh.world_size, "ep_size": mesh.ep_size, "zero_stage": cfg.parallel.zero_stage}
+    return {"world_size": mesh.world_size, "ep_size": mesh.ep_size, "zero_stage": cfg.parallel.zero_stage,
+            **({"pp_size": mesh.pp_size} if mesh.pp_size > 1 else {})}
 
 
 def save_checkpoint(state: TrainState, cfg: TrainConfig, mesh, run_dir: Path,

@@ -27,6 +27,8 @@ what the issue of "logical coordinates" asks for: expert e of layer l.
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 import io
 import pickle
@@ -113,10 +115,15 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
     slices = expert_slices(model)
     buffers = persistent_buffers(model)
     params = dict(model.named_parameters())
-    writers = Writers([n for n in params if n not in slices] + list(buffers), mesh.world_size, mesh.ep_size)
+    copies = pipeline_copies(model, mesh)
+    # within a pipeline stage (the world without pipelining): the stage's ranks share its keys
+    writers = Writers([n for n in params if n not in slices and n not in copies] + list(buffers), mesh.dp_size,
+                      mesh.ep_size)
     owned: dict[str, torch.Tensor] = {}
 
     def writer(name: str, expert: Optional[int]) -> int:
+        if name in copies:  # the first stage writes the embedding; the last stage's twin is not written
+            return -1
         if name in slices:  # state kept once per stacked tensor (the step) goes with expert 0
             return writers.expert(0 if expert is None else expert, slices[name])
         return writers.dense(name)
@@ -125,11 +132,11 @@ def collect_owned(model: nn.Module, exported: Iterator[tuple[str, dict]], mesh) 
         shape = tuple(getattr(params[name], "ds_shape", params[name].shape))  # ZeRO-3: the unpartitioned shape
         for kind, t in states.items():
             for expert, piece in _pieces(t, slices.get(name), shape):
-                if writer(name, expert) == mesh.rank:  # a view: DCP copies one tensor at a time as it writes
+                if writer(name, expert) == mesh.dp_rank:  # a view: DCP copies one tensor at a time as it writes
                     key = model_key(name, expert) if kind == "param" else optim_key(name, kind, expert)
                     owned[key] = piece.detach().cpu()
     for name, b in buffers.items():
-        if writers.dense(name) == mesh.rank:
+        if writers.dense(name) == mesh.dp_rank:
             owned[model_key(name)] = b.detach().cpu()
     return owned
 
@@ -234,6 +241,16 @@ def _load(targets: dict[str, torch.Tensor], reader: SafeReader, distributed: boo
             dcp.load(targets, storage_reader=reader, no_dist=not distributed)
 
 
+def pipeline_copies(model: nn.Module, mesh) -> frozenset[str]:
+    """Names this rank holds as a pipeline's second copy (`parallel.pipeline`: the last stage's embedding), which
+    the first stage writes."""
+    from parallel.pipeline import EMBEDDING
+
+    if mesh is None or mesh.pp_size == 1 or mesh.pp_rank == 0:
+        return frozenset()
+    return frozenset({EMBEDDING}) & frozenset(dict(model.named_parameters()))
+
+
 def _distributed(mesh) -> bool:
     return mesh is not None and mesh.world_size > 1 and dist.is_available() and dist.is_initialized()
 
@@ -269,6 +286,8 @@ def load_model_weights(model: nn.Module, ckpt_dir: Path, mesh) -> None:
     missing = sorted(k for k in expected if k not in idx)
     wrong = [f"{k[6:]}: checkpoint {idx[k][0]}, model {s}" for k, s in expected.items() if k in idx and idx[k][0] != s]
     extra = sorted(k[6:] for k in idx if k.startswith("model/") and "/expert/" not in k and k not in expected)
+    if mesh is not None and mesh.pp_size > 1:  # a pipeline stage holds some of the keys; the others, the rest
+        extra = []
     if missing or wrong or extra:
         raise ShardedCheckpointError(
             f"the weights in {ckpt_dir} do not fit this model: "
@@ -299,6 +318,13 @@ def read_optimizer_state(model: nn.Module, ckpt_dir: Path, mesh) -> Iterator[dic
     targets: dict[str, torch.Tensor] = {}
     size = 0
     names = list(dict(model.named_parameters()).items())
+    if _distributed(mesh) and mesh.pp_size > 1:
+        # the stages hold different parameters, so they would load in different numbers of batches; DCP's load
+        # is collective over the world: every rank loads as often as the rank with the most batches
+        rounds = _pipeline_rounds(names, idx, slices, mesh)
+    else:
+        rounds = None
+    loads = 0
     for i, (name, p) in enumerate(names):
         local_shape = tuple(p.shape) if name not in slices else (slices[name].num_local_experts, *p.shape[1:])
         if hasattr(p, "ds_shape"):  # ZeRO-3 partitioned: the local (unpartitioned) shape
@@ -319,8 +345,35 @@ def read_optimizer_state(model: nn.Module, ckpt_dir: Path, mesh) -> Iterator[dic
         batch[name] = states
         if size >= _LOAD_BATCH_BYTES or i == len(names) - 1:
             _load(targets, reader, _distributed(mesh))
+            loads += 1
             yield batch
             batch, targets, size = {}, {}, 0
+    for _ in range(loads, rounds or 0):
+        _load({}, reader, True)
+
+
+def _batch_count(names, idx, slices) -> int:
+    """How many batches `read_optimizer_state` loads these parameters in (its own batching, sizes only)."""
+    count, size = 0, 0
+    for i, (name, p) in enumerate(names):
+        for kind in optimizer_kinds(idx, name):
+            if name in slices and optim_key(name, kind) not in idx:
+                shape, dtype = idx[optim_key(name, kind, slices[name].local_range[0])]
+                n = slices[name].num_local_experts * math.prod(shape)
+            else:
+                shape, dtype = idx[optim_key(name, kind)]
+                n = math.prod(shape)
+            size += n * dtype.itemsize
+        if size >= _LOAD_BATCH_BYTES or i == len(names) - 1:
+            count, size = count + 1, 0
+    return count
+
+
+def _pipeline_rounds(names, idx, slices, mesh) -> int:
+    """The most batches any rank loads (collective)."""
+    n = torch.tensor([_batch_count(names, idx, slices)], dtype=torch.int64)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n.item())
 
 
 def iter_logical_weights(ckpt_dir: Path, names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
