@@ -1,6 +1,6 @@
 """The planner's pipeline and step-time arithmetic (issue 20): schedules' micro-batches in flight and bubbles by
-hand, the stage split, the pipeline's validation (one line naming the fields; training refuses pp_size > 1 while
-the planner accepts it), per-stage memory adding up to the whole model, and the step-time formula's pieces on
+hand, the stage split, the pipeline's validation (one line naming the fields;
+a pipeline trains as the planner plans it, compiled stages aside), per-stage memory adding up to the whole model, and the step-time formula's pieces on
 hand-computed examples. In-process and fast; the time model against measured CPU steps is
 `scripts/bench_plan_time.py` (no timed tests)."""
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from train.config import load_train_config
 from train.config.errors import ConfigError
-from train.config.pipeline import PIPELINE_NOT_BUILT, even_layout
+from train.config.pipeline import PIPELINE_COMPILE, even_layout
 from train.flops import flops_per_token
 from train.plan import plan_memory
 from train.plan.cli import main
@@ -73,14 +73,14 @@ def test_pipeline_validation_names_the_fields(overrides, world, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_training_refuses_a_pipeline_the_planner_accepts(capsys):
+def test_training_and_dry_run_accept_the_pipeline_the_planner_plans(capsys):
     cfg = _cfg("parallel.pp_size=2", "trainer.global_batch_size=4")
     validate_config(cfg, 2, planning=True)
+    validate_config(cfg, 2)
+    assert dry_run(cfg, 2)["dry_run"] == "ok"
     with pytest.raises(ConfigError) as e:
-        validate_config(cfg, 2)
-    assert str(e.value) == PIPELINE_NOT_BUILT.format(pp=2)
-    with pytest.raises(ConfigError, match="pipeline execution is not built yet"):
-        dry_run(cfg, 2)
+        validate_config(replace(cfg, trainer=replace(cfg.trainer, compile=True)), 2)
+    assert str(e.value) == PIPELINE_COMPILE.format(pp=2)
     assert main(["model=tiny_mixtral", "parallel.world_size=2", "parallel.pp_size=2"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["pipeline"]["micro_batches"] == 2 and plan["bubble_fraction"] == pytest.approx(1 / 3)

@@ -26,6 +26,7 @@ routing imbalance beyond the expectation (a rank receiving more rows than t·K).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -99,7 +100,10 @@ def rank_params(cfg: TrainConfig, world_size: int) -> RankParams:
     if key in _RANK_PARAMS:
         return _RANK_PARAMS[key]
     mesh = planning_mesh(world_size, cfg.parallel.ep_size)
-    model = build_model(cfg, mesh, stop_after="parallelize", model=copy.deepcopy(meta)).model
+    # the whole model (a pipeline stage's share is taken by `restrict`), so not the build's pipeline split
+    whole = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp_size=1, pp_schedule="1f1b",
+                                                                  pp_virtual_stages=1, pp_layout=None))
+    model = build_model(whole, mesh, stop_after="parallelize", model=copy.deepcopy(meta)).model
     experts = stacked_expert_tensors(model)
     groups = named_param_groups(model, weight_decay=0.0)
     numels = [[p.numel() for p in g["params"]] for g in groups]
