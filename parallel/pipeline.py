@@ -33,10 +33,7 @@ from parallel.engine import LocalEngine, StepOutcome
 from parallel.grads import clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.zero1 import PartitionedOptimizer
-from train.config.pipeline import num_chunks, stage_layout
-from train.model.stage import ModelChunk, keep_share, merge_outputs, needs_embedding_copy
-
-EMBEDDING = "embed.weight"
+from train.model.stage import EMBEDDING, ModelChunk, keep_share, merge_outputs, needs_embedding_copy
 
 
 @dataclass
@@ -50,27 +47,29 @@ class PipelineSplit:
     shares_embedding: bool = False  # this rank's embedding has a twin on the other end of the pipeline
 
 
-def chunk_layers(cfg) -> list[range]:
-    """The global layer indices of every chunk, in pipeline order."""
+def chunk_layers(layout: list[int]) -> list[range]:
+    """The global layer indices of every chunk, in pipeline order, from layers per chunk."""
     out, start = [], 0
-    for n in stage_layout(cfg):
+    for n in layout:
         out.append(range(start, start + n))
         start += n
     return out
 
 
-def split_pipeline(model: nn.Module, cfg, pp_rank: int) -> PipelineSplit:
-    """Prune the meta `model` in place to pipeline rank `pp_rank`'s share and return its chunks (module
-    docstring). A no-op split (one chunk holding everything) at pp_size = 1."""
-    layers = chunk_layers(cfg)
-    n, P = num_chunks(cfg.parallel), cfg.parallel.pp_size
+def split_pipeline(model: nn.Module, layout: list[int], pp_size: int, pp_rank: int) -> PipelineSplit:
+    """Prune the meta `model` in place to pipeline rank `pp_rank`'s share of `layout` (transformer layers per
+    chunk, `train.config.pipeline.stage_layout`; chunk c on rank c mod pp_size) and return its chunks (module
+    docstring)."""
+    layers = chunk_layers(layout)
+    n, P = len(layout), pp_size
     mine = [c for c in range(n) if c % P == pp_rank]
     has_first, has_last = 0 in mine, n - 1 in mine
-    copy = has_last and not has_first and needs_embedding_copy(cfg.model)
+    shares = needs_embedding_copy(model.cfg)
+    copy = has_last and not has_first and shares
     keep_share(model, [i for c in mine for i in layers[c]], embed=has_first or copy, head=has_last)
     chunks = [(c, ModelChunk(model, layers[c], first=c == 0, last=c == n - 1)) for c in mine]
     return PipelineSplit(chunks, n, frozenset({EMBEDDING}) if copy else frozenset(),
-                         shares_embedding=needs_embedding_copy(cfg.model) and (has_first or has_last))
+                         shares_embedding=shares and (has_first or has_last))
 
 
 def _schedule_class(name: str, virtual: int):

@@ -134,9 +134,10 @@ def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None
     built = BuiltModel(model, reports=convert(model, cfg, mesh.device))
     if cfg.parallel.pp_size > 1:
         from parallel.pipeline import split_pipeline
+        from train.config.pipeline import stage_layout
 
         built.hidden_dtype = hidden_dtype(model, cfg, mesh.device)
-        built.pipeline = split_pipeline(model, cfg, mesh.pp_rank)
+        built.pipeline = split_pipeline(model, stage_layout(cfg), cfg.parallel.pp_size, mesh.pp_rank)
     apply_expert_parallel(model, cfg, mesh)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if stop_after == "parallelize":

@@ -7,11 +7,12 @@ import copy
 import torch
 
 from parallel.mesh import Mesh, edp_group_ranks, ep_group_ranks, pp_group_ranks
-from parallel.pipeline import EMBEDDING, split_pipeline
+from parallel.pipeline import split_pipeline
 from train.build import meta_model
 from train.config import load_train_config
 from train.model import build_model
-from train.model.stage import ModelChunk, keep_share
+from train.config.pipeline import stage_layout
+from train.model.stage import EMBEDDING, ModelChunk, keep_share
 
 
 def _cfg(*overrides):
@@ -38,7 +39,7 @@ def test_interleaved_split_keeps_logical_names_and_one_embedding_twin():
     shares = []
     for rank in range(2):
         model = meta_model(cfg.model)
-        split = split_pipeline(model, cfg, rank)
+        split = split_pipeline(model, stage_layout(cfg), 2, rank)
         shares.append((model, split))
     (m0, s0), (m1, s1) = shares
     assert [(c, list(ch.layers.keys())) for c, ch in s0.chunks] == [(0, ["0"]), (2, ["2"])]

@@ -244,7 +244,7 @@ def _load(targets: dict[str, torch.Tensor], reader: SafeReader, distributed: boo
 def pipeline_copies(model: nn.Module, mesh) -> frozenset[str]:
     """Names this rank holds as a pipeline's second copy (`parallel.pipeline`: the last stage's embedding), which
     the first stage writes."""
-    from parallel.pipeline import EMBEDDING
+    from train.model.stage import EMBEDDING
 
     if mesh is None or mesh.pp_size == 1 or mesh.pp_rank == 0:
         return frozenset()

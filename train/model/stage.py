@@ -35,6 +35,9 @@ from train.model.mtp import shift_left
 from train.model.transformer import ModelOutput, MoETransformer
 
 
+EMBEDDING = "embed.weight"  # the parameter the last stage holds a twin of, when it needs one
+
+
 class LayerSlice(nn.ModuleDict):
     """Some of the model's transformer layers, keyed by their global index (so parameter names stay logical) and
     iterated in order, like the `nn.ModuleList` of the whole model."""
