@@ -5,8 +5,7 @@ Ranks: world = pp_size x (world / pp_size); each stage's world / pp_size ranks h
 split it by expert (`ep_size`) and data parallelism exactly as a whole model is split today. A step runs
 m = global_batch / (micro_batch x world / pp_size) micro-batches through each pipeline.
 
-Pipeline execution itself is not built yet (issue 20): a training start refuses pp_size > 1 (`refuse_pipeline`);
-the planner (`python -m train.plan`) plans it.
+Execution is `parallel/pipeline.py`'s; `refuse_pipeline` names what a pipelined start cannot run (compile).
 """
 from __future__ import annotations
 

@@ -33,9 +33,9 @@ class ParallelConfig:
     # Compute the shared expert while the combine's all-to-all is in flight (expert parallelism only); the same
     # results either way.
     overlap: bool = True
-    # Pipeline parallelism (issue 20): pp_size stages of consecutive layers, the embedding on the first, the head
-    # and MTP modules on the last. Only the planner (`python -m train.plan`) takes pp_size > 1 so far; the rules
-    # that need the model or the world size are in train/config/pipeline.py.
+    # Pipeline parallelism: pp_size stages of consecutive layers, the embedding on the first, the head and MTP
+    # modules on the last (parallel/pipeline.py); the rules that need the model or the world size are in
+    # train/config/pipeline.py.
     pp_size: int = 1
     pp_schedule: PpSchedule = PpSchedule["1f1b"]  # 1f1b | interleaved_1f1b | zero_bubble
     pp_virtual_stages: int = 1  # model chunks per rank: >= 2 for interleaved_1f1b, 1 otherwise
