@@ -83,9 +83,14 @@ def _schedule_class(name: str, virtual: int):
     return Schedule1F1B
 
 
-def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The last chunk returns the micro-batch's loss itself (it needs the labels for MTP and the chunked head)."""
-    return output
+class _Loss:
+    """The schedule's loss function: the last chunk returns the micro-batch's loss itself (it needs the labels for
+    MTP and the chunked head). `poisoned`: times NaN, a deliberately bad step (train/trainer/faults.py)."""
+
+    poisoned = False
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return output * float("nan") if self.poisoned else output
 
 
 class PipelineRunner:
@@ -113,7 +118,8 @@ class PipelineRunner:
                                              group=mesh.pp_group))
         cls = _schedule_class(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages)
         stages = self.stages[0] if len(self.stages) == 1 and cls.__name__ == "Schedule1F1B" else self.stages
-        self.schedule = cls(stages, n_microbatches=micro_batches, loss_fn=_loss, scale_grads=True)
+        self.loss_fn = _Loss()
+        self.schedule = cls(stages, n_microbatches=micro_batches, loss_fn=self.loss_fn, scale_grads=True)
 
     @property
     def holds_last(self) -> bool:
@@ -126,9 +132,11 @@ class PipelineRunner:
             chunk.outputs = []
         return [merge_outputs([outs[i] for outs in per_chunk]) for i in range(len(per_chunk[0]))]
 
-    def train(self, micro_batches: list[dict], autocast: Callable[[], contextlib.AbstractContextManager]) -> list:
+    def train(self, micro_batches: list[dict], autocast: Callable[[], contextlib.AbstractContextManager],
+              poison: bool = False) -> list:
         """Forward and backward of every micro-batch (gradients of their mean accumulate into `.grad`); returns
-        this rank's partial outputs per micro-batch (`train.model.stage.merge_outputs`)."""
+        this rank's partial outputs per micro-batch (`train.model.stage.merge_outputs`). `poison`: a NaN loss."""
+        self.loss_fn.poisoned = poison
         if len(micro_batches) != self.micro_batches:
             raise ValueError(f"the pipeline was built for {self.micro_batches} micro-batches per step, got "
                              f"{len(micro_batches)}")

@@ -152,9 +152,11 @@ def build_model(cfg: TrainConfig, mesh: Mesh, *, init_seed: Optional[int] = None
 
 
 def for_inference(cfg: TrainConfig, device: str | torch.device = "cpu") -> tuple[TrainConfig, Mesh]:
-    """A copy of a run's config for one process running the trained model as is: one rank (ep_size 1, stage 0),
+    """A copy of a run's config for one process running the trained model as is: one rank (ep_size 1, stage 0, no
+    pipeline),
     fp32 without converters, no activation checkpointing, no compile; and its one-rank mesh on `device`."""
-    par = dataclasses.replace(cfg.parallel, ep_size=1, zero_stage=0)
+    par = dataclasses.replace(cfg.parallel, ep_size=1, zero_stage=0, pp_size=1, pp_schedule="1f1b",
+                              pp_virtual_stages=1, pp_layout=None)
     trainer = dataclasses.replace(cfg.trainer, activation_checkpointing="none", compile=False)
     precision = dataclasses.replace(cfg.precision, name="fp32", recipe=None)
     return (dataclasses.replace(cfg, parallel=par, trainer=trainer, precision=precision),

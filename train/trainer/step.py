@@ -50,7 +50,7 @@ def train_step(state: TrainState, micro_batches: List[dict], ctx: StepContext) -
     metrics = StepMetrics(device)
     runner = engine.runner
     if runner is not None:  # a pipeline stage: the schedule runs every micro-batch's forward and backward
-        for out in runner.train(micro_batches, ctx.precision.autocast):
+        for out in runner.train(micro_batches, ctx.precision.autocast, poison=state.step + 1 in ctx.nan_steps):
             metrics.add(out)
         micro_batches = []
     for mb in micro_batches:
