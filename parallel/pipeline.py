@@ -99,13 +99,13 @@ class PipelineRunner:
 
     def __init__(self, split: PipelineSplit, cfg, mesh: Mesh, micro_batches: int, hidden_dtype: torch.dtype):
         from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
         self.split, self.mesh, self.cfg = split, mesh, cfg
         self.hidden_dtype = hidden_dtype
         self.micro_batches = micro_batches
         t, d = cfg.trainer, cfg.model.d_model
         b, T = t.micro_batch_size, t.seq_len
-        self.hidden_shape = (b, T, d)
         self.stages = []
         for c, chunk in split.chunks:
             meta = torch.device("meta")
@@ -117,7 +117,7 @@ class PipelineRunner:
             self.stages.append(PipelineStage(chunk, c, split.num_chunks, mesh.device, input_args=x, output_args=y,
                                              group=mesh.pp_group))
         cls = _schedule_class(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages)
-        stages = self.stages[0] if len(self.stages) == 1 and cls.__name__ == "Schedule1F1B" else self.stages
+        stages = self.stages[0] if issubclass(cls, PipelineScheduleSingle) else self.stages  # one stage, or a list
         self.loss_fn = _Loss()
         self.schedule = cls(stages, n_microbatches=micro_batches, loss_fn=self.loss_fn, scale_grads=True)
 
