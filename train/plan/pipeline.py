@@ -125,13 +125,13 @@ EQUAL_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}  # ZB's T_F = T_B(input) 
 
 
 def bubble_fraction(schedule: str, P: int, v: int, m: int, cost: dict | None = None) -> float:
-    """The idle fraction of a step, simulated (module docstring) with each op's time from `cost` (F, B, I, W; the
-    same on every rank and chunk; default `EQUAL_COSTS`), the worst rank's."""
+    """The idle fraction of a step, simulated (module docstring) with each op's time from `cost` (F, B, I, W: one
+    dict for every rank, or a list of one per rank; default `EQUAL_COSTS`), the worst rank's."""
     if P == 1:
         return 0.0
     n = P * v
     ops = [rank_ops(schedule, P, v, m, i) for i in range(P)]
-    cost = EQUAL_COSTS if cost is None else cost
+    costs = [cost or EQUAL_COSTS] * P if not isinstance(cost, list) else cost
     end: dict = {}  # (kind, global chunk, micro-batch) -> finish time
     pos, free = [0] * P, [0.0] * P
     busy = [0.0] * P
@@ -141,9 +141,9 @@ def bubble_fraction(schedule: str, P: int, v: int, m: int, cost: dict | None = N
             while pos[i] < len(ops[i]):
                 kind, j, k = ops[i][pos[i]]
                 c = j * P + i
-                dur = cost[kind]
+                dur = costs[i][kind]
                 if c == 0 and kind in ("I", "W"):  # the first stage skips I; its W is the whole backward
-                    dur = 0.0 if kind == "I" else cost["I"] + cost["W"]
+                    dur = 0.0 if kind == "I" else costs[i]["I"] + costs[i]["W"]
                 dep = None  # the op whose output this one needs: the same kind, one chunk up or down the pipeline
                 if kind == "F" and c > 0:
                     dep = ("F", c - 1, k)
