@@ -125,7 +125,10 @@ class PendingAllToAll:
         if self._done:
             raise RuntimeError("PendingAllToAll.wait() called twice")
         self._done = True
-        return _Wait.apply(self, self._link)
+        link, self._link = self._link, None  # the wait node holds it now; kept here, it would close a cycle
+        # (launch node -> ctx -> self -> link -> launch node) that keeps the graph above the launch alive after
+        # backward, with the saved tensors of every node a zero-bubble weight pass leaves (they go with the graph)
+        return _Wait.apply(self, link)
 
 
 class _Launch(torch.autograd.Function):

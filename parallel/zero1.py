@@ -13,7 +13,7 @@ Gradients are still all-reduced (`reduce_gradients`) and clipped as without ZeRO
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,15 +24,21 @@ from parallel.mesh import Mesh
 from train.model.moe.experts import stacked_expert_tensors
 
 
-def _assign(params: list[tuple[str, nn.Parameter]], size: int) -> dict[str, int]:
-    """name → owning index in [0, size): greedy by elements, in order."""
+def assign_owners(numels: Sequence[int], size: int) -> list[int]:
+    """The owning index in [0, size) of each tensor of `numels` elements, in order: the least-loaded index so far
+    (by elements), the lowest on ties. Pure arithmetic, so the memory planner (`train.plan.state`) assigns alike."""
     load = [0] * size
-    owner = {}
-    for name, p in params:
+    owners = []
+    for n in numels:
         k = min(range(size), key=lambda i: (load[i], i))
-        owner[name] = k
-        load[k] += p.numel()
-    return owner
+        owners.append(k)
+        load[k] += n
+    return owners
+
+
+def _assign(params: list[tuple[str, nn.Parameter]], size: int) -> dict[str, int]:
+    """name → owning index in [0, size) (`assign_owners`)."""
+    return dict(zip((n for n, _ in params), assign_owners([p.numel() for _, p in params], size)))
 
 
 class PartitionedOptimizer:

@@ -85,6 +85,9 @@ def render(plan: dict) -> list[str]:
         ("transient (backward)", plan["transient_bytes"], ""),
         ("peak", plan["peak_bytes"], ""),
     ]
+    if plan.get("pp_buffers_bytes"):  # torch's receive buffers, one per micro-batch of the step
+        rows.insert(4, ("pipeline recv buffers", plan["pp_buffers_bytes"],
+                        f"{plan['pipeline']['micro_batches']} micro-batches"))
     pipe = plan["pipeline"]
     lines = [
         f"{plan['model']} on {lay['world_size']} ranks (ep_size {lay['ep_size']}, {lay['edp_size']} replicas of each "

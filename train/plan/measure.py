@@ -10,6 +10,7 @@ The planner's activation figures are checked against these (tests/unit/test_plan
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -156,3 +157,77 @@ def peak_new_bytes(fn) -> tuple[object, int]:
     with _PeakStorages() as peak:
         result = fn()
     return result, peak.peak
+
+
+class _Saved:
+    """What a pack hook hands autograd in place of a saved tensor: autograd holds it exactly as long as it holds
+    the saved tensor, so its finalizer marks the release."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class LiveSavedPeak:
+    """Context manager: the most bytes that autograd holds for backward at one time while it is open (`peak`),
+    each storage counted once, whole, from the first saved tensor that points into it until autograd has released
+    every one of them (the pack hook wraps each saved tensor in a `_Saved` whose finalizer counts the release, so
+    a storage that lives on elsewhere, such as a pipeline's receive buffer, drops out all the same). `exclude`:
+    storages never counted (the parameters). `hold(t)` counts `t`'s storage from now until `t` itself is
+    collected: a tensor that backward needs but that no autograd node saves (a pipeline chunk's output, which
+    the schedule keeps until that chunk's backward). `tag` labels what is packed (`by_tag` at the peak)."""
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = set(exclude)
+        self.refs: dict[int, int] = {}  # storage address -> saved tensors (or held ones) still holding it
+        self.nbytes: dict[int, int] = {}
+        self.tags: dict[int, object] = {}
+        self.live = self.peak = 0
+        self.tag = None
+        self.by_tag: dict = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _add(self, t: torch.Tensor, holder) -> bool:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude or not storage.nbytes():
+            return False
+        if ptr not in self.refs:
+            self.refs[ptr], self.nbytes[ptr], self.tags[ptr] = 0, storage.nbytes(), self.tag
+            self.live += storage.nbytes()
+        self.refs[ptr] += 1
+        weakref.finalize(holder, self._release, ptr)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.by_tag = {}
+            for p, n in self.nbytes.items():
+                self.by_tag[self.tags[p]] = self.by_tag.get(self.tags[p], 0) + n
+        return True
+
+    def _release(self, ptr: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            del self.refs[ptr], self.tags[ptr]
+            self.live -= self.nbytes.pop(ptr)
+
+    def _pack(self, t: torch.Tensor):
+        # a detached alias: the saved tensor may be the node's own output, whose grad_fn is that node; holding it
+        # whole would make a cycle (node -> saved -> tensor -> node) that autograd, which stores outputs without
+        # their grad_fn, never makes, and a graph only partly consumed (a zero-bubble weight pass) would never go
+        holder = _Saved(t.detach())
+        return holder if self._add(t, holder) else t
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def hold(self, t: torch.Tensor) -> None:
+        self._add(t, t)

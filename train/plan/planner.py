@@ -6,9 +6,11 @@ local), grouped by the trainer's own `param_groups` (`named_param_groups`: exper
 through `train.plan.state` (stage 0 and DeepSpeed ZeRO 1-3).
 Activations come from `train.plan.activations` (per micro-batch, every checkpointing mode).
 Pipeline (`parallel.pp_size` > 1): each stage rank is planned alone (`train.plan.pipeline`: its layers, the
-embedding on the first, head and MTP on the last), its state partitioned over the stage's world / pp_size ranks,
-its activations times the schedule's micro-batches in flight, its transient plus one received activation and
-gradient; the result is the worst stage's, every stage under `pipeline.stages`.
+embedding on the first, head, MTP and the embedding's copy on the last), its state over the stage's world / pp_size
+ranks (ZeRO-1 by the pipeline engine's own owner rule, `train.plan.state.pipeline_zero1_bytes`: the worst rank's),
+its chunks' activations weighed by the micro-batches alive at its peak in torch's op order, and torch's receive
+buffers (one per micro-batch, `pp_buffers_bytes`); the result is the worst stage's, every stage under
+`pipeline.stages` (checked against 4 CPU ranks in tests/distributed/test_pipeline_memory.py).
 
 peak = params + grads + optimizer + activations (the configured checkpointing mode) + transient, where transient
 is what lives only for a moment but alongside all of that, at the start of backward:
@@ -30,12 +32,12 @@ import dataclasses
 from dataclasses import dataclass
 
 
-from train.plan.state import DS_PERSISTENCE_THRESHOLD, state_bytes
+from train.plan.state import DS_PERSISTENCE_THRESHOLD, pipeline_zero1_bytes, state_bytes
 from train.model.moe.experts import stacked_expert_tensors
 from train.config import ModelConfig, TrainConfig
 from train.config.pipeline import num_micro_batches, stage_layout
 from train.plan.activations import Shapes, activation_bytes, expected_devices_per_token, loss_head_transient
-from train.plan.pipeline import bubble_fraction, stage_blocks, stage_units, stages
+from train.plan.pipeline import bubble_fraction, peak_in_flight, stage_blocks, stage_units, stages
 from train.precision.bf16 import compute_copy_numel
 
 
@@ -52,6 +54,9 @@ class RankParams:
     compute_copy_numel: int = 0  # precision=bf16: elements of the bf16 weight copies held beside the masters
     units: list[list[str]] | None = None  # each entry's top-level module (`unit_of`), for pipeline stages
     compute_copy_by_unit: dict | None = None
+    # (unit, numel, is routed expert) of every trainable parameter in `named_parameters()` order: the order in
+    # which the pipeline's ZeRO-1 assigns owners (`parallel.zero1.assign_owners`)
+    named: list[tuple[str, int, bool]] | None = None
 
     def restrict(self, units: set[str]) -> "RankParams":
         """The parameters of the top-level modules `units` only (a pipeline stage's)."""
@@ -61,7 +66,7 @@ class RankParams:
         expert = sum(n for ns, fs in zip(groups, flags) for n, f in zip(ns, fs) if f)
         return RankParams(groups, flags, sum(map(sum, groups)) - expert, expert, self.largest_module_numel,
                           sum(self.compute_copy_by_unit.get(u, 0) for u in units), self.units,
-                          self.compute_copy_by_unit)
+                          self.compute_copy_by_unit, [e for e in self.named if e[0] in units])
 
 
 _META_MODELS: dict = {}  # repr(ModelConfig) -> the model on the meta device (building a full size takes seconds)
@@ -115,8 +120,9 @@ def rank_params(cfg: TrainConfig, world_size: int) -> RankParams:
                "head": compute_copy_numel(model.norm) + compute_copy_numel(model.lm_head)}
     by_unit.update({f"layers.{i}": compute_copy_numel(b) for i, b in enumerate(model.layers)})
     by_unit.update({f"mtp.{k}": compute_copy_numel(b) for k, b in enumerate(model.mtp)})
+    named = [(unit_of(n), p.numel(), n in experts) for n, p in model.named_parameters() if p.requires_grad]
     rp = RankParams(numels, flags, sum(map(sum, numels)) - expert_numel, expert_numel, largest,
-                    compute_copy_numel(model), [[unit_of(n) for n in g["names"]] for g in groups], by_unit)
+                    compute_copy_numel(model), [[unit_of(n) for n in g["names"]] for g in groups], by_unit, named)
     _RANK_PARAMS[key] = rp
     return rp
 
@@ -143,10 +149,36 @@ def plan_memory(cfg: TrainConfig, world_size: int, device_memory: int | None = N
         "pp_size": P, "schedule": str(par.pp_schedule), "virtual_stages": par.pp_virtual_stages,
         "layout": stage_layout(cfg), "micro_batches": micro_batches, "worst_stage": out["stage"],
         "stages": [{k: p[k] for k in ("stage", "layers", "in_flight", "params_per_rank", "params_bytes", "grads_bytes",
-                                      "optimizer_bytes", "activations_bytes", "peak_bytes")} for p in plans]}
+                                      "optimizer_bytes", "pp_buffers_bytes", "activations_bytes",
+                                      "peak_bytes")} for p in plans]}
     if device_memory is not None:
         usable = int(device_memory * (1 - headroom))
         out.update(device_memory_bytes=device_memory, usable_bytes=usable, fits=out["peak_bytes"] <= usable)
+    return out
+
+
+def _stage_activations(cfg: TrainConfig, st, sh: Shapes, acts: dict) -> dict:
+    """A stage rank's activations at its peak, by checkpointing mode. One stage: one micro-batch of everything.
+    A pipeline rank: each chunk's micro-batch costs its blocks (the MTP blocks with the model's last chunk), the
+    embedding's saved ids on the first chunk, the head, loss and MTP modules on the last, and on every other chunk
+    its output, which the schedule keeps until that micro-batch's backward (no node saves it); the peak is the most
+    of the chunks' live micro-batches weighed by these over the rank's op sequence (`train.plan.pipeline`)."""
+    m = cfg.model
+    embedding = acts["parts"]["embedding"]
+    if cfg.parallel.pp_size == 1:
+        return {k: acts["outside"] + sum(b["kept"][k] for b in acts["per_block"]) for k in acts["by_mode"]}
+    P, n = cfg.parallel.pp_size, cfg.parallel.pp_size * cfg.parallel.pp_virtual_stages
+    out = {}
+    for k in acts["by_mode"]:
+        weights = []
+        for j, layers in enumerate(st.chunk_layers):
+            c = j * P + st.rank
+            blocks = [*layers, *(range(m.num_layers, m.num_layers + m.mtp_depth) if c == n - 1 else ())]
+            w = sum(acts["per_block"][b]["kept"][k] for b in blocks)
+            w += embedding if c == 0 else 0
+            w += acts["outside"] - embedding if c == n - 1 else sh.tokens * m.d_model * sh.stream
+            weights.append(w)
+        out[k] = int(peak_in_flight(st.ops, weights)[0])
     return out
 
 
@@ -158,7 +190,10 @@ def _stage_plan(cfg: TrainConfig, world_size: int, rp: RankParams, st, sh: Shape
     dp = world_size // P
     threshold = ((par.deepspeed or {}).get("zero_optimization", {})
                  .get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD))
-    held = state_bytes(rp.groups, rp.expert_flags, stage, dp, ep, int(threshold))
+    if P > 1 and stage == 1:  # the pipeline's own ZeRO-1 (`parallel.zero1`), not DeepSpeed's layout
+        held = pipeline_zero1_bytes([(n, x) for _, n, x in rp.named], dp, ep)
+    else:
+        held = state_bytes(rp.groups, rp.expert_flags, stage, dp, ep, int(threshold))
     if stage < 3:  # precision=bf16: one bf16 copy of the converted masters, cached across the step; ZeRO-3 casts
         held["params"] += 2 * rp.compute_copy_numel  # per use instead (the copies autograd saves are activations)
 
@@ -179,16 +214,19 @@ def _stage_plan(cfg: TrainConfig, world_size: int, rp: RankParams, st, sh: Shape
         "a2a": a2a,
         "buckets": bucket if stage == 0 else 2 * bucket,
         "zero3_gathered": 4 * rp.largest_module_numel if stage == 3 else 0,
-        # the activation received from the previous stage and the gradient from the next, one micro-batch each
-        "pp_p2p": 2 * sh.tokens * m.d_model * sh.stream if P > 1 else 0,
     }
     transient_total = (max(loss_head, transient["recompute"] + a2a) + transient["buckets"]
-                       + transient["zero3_gathered"] + transient["pp_p2p"])
-    embedding = acts["parts"]["embedding"]
-    outside = (embedding if st.first else 0) + (acts["outside"] - embedding if st.last else 0)
-    by_mode = {k: int(st.in_flight * (outside + sum(b["kept"][k] for b in blocks))) for k in acts["by_mode"]}
+                       + transient["zero3_gathered"])
+    by_mode = _stage_activations(cfg, st, sh, acts)
     activations = by_mode[mode]
-    peak = held["params"] + held["grads"] + held["optimizer"] + activations + transient_total
+    # torch's receive buffers, one per micro-batch of the step, for every chunk's received activation (all but the
+    # model's first chunk) and received gradient (all but the last), held from the first step on
+    hidden = sh.tokens * m.d_model * sh.stream
+    n = P * par.pp_virtual_stages
+    chunk_ids = [j * P + st.rank for j in range(len(st.chunk_layers))]
+    pp_buffers = (sum((c > 0) + (c < n - 1) for c in chunk_ids) * num_micro_batches(cfg, world_size) * hidden
+                  if P > 1 else 0)
+    peak = held["params"] + held["grads"] + held["optimizer"] + pp_buffers + activations + transient_total
     return {
         "model": m.name,
         "layout": {"world_size": world_size, "ep_size": ep, "edp_size": dp // ep, "zero_stage": stage,
@@ -204,6 +242,7 @@ def _stage_plan(cfg: TrainConfig, world_size: int, rp: RankParams, st, sh: Shape
         "grads_partition_bytes": held["grads_partition"],
         "optimizer_bytes": held["optimizer"],
         "activations_bytes": activations,
+        "pp_buffers_bytes": pp_buffers,
         "activations_bytes_by_mode": by_mode,
         "activations_parts": acts["parts"],
         "a2a_buffer_bytes": a2a,

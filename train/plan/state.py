@@ -17,6 +17,12 @@ parameters are routed experts, the world size W and the EP degree ep. Every weig
     stage 3: the gradient partition.
   stage 3 parameters: each tensor is partitioned on its own (ceil(numel/dp) elements); tensors under
     `stage3_param_persistence_threshold` elements (DeepSpeed's default 1e5) stay whole on every rank as well.
+  pipeline stages at stage 1 (`parallel.zero1.PartitionedOptimizer`, not DeepSpeed): each parameter has one owner
+    among the stage's ranks, the same greedy rule the engine runs (`assign_owners`: dense tensors over the stage's
+    dp ranks, expert tensors over the EDP group, in `named_parameters()` order); a rank holds AdamW's two moments
+    and step counter of the tensors it owns, no master copy (the parameters are the fp32 masters), and whole
+    parameters and gradients (gradients are all-reduced whole, as at stage 0). Ranks differ by up to a tensor:
+    `pipeline_zero1_bytes` gives each dp rank's.
 Not counted here (see `transient_bytes`): communication buckets and ZeRO-3's gathered parameters.
 """
 from __future__ import annotations
@@ -120,6 +126,29 @@ def zero_bytes(groups: list[FlatGroup], stage: int, world_size: int, ep_size: in
                     for r in range(world_size))
     return {"params": FP32 * sum(numels), "grads": grads, "grads_partition": FP32 * part,
             "optimizer": FP32 * (3 * part + len(groups))}
+
+
+def adamw_bytes(numels: Iterable[int]) -> int:
+    """AdamW's state of whole tensors: two fp32 moments and an fp32 step counter each."""
+    numels = list(numels)
+    return 2 * FP32 * sum(numels) + FP32 * len(numels)
+
+
+def pipeline_zero1_bytes(named: Sequence[tuple[int, bool]], dp_size: int, ep_size: int) -> dict:
+    """A pipeline stage's bytes at ZeRO-1 from its trainable tensors (numel, is routed expert) in
+    `named_parameters()` order: `optimizer` the worst dp rank's, `optimizer_by_dp_rank` each one's (module
+    docstring)."""
+    from parallel.zero1 import assign_owners
+
+    dense = [n for n, x in named if not x]
+    expert = [n for n, x in named if x]
+    own_dense = assign_owners(dense, dp_size)
+    own_expert = assign_owners(expert, dp_size // ep_size)
+    per_rank = [adamw_bytes(n for n, k in zip(dense, own_dense) if k == r)
+                + adamw_bytes(n for n, k in zip(expert, own_expert) if k == r // ep_size) for r in range(dp_size)]
+    whole = FP32 * (sum(dense) + sum(expert))
+    return {"params": whole, "grads": whole, "grads_partition": whole, "optimizer": max(per_rank),
+            "optimizer_by_dp_rank": per_rank}
 
 
 def state_bytes(groups: Sequence[Sequence[int]], expert_flags: Sequence[Sequence[bool]], stage: int,
