@@ -27,18 +27,43 @@ does; the backward's reverse exchanges stay synchronous.
 
 Host synchronisations per dispatch: one, reading the split sizes (copies and expert rows per rank, exchanged in one
 small all-to-all). The copies are listed with `nonzero_static` at the size just read, the receiving side cuts its
-sort at the row count it was sent, and the statistics stay on the device. Combine has none.
+sort at the row count it was sent, and the statistics stay on the device. Combine has none. When the EP group is
+the whole world, the layer's balance counts ride in that same small exchange (`sum_in_next_dispatch`), so the MoE
+layer's forward enters three collectives (counts, dispatch, combine), not four.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
 
 from parallel.comm import all_to_all, all_to_all_start, exchange_counts
 from parallel.permute import copy_weights, plan_send, sum_rows_into
-from train.model.moe.dispatch import combine_rows, gather_rows, sort_by_expert
+from train.model.moe.dispatch import combine_rows, gather_rows, sort_by_expert, take_rows
 from train.model.moe.placement import ExpertPlacement
+
+
+class _LazyStats(Mapping):
+    """A read-only dict of statistics whose costlier entries `more()` computes on the first access to any of them."""
+
+    def __init__(self, eager: dict, more: Callable[[], dict]):
+        self._items, self._more = dict(eager), more
+
+    def _all(self) -> dict:
+        if self._more is not None:
+            self._items.update(self._more())
+            self._more = None
+        return self._items
+
+    def __getitem__(self, key):
+        return self._items[key] if key in self._items else self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 class AllToAllDispatcher:
@@ -61,8 +86,27 @@ class AllToAllDispatcher:
         self.ep_size = placement.ep_size
         self.ep_rank = placement.ep_rank
         self.num_local_experts = placement.num_local_experts
-        self.stats: dict = {}
+        self.stats: Mapping = {}
         self._state = None
+        self._rider: Optional[tuple[torch.Tensor, dict]] = None
+
+    def sum_in_next_dispatch(self, t_P: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Sum `t_P` (1-D, 8-byte dtype, the same length on every rank) over the EP group inside the next
+        `dispatch`'s counts exchange, where it costs no collective of its own; the returned function gives the sum
+        once that dispatch has run. The MoE layer's balance counts ride here when the EP group is the whole world
+        (`parallel.parallelize`): integer counts, so the order of the sum does not matter."""
+        if t_P.dim() != 1 or t_P.element_size() != 8:
+            raise ValueError(f"sum_in_next_dispatch takes a 1-D tensor of an 8-byte dtype, got {t_P.dtype} "
+                             f"of shape {tuple(t_P.shape)}")
+        box: dict = {}
+        self._rider = (t_P, box)
+
+        def result() -> torch.Tensor:
+            if "sum" not in box:
+                raise RuntimeError("sum_in_next_dispatch: the result was asked for before the dispatch ran")
+            return box["sum"]
+
+        return result
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  may_drop: bool = True):
@@ -71,10 +115,18 @@ class AllToAllDispatcher:
         by local expert, and `num_tokens_per_local_expert_E` (length E_loc). `may_drop` changes nothing here: the
         row counts come with the split sizes, and the received slots for other ranks are -1."""
         splits = {}
+        rider, self._rider = self._rider, None
 
         def exchange(send_counts_R, slots_R):
             # the one host sync: how many copies and expert rows go to, and come from, every rank
-            recv_R2 = exchange_counts(torch.stack([send_counts_R, slots_R], 1), self.group)
+            send_R2 = torch.stack([send_counts_R, slots_R], 1)
+            if rider is not None:  # the same values to every rank, as int64 bits beside the counts
+                bits_P = rider[0].view(torch.int64)
+                send_R2 = torch.cat([send_R2, bits_P.expand(send_R2.shape[0], bits_P.shape[0])], 1)
+            recv_R2 = exchange_counts(send_R2, self.group)
+            if rider is not None:
+                rider[1]["sum"] = recv_R2[:, 2:].contiguous().view(rider[0].dtype).sum(0)
+                recv_R2 = recv_R2[:, :2]
             host = torch.cat([send_counts_R, recv_R2[:, 0], recv_R2[:, 1].sum().view(1)]).tolist()
             R = self.ep_size
             splits.update(in_splits=host[:R], out_splits=host[R : 2 * R], num_rows=host[2 * R], recv_R2=recv_R2)
@@ -83,7 +135,7 @@ class AllToAllDispatcher:
         plan = plan_send(topk_ids_TK, self.placement, num_copies=exchange)
         in_splits, out_splits = splits["in_splits"], splits["out_splits"]
 
-        x_CD = x_TD[plan.copy_token_C]
+        x_CD = take_rows(x_TD, plan.copy_token_C, min(topk_ids_TK.shape[1], self.ep_size))  # ≤ 1 copy per rank
         w_CK = copy_weights(topk_weights_TK, plan)
         x_QD, w_QK, ids_QK = all_to_all([x_CD, w_CK, plan.local_ids_CK], out_splits, in_splits, self.group,
                                         fp8_rows=self.fp8)
@@ -97,19 +149,24 @@ class AllToAllDispatcher:
         self.stats = self._stats(plan, topk_ids_TK, splits["recv_R2"][:, 0])
         return x_ND, num_tokens_per_local_expert_E
 
-    def _stats(self, plan, topk_ids_TK, recv_counts_R) -> dict:
-        """Detached statistics of this call, kept on the device (the metrics fold them in without a sync)."""
+    def _stats(self, plan, topk_ids_TK, recv_counts_R) -> "_LazyStats":
+        """Detached statistics of this call, kept on the device (the metrics fold them in without a sync). The
+        layer reads only `a2a_tokens_sent` each call; the rest (benchmarks, tests) is computed on first access."""
         send_counts = plan.send_counts_R
         dev_T = plan.devices_per_token_T
-        foreign_TK = (topk_ids_TK >= 0) & (self.placement.owner_of(topk_ids_TK) != self.ep_rank)
-        return {
-            # token copies sent to OTHER ranks (one per token and destination rank)
-            "a2a_tokens_sent": send_counts.sum() - send_counts[self.ep_rank],
-            "a2a_tokens_sent_naive": foreign_TK.sum(),  # what one copy per selected expert would have sent
-            "a2a_tokens_received": recv_counts_R.sum() - recv_counts_R[self.ep_rank],
-            "devices_per_token_max": dev_T.max() if dev_T.numel() else dev_T.new_zeros(()),
-            "devices_per_token_mean": dev_T.sum() / (dev_T > 0).sum().clamp(min=1),
-        }
+        placement, ep_rank = self.placement, self.ep_rank
+
+        def more() -> dict:
+            foreign_TK = (topk_ids_TK >= 0) & (placement.owner_of(topk_ids_TK) != ep_rank)
+            return {
+                "a2a_tokens_sent_naive": foreign_TK.sum(),  # what one copy per selected expert would have sent
+                "a2a_tokens_received": recv_counts_R.sum() - recv_counts_R[ep_rank],
+                "devices_per_token_max": dev_T.max() if dev_T.numel() else dev_T.new_zeros(()),
+                "devices_per_token_mean": dev_T.sum() / (dev_T > 0).sum().clamp(min=1),
+            }
+
+        # token copies sent to OTHER ranks (one per token and destination rank)
+        return _LazyStats({"a2a_tokens_sent": send_counts.sum() - send_counts[ep_rank]}, more)
 
     def combine(self, y_ND: torch.Tensor, overlap: Optional[Callable[[], None]] = None) -> torch.Tensor:
         """Before: this rank holds the expert outputs for the N rows `dispatch` returned (same order).

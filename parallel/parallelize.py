@@ -21,7 +21,7 @@ of every device's budget), so drops differ from a single process on the global b
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,33 @@ class AllReduceSum:
         t = t.detach().clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
+
+    def start(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The same sum, launched asynchronously; the returned function waits for it and gives the result. The MoE
+        layer starts it before its dispatch and waits after its combine, so the all-reduce is on the wire while
+        the tokens are and costs no round of its own. Every rank starts and waits in the same order."""
+        t = t.detach().clone()
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return t
+
+        return wait
+
+
+class SumInDispatch(AllReduceSum):
+    """`count_reducer` of an MoE layer whose EP group is the whole world: `start` hands the counts to the layer's
+    dispatcher, whose counts exchange (which the dispatch makes anyway) carries them to every rank, so the sum costs
+    no collective of its own. The layer starts it just before its dispatch (`MoELayer._count`). Called plainly
+    (activation checkpointing records through a plain call), it is `AllReduceSum`."""
+
+    def __init__(self, dispatcher: AllToAllDispatcher):
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    def start(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.dispatcher.sum_in_next_dispatch(t.detach().clone())
 
 
 def _check_supported(model: nn.Module, cfg, mesh: Mesh) -> None:
@@ -74,7 +101,9 @@ def apply_expert_parallel(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
             layer.dispatcher = AllToAllDispatcher(mesh.ep_group, placement, fp8=cfg.parallel.a2a_dtype == "fp8",
                                                   overlap=cfg.parallel.overlap)
         layer.num_devices = placement.ep_size
-        if reducer is not None:
+        if mesh.ep_size > 1 and mesh.ep_size == mesh.world_size:  # the EP group is the world: sum in its exchange
+            layer.count_reducer = SumInDispatch(layer.dispatcher)
+        elif reducer is not None:
             layer.count_reducer = reducer
     return model
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from train.model.moe.dispatch import take_rows
 from train.model.moe.placement import ExpertPlacement
 
 
@@ -67,8 +68,9 @@ def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement,
     C = num_copies(send_counts_R, slots_R) if num_copies is not None else int(send_counts_R.sum())
     flat_C = torch.nonzero_static(hit_TR.t().reshape(-1), size=C).view(-1)  # row-major over (rank, token)
     copy_rank_C, copy_token_C = flat_C // T, flat_C % T
-    on_dest_CK = owner_TK[copy_token_C] == copy_rank_C[:, None]
-    local_ids_CK = torch.where(on_dest_CK, topk_ids_TK[copy_token_C] - placement.start_of(copy_rank_C[:, None]), -1)
+    on_dest_CK = owner_TK.index_select(0, copy_token_C) == copy_rank_C[:, None]
+    local_ids_CK = torch.where(on_dest_CK, topk_ids_TK.index_select(0, copy_token_C) -
+                               placement.start_of(copy_rank_C[:, None]), -1)
     return SendPlan(copy_token_C, copy_rank_C, local_ids_CK.to(id_dtype(placement.num_local_experts)),
                     send_counts_R, slots_R, hit_TR.sum(1))
 
@@ -76,7 +78,8 @@ def plan_send(topk_ids_TK: torch.Tensor, placement: ExpertPlacement,
 def copy_weights(topk_weights_TK: torch.Tensor, plan: SendPlan) -> torch.Tensor:
     """Gate weights that travel with each copy: the weights of the slots on its destination, 0 elsewhere.
     Differentiable with respect to `topk_weights_TK`."""
-    w_CK = topk_weights_TK[plan.copy_token_C]
+    K, R = topk_weights_TK.shape[1], plan.send_counts_R.shape[0]
+    w_CK = take_rows(topk_weights_TK, plan.copy_token_C, min(K, R))  # a token's weights at most once per rank
     return w_CK * (plan.local_ids_CK >= 0).to(w_CK.dtype)
 
 
@@ -89,11 +92,13 @@ class _SumRowsInto(torch.autograd.Function):
         out = torch.zeros((num_out,) + tuple(rows_MD.shape[1:]), dtype=torch.float32, device=rows_MD.device)
         ctx.save_for_backward(index_M)
         ctx.rows_dtype = rows_MD.dtype
-        return out.index_add(0, index_M, rows_MD.float()).to(rows_MD.dtype)
+        return out.index_add_(0, index_M, rows_MD.float()).to(rows_MD.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (index_M,) = ctx.saved_tensors
+        if grad_out.dtype == ctx.rows_dtype:  # through fp32 and back is exact: select in the rows' own dtype
+            return grad_out.index_select(0, index_M), None, None
         return grad_out.float().index_select(0, index_M).to(ctx.rows_dtype), None, None
 
 

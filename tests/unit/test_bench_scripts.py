@@ -52,6 +52,8 @@ def test_bench_ep_smoke():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("ours_ms", "ours_ms_no_overlap", "ours_fp8_ms", "deepspeed_ms"):
         assert 0 < result[key] < float("inf"), key
+        assert 0 < result[key.replace("_ms", "_cpu_ms")] < float("inf"), key
+    assert result["ours_over_deepspeed_min"] <= result["ours_over_deepspeed"] <= result["ours_over_deepspeed_max"]
     assert (result["ep_size"], result["world_size"], result["dtype"]) == (2, 2, "fp32")
     assert result["max_abs_diff"] < 1e-6 and result["dx_max_abs_diff"] < 1e-6
     assert 0 < result["ours_bytes_per_token"] < result["deepspeed_bytes_per_token"]

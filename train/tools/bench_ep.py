@@ -2,8 +2,8 @@
 dispatch) against DeepSpeed's `deepspeed.moe.layer.MoE` at the same `ep_size`, on the same weights and tokens.
 
     torchrun --standalone --nproc_per_node=4 scripts/bench_ep.py [--tokens 512] [--d-model 256] [--experts 8]
-        [--hidden 512] [--top-k 2] [--shared-hidden 512] [--ep-size WORLD] [--dtype bf16|fp32] [--iters 5]
-        [--warmup 2] [--no-fp8] [--threads N] [--device cpu|cuda]
+        [--hidden 512] [--top-k 2] [--shared-hidden 512] [--ep-size WORLD] [--dtype bf16|fp32] [--iters 20]
+        [--warmup 3] [--no-fp8] [--threads N] [--device cpu|cuda]
 
 `--device cuda` puts local rank r on cuda:r and communicates over NCCL (`scripts/gpu_check.sh` runs it so);
 the default is gloo ranks on the CPU.
@@ -28,16 +28,23 @@ logits from the bf16 tokens), so both route the same tokens to the same experts.
 
 Checked before timing: one forward of each on the same tokens; `max_abs_diff` (over all ranks) of ours against
 DeepSpeed's output must stay under a tolerance relative to max |y| (1e-4 in fp32, 2e-2 in bf16), else the run
-fails. Timed: forward + backward of each implementation in turn within every iteration (so drift on a shared
-machine hits all alike), a barrier before each; per iteration the slowest rank's time, then the median over
-`--iters` after `--warmup`.
+fails. Timed: forward + backward of every implementation once per iteration, interleaved in one process, the
+order rotated each iteration (so load from other jobs on a shared machine hits all alike and none always runs
+first), a barrier before each. Per implementation: the median over `--iters` (after `--warmup`) of the slowest
+rank's wall time (`<name>_ms`) and of the CPU time (user + sys of the whole process, its communication threads
+included) averaged over the ranks (`<name>_cpu_ms`). `ours_over_deepspeed` is the median of the per-iteration
+ratios ours / DeepSpeed's wall time (each ratio pairs two runs of the same iteration), with its quartiles
+(`_p25`, `_p75`) and range (`_min`, `_max`); `ours_over_deepspeed_cpu` the median ratio of the CPU times. On
+oversubscribed CPUs (4 ranks on 2 cores) the CPU time is the steadier figure; the paired wall ratio is what
+"faster" means.
 
 Bytes per token: one meter for both. During that checking forward `torch.distributed.all_to_all_single` is
 wrapped (`WireMeter`) and every byte a rank sends to another rank of the group is summed (its own split stays
-home), over all ranks, divided by the global batch's tokens. Ours: the counts exchange, the packed dispatch rows
-(row, gate weights, expert ids) and the combine rows. DeepSpeed: its dense (E, C, D) buffer each way, (ep−1)/ep of
-it leaving the rank; its gate weights never cross (it combines at home). Not counted (all-reduces, a few bytes per
-layer): DeepSpeed's capacity maximum, our balance-count sum. The last line is JSON.
+home), over all ranks, divided by the global batch's tokens. Ours: the counts exchange (with the balance counts
+riding in it when ep_size is the world size), the packed dispatch rows (row, gate weights, expert ids) and the
+combine rows. DeepSpeed: its dense (E, C, D) buffer each way, (ep−1)/ep of it leaving the rank; its gate weights
+never cross (it combines at home). Not counted (all-reduces, a few bytes per layer): DeepSpeed's capacity maximum,
+our balance-count sum when the EP group is not the world. The last line is JSON.
 """
 from __future__ import annotations
 
@@ -203,23 +210,36 @@ def run(args, mesh) -> dict:
         raise SystemExit(f"ours and DeepSpeed's MoE disagree in {args.dtype}: max |Δy| = {max_abs_diff:.3g} > "
                          f"{RTOL[args.dtype]} × max |y| = {y_max:.3g}")
 
-    times = {n: [] for n in names}
+    times, cpu = {n: [] for n in names}, {n: [] for n in names}
     dx = {}
     for it in range(args.warmup + args.iters):
-        for name, (fn, mod) in impls.items():
+        # every implementation once per iteration, the order rotated each time: what the other jobs on a shared
+        # machine do hits all alike, and none always runs first (or right after a given other one)
+        shift = it % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, mod = impls[name]
             mod.zero_grad(set_to_none=True)
             x.grad = None
             dist.barrier()
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn(x).backward(grad)
             sync()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu_start
             if it >= args.warmup:
                 times[name].append(elapsed)
+                cpu[name].append(cpu_used)
             dx[name] = x.grad.float()  # the same output gradient for all: the input gradients must agree too
     slowest = _all_reduce([t for n in names for t in times[n]], op=dist.ReduceOp.MAX)
-    ms = {n: 1e3 * statistics.median(slowest[i * args.iters : (i + 1) * args.iters]) for i, n in enumerate(names)}
+    cpu_sum = _all_reduce([t for n in names for t in cpu[n]])
+    n_it = args.iters
+    per_iter = {n: slowest[i * n_it : (i + 1) * n_it] for i, n in enumerate(names)}
+    cpu_iter = {n: [c / world for c in cpu_sum[i * n_it : (i + 1) * n_it]] for i, n in enumerate(names)}
+    ms = {n: 1e3 * statistics.median(per_iter[n]) for n in names}
+    cpu_ms = {n: 1e3 * statistics.median(cpu_iter[n]) for n in names}
+    # paired: ours against DeepSpeed's run of the same iteration (a burst of load hits both or neither)
+    ratios = sorted(o / d for o, d in zip(per_iter["ours"], per_iter["deepspeed"]))
+    cpu_ratio = statistics.median(o / d for o, d in zip(cpu_iter["ours"], cpu_iter["deepspeed"]))
     dx_diff = _all_reduce([(dx["ours"] - dx["deepspeed"]).abs().max().item()], op=dist.ReduceOp.MAX)[0]
 
     result = {"tokens_per_rank": args.tokens, "d_model": args.d_model, "experts": args.experts,
@@ -228,8 +248,13 @@ def run(args, mesh) -> dict:
               "threads_per_rank": torch.get_num_threads(), "iters": args.iters}
     for i, n in enumerate(names):
         result[MS_KEYS[n]] = ms[n]
+        result[MS_KEYS[n].replace("_ms", "_cpu_ms")] = cpu_ms[n]
         if n != "ours_no_overlap":  # the same bytes as ours
             result[f"{n}_bytes_per_token"] = totals[i] / global_tokens
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    result.update(ours_over_deepspeed=statistics.median(ratios), ours_over_deepspeed_p25=q[0],
+                  ours_over_deepspeed_p75=q[2], ours_over_deepspeed_min=ratios[0], ours_over_deepspeed_max=ratios[-1],
+                  ours_over_deepspeed_cpu=cpu_ratio)
     result.update(max_abs_diff=max_abs_diff, dx_max_abs_diff=dx_diff)
     if args.fp8:
         result["ours_fp8_max_abs_diff"] = diffs[names.index("ours_fp8")]
@@ -249,8 +274,8 @@ def main() -> None:
                    help="shared expert width, a multiple of --hidden (0: none)")
     p.add_argument("--ep-size", type=int, default=None, help="default: the world size")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip ours with parallel.a2a_dtype=fp8")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: cores / ranks)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: rank r on cuda:r over NCCL")
@@ -274,9 +299,15 @@ def main() -> None:
     result = run(args, mesh)
     if dist.get_rank() == 0:
         ours = result["ours_ms"]
+        print(f"{'':<16} {'wall ms':>9}  {'/ours':>6}  {'cpu ms':>7}  {'B/token':>8}")
         for n, key in MS_KEYS.items():
             if key in result:
                 wire = result.get(f"{n}_bytes_per_token", result["ours_bytes_per_token"])
-                print(f"{n:<16} {result[key]:>9.1f} ms  x{result[key] / ours:5.2f}  {wire:>8.0f} B/token on the wire")
+                cpu_key = key.replace("_ms", "_cpu_ms")
+                print(f"{n:<16} {result[key]:>9.1f}  x{result[key] / ours:5.2f}  {result[cpu_key]:>7.1f}  {wire:>8.0f}")
+        print(f"ours / deepspeed, paired per iteration: median {result['ours_over_deepspeed']:.3f} (quartiles "
+              f"{result['ours_over_deepspeed_p25']:.3f}-{result['ours_over_deepspeed_p75']:.3f}, range "
+              f"{result['ours_over_deepspeed_min']:.3f}-{result['ours_over_deepspeed_max']:.3f}); cpu time "
+              f"{result['ours_over_deepspeed_cpu']:.3f}")
         print(json.dumps(result))
     shutdown(mesh)

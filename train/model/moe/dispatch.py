@@ -34,9 +34,22 @@ def sort_by_expert(
     return perm_A[:num_kept], counts_E1[:num_experts]
 
 
+def take_rows(x_TD: torch.Tensor, index_N: torch.Tensor, max_repeats: int) -> torch.Tensor:
+    """`x_TD[index_N]`, differentiable, where no row of x is taken more than `max_repeats` times.
+
+    Backward sums the gradients of the rows taken from the same source row. At most two: `index_select`, whose
+    backward (`index_add_`) is several times faster on the CPU than the advanced index's (`index_put_` with
+    accumulate) and gives the same bits: the first addition, to zero, is exact, and one more addition rounds once
+    whatever the order or the accumulation dtype. More: the advanced index, whose bits the golden curves hold
+    (`index_add_` sums bf16 in fp32 and rounds once, and neither keeps the order across threads)."""
+    if max_repeats <= 2:
+        return x_TD.index_select(0, index_N)
+    return x_TD[index_N]
+
+
 def gather_rows(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The token copies `x_ND[n] = x_TD[perm_N[n] // K]` in expert order."""
-    return x_TD[perm_N // top_k]
+    """The token copies `x_ND[n] = x_TD[perm_N[n] // K]` in expert order (a token's row at most K times)."""
+    return take_rows(x_TD, perm_N // top_k, top_k)
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -51,7 +64,8 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
         y_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
-        y_TD.index_add_(0, token_N, y_ND.float() * w_N.unsqueeze(-1))
+        # y (bf16 or fp32) times the fp32 weights promotes to fp32: the product of y's fp32 copy, without the copy
+        y_TD.index_add_(0, token_N, y_ND * w_N.float().unsqueeze(-1))
         ctx.save_for_backward(y_ND, w_N, token_N)
         return y_TD.to(y_ND.dtype)
 
@@ -60,7 +74,7 @@ class _WeightedSum(torch.autograd.Function):
         y_ND, w_N, token_N = ctx.saved_tensors
         g_ND = grad_TD.float().index_select(0, token_N)
         grad_y = (g_ND * w_N.unsqueeze(-1)).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g_ND * y_ND.float()).sum(-1) if ctx.needs_input_grad[1] else None
+        grad_w = (g_ND * y_ND).sum(-1) if ctx.needs_input_grad[1] else None  # fp32 (promoted), as in forward
         return grad_y, grad_w, None, None
 
 
@@ -71,7 +85,7 @@ def combine_rows(y_ND: torch.Tensor, perm_N: torch.Tensor, topk_weights_TK: torc
     token are summed; keeps only y (in its dtype), the row weights and indices for backward (`_WeightedSum`).
     """
     T, K = topk_weights_TK.shape
-    w_N = topk_weights_TK.reshape(-1)[perm_N]
+    w_N = topk_weights_TK.reshape(-1).index_select(0, perm_N)
     return _WeightedSum.apply(y_ND, w_N, perm_N // K, T)
 
 

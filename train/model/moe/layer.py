@@ -14,7 +14,7 @@ it: the device and communication balance terms, the per-device statistics and th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -53,12 +53,22 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _Counts(NamedTuple):
+    """`MoELayer._count`'s result: `reduced()` gives the packed counts summed by the `count_reducer`."""
+
+    reduced: Callable[[], torch.Tensor]
+    device_mask_TG: torch.Tensor
+    has_extras: bool
+
+
 class MoELayer(nn.Module):
     """Routed experts (E = `moe.num_routed_experts` of width `moe.routed_hidden`, K = `moe.num_active_routed`
     per token) plus optional always-active shared experts fused into one SwiGLU of width `moe.shared_hidden`.
 
     `count_reducer(t) -> t` is applied to the packed, non-differentiable count statistics (identity here;
     `parallel/` installs an all-reduce sum over data-parallel ranks so f terms and stats cover the whole batch).
+    A reducer may also offer `start(t) -> (() -> t)`: the layer then launches the reduction before the dispatch
+    and collects it after the combine, so that it adds no synchronisation of its own (`parallel/parallelize.py`).
     `count_load`: whether a training forward adds its selections to `expert_load_E` (the bias update's input);
     activation checkpointing turns it off while it recomputes a forward whose selections were already counted.
     """
@@ -131,6 +141,8 @@ class MoELayer(nn.Module):
         x_in_TD, weights_TK = x_TD, route.topk_weights_TK
         if self.moe.expert_input_scaling:  # Llama 4: scale the (single) expert's input; combine with weight 1
             x_in_TD, weights_TK = x_TD * weights_TK.to(x_TD.dtype), torch.ones_like(weights_TK)
+        # The balance counts are known now: their reduction over the ranks runs while the tokens travel.
+        counts = self._count(route, topk_ids_TK)
         # Dropless plans tell the dispatcher so, which then needs no device sync to count the kept rows.
         may_drop = not self.router.fills_every_slot or capacity_factor is not None or (
             self.moe.device_capacity_factor is not None)
@@ -148,20 +160,16 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + shared[0]
 
-        aux_terms, stats = self._balance(route, topk_ids_TK, B)
+        aux_terms, stats = self._balance(route, B, counts)
         return y_TD.view(B, T_row, D), MoELayerOutput(aux_terms, stats)
 
-    def _balance(
-        self, route: RouterOutput, kept_ids_TK: torch.Tensor, B: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Balance terms, the bias load and stats, all from the router's selection before capacity drops
-        (per-device and per-expert): they are meant to steer what the router chooses. `kept_ids_TK` only feeds
-        `dropped_frac`, the fraction of assignments dropped by either.
-
-        The device terms (V2's L_DevBal and L_CommBal, defined there over D device groups) and the per-device
-        statistics use the G = `num_devices` devices of the current layout (ep_size), not the routing groups:
-        they measure the computation and traffic of the devices that really exist in this run."""
-        E, K, G = self.num_experts, self.top_k, self.num_devices
+    def _count(self, route: RouterOutput, kept_ids_TK: torch.Tensor) -> _Counts:
+        """The balance counts of this rank's tokens, packed for ONE `count_reducer` call (a single all-reduce under
+        data parallelism), and the bias load. Returns a function giving the reduced counts, the `_TG` device mask
+        and whether the router added extras. A reducer with a `start(t)` method (`parallel/`'s) is started here
+        and the function collects its result: `_balance` needs it only after the combine. `kept_ids_TK` (after
+        capacity drops) only feeds the dropped count; everything else is the router's selection before them."""
+        E, G = self.num_experts, self.num_devices
         ids_TK, T = route.topk_ids_TK, route.topk_ids_TK.shape[0]
         with torch.no_grad():
             selected_E = losses.expert_counts(ids_TK, E)
@@ -169,13 +177,31 @@ class MoELayer(nn.Module):
             num_dropped = ((kept_ids_TK < 0) & (ids_TK >= 0)).sum()  # slots the router left empty are no drop
             if self.training and self.count_load and self.expert_load_E is not None:
                 self.expert_load_E += selected_E.long()
-            # One reduction for all counts (a single all-reduce under data parallelism). fp64 keeps counts
-            # of large global batches exact.
+            # fp64 keeps counts of large global batches exact.
             extras = self.router.count_extras(route)
             parts = [selected_E, device_mask_TG.sum(0), selected_E.new_tensor([T]), num_dropped.view(1)]
             packed = torch.cat(parts if extras is None else [*parts, extras.float()]).double()
-            packed = self.count_reducer(packed)
-            extras = None if extras is None else packed[E + G + 2 :]
+            start = getattr(self.count_reducer, "start", None)
+            if start is not None:
+                return _Counts(start(packed), device_mask_TG, extras is not None)
+            reduced = self.count_reducer(packed)
+        return _Counts(lambda: reduced, device_mask_TG, extras is not None)
+
+    def _balance(
+        self, route: RouterOutput, B: int, counts: _Counts
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Balance terms and stats from `_count`'s counts, all from the router's selection before capacity drops
+        (per-device and per-expert): they are meant to steer what the router chooses; `dropped_frac` is the fraction
+        of assignments dropped by either.
+
+        The device terms (V2's L_DevBal and L_CommBal, defined there over D device groups) and the per-device
+        statistics use the G = `num_devices` devices of the current layout (ep_size), not the routing groups:
+        they measure the computation and traffic of the devices that really exist in this run."""
+        E, K, G = self.num_experts, self.top_k, self.num_devices
+        device_mask_TG = counts.device_mask_TG
+        with torch.no_grad():
+            packed = counts.reduced()
+            extras = packed[E + G + 2 :] if counts.has_extras else None
             num_tokens_per_expert_E, num_tokens_sent_G = packed[:E], packed[E : E + G]
             num_tokens, num_dropped = packed[E + G], packed[E + G + 1]
 

@@ -71,6 +71,26 @@ def _fp32_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     return F.linear(x_TD.float(), w_ED.float())
 
 
+class _Fp32Gate(torch.autograd.Function):
+    """`_fp32_linear` of a reduced-precision 2-D x that keeps x itself (not its fp32 copy) for backward, as
+    `upcast_op` does, but computes the backward's two products directly instead of recomputing the forward and
+    differentiating it: the same products autograd's `mm` backward takes (`grad @ w`, and `gradᵀ @ x` for a
+    weight used transposed), so the same bits, without a second forward and a nested autograd call per layer."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return _fp32_linear(x_TD, w_ED)
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            grad_x = grad_TE.mm(w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = grad_TE.t().mm(x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 def group_limited_mask(
     choice_TE: torch.Tensor, num_groups: int, topk_groups: int, group_score: str
 ) -> torch.Tensor:
@@ -195,8 +215,11 @@ class Router(nn.Module):
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 `x W_g^T`, `_TE`. fp32 gate: small logit differences decide the top-k and must not be rounded away
         in bf16. Autocast would cast the matmul back to bf16 whatever its inputs, so it is switched off for the
-        gate. A bf16 x (precision=bf16) is kept for backward as it is, not as its fp32 copy (`upcast_op`)."""
+        gate. A bf16 x (precision=bf16) is kept for backward as it is, not as its fp32 copy (`_Fp32Gate`; other
+        shapes `upcast_op`)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            if x_TD.dim() == 2 and x_TD.dtype != torch.float32 and torch.is_grad_enabled():
+                return _Fp32Gate.apply(x_TD, self.gate.weight)
             return upcast_op(_fp32_linear, x_TD, self.gate.weight)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
