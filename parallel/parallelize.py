@@ -59,13 +59,14 @@ class AllReduceSum:
 
 
 class SumInDispatch(AllReduceSum):
-    """`count_reducer` of an MoE layer whose EP group is the whole world: `start` hands the counts to the layer's
-    dispatcher, whose counts exchange (which the dispatch makes anyway) carries them to every rank, so the sum costs
-    no collective of its own. The layer starts it just before its dispatch (`MoELayer._count`). Called plainly
-    (activation checkpointing records through a plain call), it is `AllReduceSum`."""
+    """`count_reducer` of an MoE layer whose EP group is all the ranks that run it (the world, or a pipeline stage):
+    `start` hands the counts to the layer's dispatcher, whose counts exchange (which the dispatch makes anyway)
+    carries them to every rank, so the sum costs no collective of its own. The layer starts it just before its
+    dispatch (`MoELayer._count`). Called plainly (activation checkpointing records through a plain call), it is
+    `AllReduceSum` over `group`."""
 
-    def __init__(self, dispatcher: AllToAllDispatcher):
-        super().__init__()
+    def __init__(self, dispatcher: AllToAllDispatcher, group=None):
+        super().__init__(group)
         self.dispatcher = dispatcher
 
     def start(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -101,8 +102,8 @@ def apply_expert_parallel(model: nn.Module, cfg, mesh: Mesh) -> nn.Module:
             layer.dispatcher = AllToAllDispatcher(mesh.ep_group, placement, fp8=cfg.parallel.a2a_dtype == "fp8",
                                                   overlap=cfg.parallel.overlap)
         layer.num_devices = placement.ep_size
-        if mesh.ep_size > 1 and mesh.ep_size == mesh.world_size:  # the EP group is the world: sum in its exchange
-            layer.count_reducer = SumInDispatch(layer.dispatcher)
+        if mesh.ep_size > 1 and mesh.ep_size == mesh.dp_size:  # the EP group is the stage: sum in its exchange
+            layer.count_reducer = SumInDispatch(layer.dispatcher, mesh.dp_group)
         elif reducer is not None:
             layer.count_reducer = reducer
     return model
