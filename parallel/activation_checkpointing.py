@@ -78,6 +78,21 @@ def _keep_matmuls_contexts():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
+class _Reenterable:
+    """A context manager that can be entered again after it exits: each entry enters a fresh `factory()`."""
+
+    def __init__(self, factory: Callable):
+        self.factory, self.entered = factory, []
+
+    def __enter__(self):
+        cm = self.factory()
+        self.entered.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self.entered.pop().__exit__(*exc)
+
+
 class _MoERecomputeGuard:
     """`context_fn` contexts for one checkpointed call of a region holding MoE layers: the first forward records
     every `count_reducer` result; the recompute replays them in order and does not count expert loads again."""
@@ -110,20 +125,25 @@ class _MoERecomputeGuard:
         return self._swapped(recording, None)
 
     def recompute(self):
-        replay = iter(self.recorded)
+        """The recompute's context; entered once per recomputation (a zero-bubble pipeline recomputes a region
+        twice: for the input gradients, then for the weight gradients), each time replaying from the start."""
+        def swapped():
+            replay = iter(self.recorded)
 
-        def replaying(_reduce):
-            def run(local: torch.Tensor) -> torch.Tensor:
-                recorded_local, out = next(replay)
-                if not torch.equal(local, recorded_local):
-                    raise RuntimeError(
-                        "activation checkpointing: the recomputed forward routed tokens differently from the first "
-                        "one (different expert counts); the backward would not match the forward. Make the "
-                        "forward deterministic or use trainer.activation_checkpointing=selective")
-                return out
-            return run
+            def replaying(_reduce):
+                def run(local: torch.Tensor) -> torch.Tensor:
+                    recorded_local, out = next(replay)
+                    if not torch.equal(local, recorded_local):
+                        raise RuntimeError(
+                            "activation checkpointing: the recomputed forward routed tokens differently from the "
+                            "first one (different expert counts); the backward would not match the forward. Make "
+                            "the forward deterministic or use trainer.activation_checkpointing=selective")
+                    return out
+                return run
 
-        return self._swapped(replaying, False)
+            return self._swapped(replaying, False)
+
+        return _Reenterable(swapped)
 
     def contexts(self):
         return self.first_forward(), self.recompute()

@@ -6,7 +6,8 @@ stay logical: 2 stages → 1 process → 2 stages continues the uninterrupted cu
   holds a twin of the embedding): pp 2 x ep 2 with the interleaved schedule (2 chunks per rank) and ZeRO-1, every
   step with gradient accumulation (2 micro-batches per pipeline) and clipping active (grad_clip below every norm);
 - resumed on one process at step 2, that one resumed at step 4 on pp 2 x ep 2 under the zero-bubble schedule with a
-  hand-set uneven split (3 layers, then 1 with the head and MTP module);
+  hand-set uneven split (3 layers, then 1 with the head and MTP module) and full recompute (which that schedule runs
+  twice per region: for the input gradients, then for the weight gradients);
 - tiny_mixtral on pp 4 (one layer per stage, plain 1F1B, ZeRO 0, blocks recomputed in backward).
 
 The balance losses count routed tokens over the ranks that run a layer together (a stage's data-parallel ranks,
@@ -99,7 +100,7 @@ def test_resume_two_stages_then_one_process_then_two_stages(runs):
     two_dir, two, out = runs("v3_resumed_on_pp2", 4, [*V3, f"trainer.resume={ckpt(one_dir, 4)}",
                                                       "parallel.pp_size=2", "parallel.ep_size=2",
                                                       "parallel.pp_schedule=zero_bubble", "parallel.pp_layout=[3,1]",
-                                                      "parallel.zero_stage=1"])
+                                                      "parallel.zero_stage=1", "trainer.activation_checkpointing=full"])
     assert "resumed from" in out
     assert_follows(two, ref, range(5, STEPS + 1), 1e-4)
     assert_same_weights(two_dir, ref_dir, 1e-4)

@@ -10,7 +10,7 @@ import pytest
 
 from train.config import load_train_config
 from train.config.errors import ConfigError
-from train.config.pipeline import PIPELINE_COMPILE, even_layout
+from train.config.pipeline import PIPELINE_COMPILE, ZERO_BUBBLE_SELECTIVE, even_layout
 from train.flops import flops_per_token
 from train.plan import plan_memory
 from train.plan.cli import main
@@ -113,6 +113,11 @@ def test_training_and_dry_run_accept_the_pipeline_the_planner_plans(capsys):
     with pytest.raises(ConfigError) as e:
         validate_config(replace(cfg, trainer=replace(cfg.trainer, compile=True)), 2)
     assert str(e.value) == PIPELINE_COMPILE.format(pp=2)
+    zb = _cfg("parallel.pp_size=2", "trainer.global_batch_size=4", "parallel.pp_schedule=zero_bubble",
+              "trainer.activation_checkpointing=selective")
+    with pytest.raises(ConfigError) as e:
+        validate_config(zb, 2)
+    assert str(e.value) == ZERO_BUBBLE_SELECTIVE
     assert main(["model=tiny_mixtral", "parallel.world_size=2", "parallel.pp_size=2"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["pipeline"]["micro_batches"] == 2 and plan["bubble_fraction"] == pytest.approx(1 / 3)

@@ -5,7 +5,8 @@ Ranks: world = pp_size x (world / pp_size); each stage's world / pp_size ranks h
 split it by expert (`ep_size`) and data parallelism exactly as a whole model is split today. A step runs
 m = global_batch / (micro_batch x world / pp_size) micro-batches through each pipeline.
 
-Execution is `parallel/pipeline.py`'s; `refuse_pipeline` names what a pipelined start cannot run (compile).
+Execution is `parallel/pipeline.py`'s; `refuse_pipeline` names what a pipelined start cannot run (compile, the
+zero-bubble schedule with selective checkpointing).
 """
 from __future__ import annotations
 
@@ -89,8 +90,16 @@ def num_micro_batches(cfg, world_size: int) -> int:
     return max(1, t.global_batch_size // (t.micro_batch_size * dp_size(cfg, world_size)))
 
 
+ZERO_BUBBLE_SELECTIVE = ("parallel.pp_schedule=zero_bubble with trainer.activation_checkpointing=selective: the "
+                         "schedule runs backward twice over each region (input, then weight gradients) and torch's "
+                         "selective checkpointing allows one; use trainer.activation_checkpointing=full or none, or "
+                         "parallel.pp_schedule=1f1b")
+
+
 def refuse_pipeline(cfg) -> None:
-    """What a pipeline training start (and `trainer.dry_run`) cannot run yet: one line saying so."""
+    """What a pipeline training start (and `trainer.dry_run`) cannot run: one line saying so."""
     if cfg.parallel.pp_size == 1:
         return
     check(not cfg.trainer.compile, PIPELINE_COMPILE.format(pp=cfg.parallel.pp_size))
+    check(not (cfg.parallel.pp_schedule == "zero_bubble" and cfg.trainer.activation_checkpointing == "selective"),
+          ZERO_BUBBLE_SELECTIVE)
