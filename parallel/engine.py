@@ -95,7 +95,11 @@ class LocalEngine(TrainEngine):
 
     def step(self) -> StepOutcome:
         reduce_gradients(self.model, self.mesh, self.bucket_bytes)
-        grad_norm = float(clip_grad_norm_(self.model, self.max_norm, self.mesh))
+        return self._update(float(clip_grad_norm_(self.model, self.max_norm, self.mesh)))
+
+    def _update(self, grad_norm: float) -> StepOutcome:
+        """After reduction and clipping: the optimizer step if the norm is finite (else the culprits' names), then
+        every gradient cleared."""
         outcome = StepOutcome(grad_norm)
         if math.isfinite(grad_norm):
             self.optimizer.step()

@@ -215,16 +215,7 @@ class PipelineEngine(LocalEngine):
     def step(self) -> StepOutcome:
         reduce_gradients(self.model, self.mesh, self.bucket_bytes)
         self._sum_embedding_copies()
-        grad_norm = float(clip_grad_norm_(self.model, self.max_norm, self.mesh, self.copies))
-        outcome = StepOutcome(grad_norm)
-        if grad_norm == grad_norm and grad_norm != float("inf"):
-            self.optimizer.step()
-        else:
-            outcome.skipped = True
-            outcome.nonfinite_params = [name for name, p in self.model.named_parameters()
-                                        if p.grad is not None and not torch.isfinite(p.grad).all()][:8]
-        self.model.zero_grad(set_to_none=True)
-        return outcome
+        return self._update(float(clip_grad_norm_(self.model, self.max_norm, self.mesh, self.copies)))
 
     def export_state(self):
         if self.partitioned:
