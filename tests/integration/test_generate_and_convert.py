@@ -46,6 +46,15 @@ def generate(cache_dir: Path, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def generate_here(capsys, *args: str) -> dict:
+    """`train.generate`'s main in this process: what the command line prints, without another interpreter start."""
+    from train.generate import main
+
+    capsys.readouterr()
+    main(list(args))
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def failing(cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env_for(cache_dir), capture_output=True,
                           text=True, timeout=300)
@@ -61,10 +70,13 @@ def ours(ckpt):
     return model.eval(), tokenizer
 
 
-def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_dir):
+def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_dir, capsys):
+    """One greedy and one sampled generation through the command line; their repeats (and the other sampling) call
+    its main in this process: a determinism check across two processes, and one that also fails where sampling
+    draws from the global RNG instead of its seeded generator."""
     run_dir = trained("tiny_mixtral")
     args = [f"checkpoint={run_dir}", "prompt=def ", "max_new_tokens=8"]
-    first, second = generate(cache_dir, *args), generate(cache_dir, *args)
+    first, second = generate(cache_dir, *args), generate_here(capsys, *args)
     assert first == second  # greedy is deterministic
     assert set(first) >= {"prompt_ids", "output_ids", "text"}
 
@@ -83,10 +95,11 @@ def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_
     assert len(expected) == 8 or expected[-1] == tokenizer.eos_token_id
     assert first["text"] == tokenizer.decode(expected, skip_special_tokens=True)
 
-    sampled = [generate(cache_dir, *args, "temperature=0.8", "top_p=0.9", "seed=3") for _ in range(2)]
+    sample_args = [*args, "temperature=0.8", "top_p=0.9", "seed=3"]
+    sampled = [generate(cache_dir, *sample_args), generate_here(capsys, *sample_args)]
     assert sampled[0] == sampled[1]  # seeded
     assert 1 <= len(sampled[0]["output_ids"]) <= 8
-    assert generate(cache_dir, *args, "temperature=1.0", "seed=5")["prompt_ids"] == first["prompt_ids"]
+    assert generate_here(capsys, *args, "temperature=1.0", "seed=5")["prompt_ids"] == first["prompt_ids"]
 
 
 @pytest.mark.parametrize("model_name", EXPORTABLE)
