@@ -21,24 +21,45 @@ EXPORTABLE = ("tiny_mixtral", "tiny_deepseek_v3", "tiny_dbrx", "tiny_deepseek_v2
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(cache):
+    return cache  # the session's (conftest.py)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """model name -> run dir of a few CLI training steps (each model trained once per module)."""
+    """model name -> run dir of a few training steps (each model trained once per module). Trained in this process
+    by the trainer `python -m train` runs (the command line itself is test_train_cli's): what these tests drive
+    through their command lines is what reads the checkpoints, and four interpreter starts are saved."""
     runs = {}
 
     def get(model: str) -> Path:
         if model not in runs:
             run_dir = tmp_path_factory.mktemp(model) / "run"
-            train_cli([f"model={model}", "trainer.max_steps=3", f"trainer.run_dir={run_dir}",
-                       f"data.cache_dir={cache_dir}", *SMALL], cache_dir)
+            train_here([f"model={model}", "trainer.max_steps=3", f"trainer.run_dir={run_dir}",
+                        f"data.cache_dir={cache_dir}", *SMALL])
             runs[model] = run_dir
         return runs[model]
 
     return get
+
+
+def train_here(overrides) -> None:
+    """Compose, validate and train one process as `python -m train` does, with its one intra-op thread."""
+    from parallel import Mesh
+    from train.config import load_train_config
+    from train.trainer.loop import Trainer
+    from train.trainer.validate import validate_config
+
+    cfg = load_train_config(list(overrides))
+    validate_config(cfg, world_size=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg, Mesh())
+        trainer.fit()
+        trainer.close()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def generate(cache_dir: Path, *args: str) -> dict:
