@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, run_cli, step_records, train_cli
+from tests.integration._runs import FAST_DATA, REPO, env_for, run_cli, step_records, train_cli, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -36,30 +36,11 @@ def trained(tmp_path_factory, cache_dir):
         if model not in runs:
             run_dir = tmp_path_factory.mktemp(model) / "run"
             train_here([f"model={model}", "trainer.max_steps=3", f"trainer.run_dir={run_dir}",
-                        f"data.cache_dir={cache_dir}", *SMALL])
+                        f"data.cache_dir={cache_dir}", *SMALL], cache_dir)
             runs[model] = run_dir
         return runs[model]
 
     return get
-
-
-def train_here(overrides) -> None:
-    """Compose, validate and train one process as `python -m train` does, with its one intra-op thread."""
-    from parallel import Mesh
-    from train.config import load_train_config
-    from train.trainer.loop import Trainer
-    from train.trainer.validate import validate_config
-
-    cfg = load_train_config(list(overrides))
-    validate_config(cfg, world_size=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(cfg, Mesh())
-        trainer.fit()
-        trainer.close()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def generate(cache_dir: Path, *args: str) -> dict:
