@@ -53,8 +53,24 @@ def import_deepspeed():
 
     comm_torch = importlib.import_module("deepspeed.comm.torch")  # `import deepspeed.comm.torch` clashes with torch
     comm_torch.build_shm_op = lambda: None
+    _import_muon_without_compiling()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed
+
+
+def _import_muon_without_compiling() -> None:
+    """DeepSpeed imports its Muon optimizer at every ZeRO start (the engine's optimizer check, the stage 1-2
+    gradient reduction, stage 3's set-up) though moeforge never builds one. That module wraps three kernels in
+    `torch.compile` as it is imported, and `torch.compile` imports dynamo and inductor: ~2 s of CPU on every rank.
+    Import it once here with DeepSpeed's compile helper handing the functions back as they are (Muon would run
+    eagerly, the same arithmetic; nothing here calls it)."""
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    compile_helper = compiler.compile
+    compiler.compile = lambda: (lambda fn: fn)  # read by `@compiler.compile()` in deepspeed/runtime/zero/muon
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        compiler.compile = compile_helper
 
 
 def adopt_mesh_groups(mesh) -> None:

@@ -24,9 +24,10 @@ def _worker(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-# Ranks fork from a server process that has imported torch and the model once, instead of each spawned
-# interpreter paying the multi-second import again; the server never runs OpenMP work, so forking is safe.
-_PRELOAD = ["torch", "torch.distributed", "train.config", "train.model", "parallel"]
+# Ranks fork from a server process that has imported torch, the model, dynamo and DeepSpeed once (`_preload.py`),
+# instead of each spawned interpreter paying the multi-second imports again; the server never runs OpenMP work,
+# so forking is safe.
+_PRELOAD = ["torch", "torch.distributed", "train.config", "train.model", "parallel", "tests.distributed._preload"]
 
 
 def run_distributed(fn, world_size: int, *args) -> None:

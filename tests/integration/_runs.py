@@ -39,6 +39,34 @@ def train_cli(overrides: Sequence[str], cache_dir: Path, timeout: int = 300, che
     return run_cli([sys.executable, "-m", "train", *overrides], cache_dir, timeout, check)
 
 
+def train_here(overrides: Sequence[str], cache_dir: Path) -> None:
+    """Train one process in this process, through the trainer `python -m train` runs: the same overrides composed
+    and validated, the cache of `env_for`, its one intra-op thread. For the one-process references a multi-rank
+    command is compared with, and runs that only set a test up: each saves an interpreter start (~4 s, which one
+    process cannot spread over cores). What a test checks of the command line itself stays a subprocess."""
+    import torch
+
+    from parallel import Mesh
+    from train.config import load_train_config
+    from train.trainer.loop import Trainer
+    from train.trainer.validate import validate_config
+
+    if not any(o.startswith("data.cache_dir=") for o in overrides):
+        overrides = [*overrides, f"data.cache_dir={cache_dir}"]
+    cfg = load_train_config(list(overrides))
+    validate_config(cfg, world_size=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg, Mesh())
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def torchrun_cli(nproc: int, overrides: Sequence[str], cache_dir: Path, timeout: int = 300) -> str:
     """`torchrun --standalone --nproc_per_node=nproc -m train ...` (gloo ranks on CPU); returns its output."""
     proc = run_cli(["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train", *overrides], cache_dir,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration._runs import step_records, torchrun_cli, train_cli
+from tests.integration._runs import step_records, torchrun_cli, train_here
 from train.data.indexed import write_indexed
 from tests.token_data import random_docs, tiny_tokenizer
 
@@ -48,7 +48,7 @@ def overrides(corpus, run_dir, max_steps):
 
 def test_mixture_counts_val_per_source_and_resume_on_two_ranks(tmp_path, cache, corpus):
     ref_dir = tmp_path / "ref"
-    train_cli(overrides(corpus, ref_dir, STEPS), cache)
+    train_here(overrides(corpus, ref_dir, STEPS), cache)  # one process: in this process
     ref = step_records(ref_dir)
     assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
     for r in ref:
@@ -61,7 +61,7 @@ def test_mixture_counts_val_per_source_and_resume_on_two_ranks(tmp_path, cache, 
     assert last["val_loss"] == pytest.approx(0.8 * last["val/web/loss"] + 0.2 * last["val/code/loss"])
 
     run_dir = tmp_path / "run"
-    train_cli(overrides(corpus, run_dir, HALF), cache)
+    train_here(overrides(corpus, run_dir, HALF), cache)
     out = torchrun_cli(2, overrides(corpus, run_dir, STEPS), cache)
     assert "resumed from" in out, out[-2000:]
     got = step_records(run_dir)

@@ -23,8 +23,7 @@ COMMON = ["model=tiny_deepseek_v3", "model.num_layers=2", "model.d_model=64", "p
 EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
 
 
-def test_sigkill_of_one_rank_is_survived_exactly(tmp_path):
-    cache = tmp_path / "cache"
+def test_sigkill_of_one_rank_is_survived_exactly(tmp_path, cache):
     torchrun_cli(4, [*COMMON, f"trainer.run_dir={tmp_path / 'full'}"], cache)
     run_dir = tmp_path / "elastic"
     env = env_for(cache)

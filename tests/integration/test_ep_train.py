@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
+from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
-    """Run dirs by name, each trained on first use (so each test pays only for the runs it needs)."""
+    """Run dirs by name, each trained on first use (so each test pays only for the runs it needs); the one-process
+    references in this process (`train_here`), the multi-rank runs through torchrun."""
     root = tmp_path_factory.mktemp("runs")
     done = {}
 
@@ -33,7 +34,7 @@ def runs(tmp_path_factory, cache):
         if name not in done:
             overrides = [*COMMON, *extra, f"trainer.run_dir={root / name}"]
             if nproc == 1:
-                train_cli(overrides, cache)
+                train_here(overrides, cache)
             else:
                 torchrun_cli(nproc, overrides, cache)
             done[name] = step_records(root / name)

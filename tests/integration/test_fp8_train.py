@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration._runs import read_metrics, train_cli
+from tests.integration._runs import read_metrics, train_cli, train_here
 
 STEPS = 8
 RUN = ["model=tiny_deepseek_v3", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.save_every=100",
@@ -15,7 +15,7 @@ RUN = ["model=tiny_deepseek_v3", f"trainer.max_steps={STEPS}", "trainer.eval_eve
 @pytest.fixture(scope="module")
 def bf16_losses(tmp_path_factory, cache):
     run_dir = tmp_path_factory.mktemp("bf16")
-    train_cli([*RUN, "precision=bf16", f"trainer.run_dir={run_dir}"], cache)
+    train_here([*RUN, "precision=bf16", f"trainer.run_dir={run_dir}"], cache)  # the reference, in this process
     return [r["loss"] for r in read_metrics(run_dir)]
 
 

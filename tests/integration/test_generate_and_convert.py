@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration._runs import FAST_DATA, REPO, env_for, run_cli, step_records, train_cli
+from tests.integration._runs import FAST_DATA, REPO, env_for, run_cli, step_records, train_cli, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -21,20 +21,22 @@ EXPORTABLE = ("tiny_mixtral", "tiny_deepseek_v3", "tiny_dbrx", "tiny_deepseek_v2
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(cache):
+    return cache  # the session's (conftest.py)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """model name -> run dir of a few CLI training steps (each model trained once per module)."""
+    """model name -> run dir of a few training steps (each model trained once per module). Trained in this process
+    by the trainer `python -m train` runs (the command line itself is test_train_cli's): what these tests drive
+    through their command lines is what reads the checkpoints, and four interpreter starts are saved."""
     runs = {}
 
     def get(model: str) -> Path:
         if model not in runs:
             run_dir = tmp_path_factory.mktemp(model) / "run"
-            train_cli([f"model={model}", "trainer.max_steps=3", f"trainer.run_dir={run_dir}",
-                       f"data.cache_dir={cache_dir}", *SMALL], cache_dir)
+            train_here([f"model={model}", "trainer.max_steps=3", f"trainer.run_dir={run_dir}",
+                        f"data.cache_dir={cache_dir}", *SMALL], cache_dir)
             runs[model] = run_dir
         return runs[model]
 
@@ -44,6 +46,15 @@ def trained(tmp_path_factory, cache_dir):
 def generate(cache_dir: Path, *args: str) -> dict:
     proc = run_cli([sys.executable, "-m", "train.generate", *args], cache_dir)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def generate_here(capsys, *args: str) -> dict:
+    """`train.generate`'s main in this process: what the command line prints, without another interpreter start."""
+    from train.generate import main
+
+    capsys.readouterr()
+    main(list(args))
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def failing(cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -61,10 +72,13 @@ def ours(ckpt):
     return model.eval(), tokenizer
 
 
-def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_dir):
+def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_dir, capsys):
+    """One greedy and one sampled generation through the command line; their repeats (and the other sampling) call
+    its main in this process: a determinism check across two processes, and one that also fails where sampling
+    draws from the global RNG instead of its seeded generator."""
     run_dir = trained("tiny_mixtral")
     args = [f"checkpoint={run_dir}", "prompt=def ", "max_new_tokens=8"]
-    first, second = generate(cache_dir, *args), generate(cache_dir, *args)
+    first, second = generate(cache_dir, *args), generate_here(capsys, *args)
     assert first == second  # greedy is deterministic
     assert set(first) >= {"prompt_ids", "output_ids", "text"}
 
@@ -83,10 +97,11 @@ def test_generate_greedy_matches_plain_forward_and_sampling_runs(trained, cache_
     assert len(expected) == 8 or expected[-1] == tokenizer.eos_token_id
     assert first["text"] == tokenizer.decode(expected, skip_special_tokens=True)
 
-    sampled = [generate(cache_dir, *args, "temperature=0.8", "top_p=0.9", "seed=3") for _ in range(2)]
+    sample_args = [*args, "temperature=0.8", "top_p=0.9", "seed=3"]
+    sampled = [generate(cache_dir, *sample_args), generate_here(capsys, *sample_args)]
     assert sampled[0] == sampled[1]  # seeded
     assert 1 <= len(sampled[0]["output_ids"]) <= 8
-    assert generate(cache_dir, *args, "temperature=1.0", "seed=5")["prompt_ids"] == first["prompt_ids"]
+    assert generate_here(capsys, *args, "temperature=1.0", "seed=5")["prompt_ids"] == first["prompt_ids"]
 
 
 @pytest.mark.parametrize("model_name", EXPORTABLE)

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 
 from parallel.ports import free_port
-from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, train_cli
+from tests.integration._runs import FAST_DATA, REPO, env_for, step_records, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,8 @@ def _two_nodes(run_dir, cache, extra):
     return step_records(run_dir)
 
 
-def test_two_nodes_on_loopback_follow_single_process(tmp_path):
-    cache = tmp_path / "cache"
-    train_cli([*COMMON, f"trainer.run_dir={tmp_path / 'ref'}"], cache)  # also builds the tokenizer cache once
+def test_two_nodes_on_loopback_follow_single_process(tmp_path, cache):
+    train_here([*COMMON, f"trainer.run_dir={tmp_path / 'ref'}"], cache)  # the one-process reference
     ref = step_records(tmp_path / "ref")
 
     got = _two_nodes(tmp_path / "ep2", cache, ["parallel.ep_size=2"])

@@ -9,14 +9,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("explicit_run_dir", [False, True])
-def test_multirun_gives_each_job_its_own_run_dir(tmp_path, explicit_run_dir):
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path, explicit_run_dir, cache):
     # With an explicit trainer.run_dir the jobs nest under it instead of sharing (and resuming) one dir.
     sweep = tmp_path / ("runs" if explicit_run_dir else "sweep")
     run_dir = [f"trainer.run_dir={sweep}"] if explicit_run_dir else []
     train_cli(["-m", *run_dir, "model=tiny_mixtral", "model.moe.granularity=1,2", "trainer.max_steps=2",
                "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.seq_len=32",
                "trainer.eval_every=0", "logging.progress=false", *FAST_DATA, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-              tmp_path / "cache")
+              cache)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     num_experts = []

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from train.checkpoint import iter_weights
 
-from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
+from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +59,15 @@ RESHARD = ["optim.warmup_steps=20", "trainer.save_every=2"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
-    """One process, ZeRO 0, six steps, per precision (made on first use): the curve every resharded chain must
-    continue."""
+    """One process, ZeRO 0, six steps, per precision (made on first use, in this process): the curve every
+    resharded chain must continue."""
     curves = {}
 
     def curve(precision: str):
         if precision not in curves:
             run_dir = tmp_path_factory.mktemp(f"reference_{precision}") / "run"
-            run_layout(1, 1, 0, 6, run_dir, cache, "model.moe.routing_groups=2", f"precision={precision}")
+            train_here([*COMMON, *RESHARD, "trainer.max_steps=6", f"trainer.run_dir={run_dir}", "parallel.ep_size=1",
+                        "parallel.zero_stage=0", "model.moe.routing_groups=2", f"precision={precision}"], cache)
             curves[precision] = step_records(run_dir)
         return curves[precision]
 

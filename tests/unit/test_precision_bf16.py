@@ -18,8 +18,8 @@ from train.trainer.validate import validate_config
 
 BF16, FP32 = torch.bfloat16, torch.float32
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(small_cache):
+    return small_cache  # the session's (tests/conftest.py)
 
 
 def _built(model: str = "tiny_deepseek_v3", *overrides: str, accum_steps: int = 2):

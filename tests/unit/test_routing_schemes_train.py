@@ -26,8 +26,8 @@ SCHEMES = ["tiny_noisy_topk", "tiny_switch", "tiny_gshard", "tiny_st_moe", "tiny
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(small_cache):
+    return small_cache  # the session's (tests/conftest.py)
 
 
 @pytest.mark.parametrize("model", SCHEMES)

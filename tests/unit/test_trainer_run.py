@@ -1,6 +1,6 @@
 """Short in-process training runs: determinism, gradient accumulation, exact resume, metrics contents.
 
-All runs share one small cache (a 1 MB corpus slice, a 512-token BPE) built once per module, and a model
+All runs share one small cache (a 1 MB corpus slice, a 512-token BPE) built once per session, and a model
 shrunk to two layers so each run takes a second or two on CPU.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from tests.small_runs import make_trainer, records, run
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(small_cache):
+    return small_cache  # the session's (tests/conftest.py)
 
 
 def test_same_seed_same_losses_bitwise(tmp_path, cache_dir):

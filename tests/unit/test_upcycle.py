@@ -128,12 +128,12 @@ def test_first_forward_equals_our_dense_model(shape, tmp_path):
     assert cfg.moe.first_k_dense == 0 and (got - ref).abs().max().item() <= TOL
 
 
-def test_a_trained_dense_run_of_ours_upcycles(tmp_path):
+def test_a_trained_dense_run_of_ours_upcycles(tmp_path, small_cache):
     """A run dir of a dense model (every layer before moe.first_k_dense) holds sharded `state/` checkpoints: the
     newest is upcycled, with the run's tokenizer."""
     from tests.small_runs import run
 
-    run(tmp_path / "run", tmp_path / "cache", "model.moe.first_k_dense=2", "trainer.max_steps=2")
+    run(tmp_path / "run", small_cache, "model.moe.first_k_dense=2", "trainer.max_steps=2")
     upcycle(tmp_path / "run", tmp_path / "moe", SHAPES["m2_e4_k2"])
     cfg, state, tokenizer = load_model(tmp_path / "run")
     dense = MoETransformer(cfg.model)

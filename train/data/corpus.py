@@ -17,9 +17,10 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,10 +38,16 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".
 
 @dataclass
 class Corpus:
-    """`documents` has the single column `text`; it is an `IterableDataset` when `streaming`."""
-    documents: AnyDataset
+    """`documents` has the single column `text`; it is an `IterableDataset` when `streaming`. They are built by
+    `build` on first use: the stdlib corpus is fingerprinted from its files alone, so a run whose tokenizer and
+    token shards are cached (every rank, every restart) never builds the dataset nor imports `datasets` (~1 s)."""
     fingerprint: str
     streaming: bool
+    build: Callable[[], AnyDataset] = field(repr=False)
+
+    @cached_property
+    def documents(self) -> AnyDataset:
+        return self.build()
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -82,8 +89,6 @@ def stdlib_files(max_mb: float) -> List[Tuple[str, int]]:
 
 
 def _load_stdlib(cfg: DataConfig) -> Corpus:
-    import datasets
-
     root, texts, digest = stdlib_root(), [], hashlib.sha256()
     digest.update(f"stdlib|{sys.version}|{cfg.max_corpus_mb}".encode())
     for rel, _ in stdlib_files(cfg.max_corpus_mb):
@@ -98,10 +103,14 @@ def _load_stdlib(cfg: DataConfig) -> Corpus:
     if not texts:
         raise ValueError(f"data.source=stdlib: no .py files found under {root} within "
                          f"data.max_corpus_mb={cfg.max_corpus_mb}")
-    docs = datasets.Dataset.from_dict({"text": texts})
-    if cfg.streaming:
-        return Corpus(docs.to_iterable_dataset(num_shards=min(64, len(texts))), digest.hexdigest(), True)
-    return Corpus(docs, digest.hexdigest(), False)
+
+    def build() -> AnyDataset:
+        import datasets
+
+        docs = datasets.Dataset.from_dict({"text": texts})
+        return docs.to_iterable_dataset(num_shards=min(64, len(texts))) if cfg.streaming else docs
+
+    return Corpus(digest.hexdigest(), cfg.streaming, build)
 
 
 def expand_paths(patterns: Sequence[str]) -> List[str]:
@@ -170,7 +179,7 @@ def _load_files(cfg: DataConfig) -> Corpus:
                                    cache_dir=None if cfg.streaming else cache, **kwargs)
         parts.append(_only_text(ds, "text" if builder == "text" else cfg.text_field, f"{group}"))
     docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return Corpus(docs, fingerprint, cfg.streaming)
+    return Corpus(fingerprint, cfg.streaming, lambda: docs)
 
 
 def _is_jsonl(path: str) -> bool:
@@ -229,7 +238,8 @@ def _load_hf(cfg: DataConfig) -> Corpus:
     ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
     fingerprint = _sha({"source": "hf", "name": cfg.name, "config": cfg.config_name, "split": cfg.split,
                         "text_field": cfg.text_field})
-    return Corpus(_only_text(ds, cfg.text_field, f"dataset {cfg.name!r}"), fingerprint, cfg.streaming)
+    docs = _only_text(ds, cfg.text_field, f"dataset {cfg.name!r}")
+    return Corpus(fingerprint, cfg.streaming, lambda: docs)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:

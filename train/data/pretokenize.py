@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import datasets
 import numpy as np
 from tqdm import tqdm
 
@@ -128,6 +127,8 @@ def _single_threaded_tokenizers():
 
 def _chunks(docs: AnyDataset, start: int, stop: Optional[int]) -> Iterator[Tuple[int, List[str]]]:
     """(index of its first document, texts) of each chunk of documents [start, stop) (stop None: to the end)."""
+    import datasets  # here, not at the top: a run whose shards are all cached never imports it (~1 s per rank)
+
     if isinstance(docs, datasets.Dataset):
         stop = len(docs) if stop is None else min(stop, len(docs))
         batches = ((a, docs[a:min(a + CHUNK_DOCS, stop)]["text"]) for a in range(start, stop, CHUNK_DOCS))
@@ -359,6 +360,10 @@ def pretokenize(data_cfg: DataConfig, out: Path, workers: int = 1, shard_tokens:
 def _run_jobs(corpus: Corpus, jobs: List[_Job], encoder: Encoder, out: Path, shard_tokens: Optional[int],
               fields: Dict[str, Any], workers: int, progress: bool):
     """Run `jobs`; returns (manifests written by index, documents read, tokens written)."""
+    if not jobs:  # every shard kept: the documents are never built
+        return {}, 0, 0
+    import datasets
+
     docs = corpus.documents
     total = None
     if isinstance(docs, datasets.Dataset):
