@@ -20,7 +20,7 @@ import pytest
 import torch
 from train.checkpoint import iter_weights
 
-from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli
+from tests.integration._runs import FAST_DATA, step_records, torchrun_cli, train_cli, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,14 @@ def runs(tmp_path_factory, cache):
     done = {}
 
     def get(name: str, nproc: int, overrides) -> tuple:
+        """nproc 0: one process in this one (the references); 1: `python -m train`; more: torchrun."""
         if name not in done:
             run_dir = root / name
             args = [*overrides, f"trainer.run_dir={run_dir}"]
-            if nproc == 1:
+            if nproc == 0:
+                train_here(args, cache)
+                out = ""
+            elif nproc == 1:
                 proc = train_cli(args, cache)
                 out = proc.stdout + proc.stderr
             else:
@@ -76,7 +80,7 @@ def assert_same_weights(run_dir, ref_dir, tol):
 
 
 def test_deepseek_v3_pp2_ep2_interleaved_zero1_follows_one_process(runs):
-    ref_dir, ref, _ = runs("v3_ref", 1, V3)
+    ref_dir, ref, _ = runs("v3_ref", 0, V3)
     run_dir, got, out = runs("v3_pp2", 4, [*V3, "parallel.pp_size=2", "parallel.ep_size=2",
                                            "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
                                            "parallel.zero_stage=1"])
@@ -90,7 +94,7 @@ def test_deepseek_v3_pp2_ep2_interleaved_zero1_follows_one_process(runs):
 
 
 def test_resume_two_stages_then_one_process_then_two_stages(runs):
-    ref_dir, ref, _ = runs("v3_ref", 1, V3)
+    ref_dir, ref, _ = runs("v3_ref", 0, V3)
     pp_dir, _, _ = runs("v3_pp2", 4, [*V3, "parallel.pp_size=2", "parallel.ep_size=2",
                                       "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
                                       "parallel.zero_stage=1"])
@@ -107,7 +111,7 @@ def test_resume_two_stages_then_one_process_then_two_stages(runs):
 
 
 def test_mixtral_pp4_with_recompute_follows_one_process(runs):
-    ref_dir, ref, _ = runs("mixtral_ref", 1, MIXTRAL)
+    ref_dir, ref, _ = runs("mixtral_ref", 0, MIXTRAL)
     run_dir, got, _ = runs("mixtral_pp4", 4, [*MIXTRAL, "parallel.pp_size=4",
                                               "trainer.activation_checkpointing=full"])
     assert_follows(got, ref, range(1, STEPS + 1), TOL)
