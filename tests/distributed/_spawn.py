@@ -31,8 +31,15 @@ _PRELOAD = ["torch", "torch.distributed", "train.config", "train.model", "parall
 
 
 def run_distributed(fn, world_size: int, *args) -> None:
-    """Run `fn` on `world_size` fresh gloo ranks on a free port; re-raises the first failure."""
+    """Run `fn` on `world_size` fresh gloo ranks on a free port; re-raises the first failure. A port that another
+    process took between `free_port` and rank 0's bind (nothing of the test has run yet) is retried on a new one."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    mp.start_processes(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size,
-                       join=True, start_method="forkserver")
+    for attempt in range(3):
+        try:
+            mp.start_processes(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                               join=True, start_method="forkserver")
+            return
+        except mp.ProcessRaisedException as e:
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
