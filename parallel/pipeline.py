@@ -83,6 +83,9 @@ def _schedule_class(name: str, virtual: int):
     return Schedule1F1B
 
 
+CHUNK_INPUTS = ("input_ids", "labels", "document_ids")  # document ids only with data.document_mask
+
+
 class _Loss:
     """The schedule's loss function: the last chunk returns the micro-batch's loss itself (it needs the labels for
     MTP and the chunked head). `poisoned`: times NaN, a deliberately bad step (train/trainer/faults.py)."""
@@ -132,6 +135,11 @@ class PipelineRunner:
             chunk.outputs = []
         return [merge_outputs([outs[i] for outs in per_chunk]) for i in range(len(per_chunk[0]))]
 
+    def _chunk_inputs(self, batch: dict) -> dict:
+        """What every chunk is given (`ModelChunk.forward`'s keywords) from a batch, on this rank's device:
+        input ids, labels, and document ids where the loader adds them (`data.document_mask`)."""
+        return {k: batch[k].to(self.mesh.device) for k in CHUNK_INPUTS if batch.get(k) is not None}
+
     def train(self, micro_batches: list[dict], autocast: Callable[[], contextlib.AbstractContextManager],
               poison: bool = False) -> list:
         """Forward and backward of every micro-batch (gradients of their mean accumulate into `.grad`); returns
@@ -140,11 +148,9 @@ class PipelineRunner:
         if len(micro_batches) != self.micro_batches:
             raise ValueError(f"the pipeline was built for {self.micro_batches} micro-batches per step, got "
                              f"{len(micro_batches)}")
-        device = self.mesh.device
-        ids = torch.cat([mb["input_ids"] for mb in micro_batches]).to(device)
-        kwargs = {"input_ids": ids, "labels": torch.cat([mb["labels"] for mb in micro_batches]).to(device)}
-        if micro_batches[0].get("document_ids") is not None:
-            kwargs["document_ids"] = torch.cat([mb["document_ids"] for mb in micro_batches]).to(device)
+        kwargs = self._chunk_inputs({k: torch.cat([mb[k] for mb in micro_batches]) for k in CHUNK_INPUTS
+                                     if micro_batches[0].get(k) is not None})
+        ids = kwargs["input_ids"]
         first = any(chunk.first for _, chunk in self.split.chunks)
         args = (ids,) if first else ()
         with autocast():
@@ -157,10 +163,8 @@ class PipelineRunner:
         """Forward only of one micro-batch, chunk by chunk along the pipeline (blocking sends over the pipeline
         group); returns the lm_loss on the rank of the last chunk, None elsewhere."""
         device, n, P = self.mesh.device, self.split.num_chunks, self.mesh.pp_size
-        ids = micro_batch["input_ids"].to(device)
-        kwargs = {"input_ids": ids, "labels": micro_batch["labels"].to(device)}
-        if micro_batch.get("document_ids") is not None:
-            kwargs["document_ids"] = micro_batch["document_ids"].to(device)
+        kwargs = self._chunk_inputs(micro_batch)
+        ids = kwargs["input_ids"]
         ranks = self.mesh.pp_group_ranks()
         mine = dict(self.split.chunks)
         h = None

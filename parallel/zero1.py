@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from parallel.mesh import Mesh
+from parallel.mesh import Mesh, gather_objects
 from train.model.moe.experts import stacked_expert_tensors
 
 
@@ -106,7 +106,7 @@ class PartitionedOptimizer:
         own = {n: {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in self.optimizer.state.get(p, {}).items()}
                for n, p in self.params.items() if self.is_owned(n)}
         layout: dict = {}
-        for part in _gather(own, self.mesh):
+        for part in gather_objects(own, self.mesh):
             layout.update(part)
         for n, p in self.model.named_parameters():
             if n not in self.source:
@@ -129,8 +129,3 @@ class PartitionedOptimizer:
                 p = self.params[name]
                 self.optimizer.state[p] = {k: (v.to(p.device) if v.dim() else v.clone()) for k, v in kinds.items()}
 
-
-def _gather(obj, mesh: Mesh) -> list:
-    out = [None] * mesh.world_size
-    dist.all_gather_object(out, obj)
-    return out
